@@ -1,0 +1,70 @@
+// Scalar math of the PGD step, shared by the CPU and CUDA kernels so that both compute the
+// same expression in the same order (the order of the reference, robust_fast/reference/pgd.py).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define RF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RF_HOST_DEVICE inline
+#endif
+
+namespace robust_fast {
+
+// torch.clamp semantics: max with lo, then min with hi; a NaN stays NaN.
+template <typename T>
+RF_HOST_DEVICE T clamp_like_torch(T value, T lo, T hi) {
+  value = value < lo ? lo : value;
+  return value > hi ? hi : value;
+}
+
+// sign(g) with NaN (and 0) mapped to 0: a NaN gradient makes no move.
+template <typename T>
+RF_HOST_DEVICE T sign_or_zero(T g) {
+  return g > T(0) ? T(1) : (g < T(0) ? T(-1) : T(0));
+}
+
+// One L-inf step for one element. `alpha` carries the sign of the step (negated for targeted).
+// Every operation rounds to T, exactly as the eager expression does in T.
+template <typename T>
+RF_HOST_DEVICE T linf_step(T x_adv, T grad, T x_nat, T eps, T alpha, T clip_lo, T clip_hi) {
+  const T stepped = x_adv + alpha * sign_or_zero(grad);
+  const T delta = clamp_like_torch(stepped - x_nat, -eps, eps);
+  return clamp_like_torch(x_nat + delta, clip_lo, clip_hi);
+}
+
+// Per-sample coefficients of the L2 step, from the sums of one pass over the sample:
+// grad_sq = <g, g>, delta_dot_grad = <d, g>, delta_sq = <d, d>, with d = x_adv - x_nat.
+// The stepped delta is d + s*g with s = alpha / ||g||, so its squared norm is
+// <d,d> + 2 s <d,g> + s^2 <g,g>, and no second pass is needed to project it.
+template <typename acc_t>
+struct L2Coefficients {
+  acc_t step_scale;  // s, or 0 when the sample does not move
+  acc_t factor;      // min(1, eps / ||d + s*g||)
+};
+
+template <typename acc_t>
+RF_HOST_DEVICE L2Coefficients<acc_t> l2_coefficients(acc_t grad_sq, acc_t delta_dot_grad,
+                                                     acc_t delta_sq, acc_t eps, acc_t alpha) {
+  const acc_t grad_norm = std::sqrt(grad_sq);
+  // A zero, infinite or NaN gradient norm means no move, never NaN.
+  const bool moves = grad_norm > acc_t(0) && grad_norm < acc_t(INFINITY);
+  const acc_t step_scale = moves ? alpha / grad_norm : acc_t(0);
+  acc_t stepped_sq = delta_sq;
+  if (moves) {
+    stepped_sq += acc_t(2) * step_scale * delta_dot_grad + step_scale * step_scale * grad_sq;
+  }
+  const acc_t stepped_norm = std::sqrt(stepped_sq > acc_t(0) ? stepped_sq : acc_t(0));
+  const acc_t factor = stepped_norm > eps ? eps / stepped_norm : acc_t(1);
+  return {step_scale, factor};
+}
+
+// One L2 step for one element, given its sample's coefficients.
+template <typename T>
+RF_HOST_DEVICE T l2_step(T x_adv, T grad, T x_nat, T step_scale, T factor, T clip_lo, T clip_hi) {
+  const T stepped = step_scale != T(0) ? x_adv + step_scale * grad : x_adv;
+  return clamp_like_torch(x_nat + (stepped - x_nat) * factor, clip_lo, clip_hi);
+}
+
+}  // namespace robust_fast

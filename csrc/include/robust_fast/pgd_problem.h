@@ -1,0 +1,43 @@
+// Host-side preparation of a PGD step shared by the CPU and CUDA kernels: checks, the memory
+// layout the kernels walk (dense, one stride pattern, each sample one contiguous block), and
+// the handling of `out`. Kept free of kernel code so nvcc and the C++ compiler both include it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <functional>
+
+namespace robust_fast {
+
+struct PgdProblem {
+  at::Tensor x_adv, grad, x_nat;  // same sizes and strides; samples are contiguous blocks
+  int64_t batch = 0;
+  int64_t sample_numel = 0;
+  bool l2 = false;
+  double eps = 0.0;
+  double alpha = 0.0;
+  double alpha_sign = 1.0;          // -1 for a targeted step
+  at::Tensor eps_per_sample;        // float64 (B,) contiguous on the device, or undefined
+  at::Tensor alpha_per_sample;      // same
+  double clip_lo = 0.0, clip_hi = 0.0;  // +-infinity where the box is open
+};
+
+PgdProblem make_pgd_problem(const at::Tensor& x_adv, const at::Tensor& grad,
+                            const at::Tensor& x_nat, double eps, double alpha,
+                            const c10::optional<at::Tensor>& eps_per_sample,
+                            const c10::optional<at::Tensor>& alpha_per_sample,
+                            c10::string_view norm, c10::optional<double> clip_min,
+                            c10::optional<double> clip_max, bool targeted);
+
+using PgdKernel = std::function<void(const PgdProblem&, at::Tensor& out)>;
+
+// A new tensor in the layout of the prepared operands, filled by `kernel`.
+at::Tensor run_pgd_step(const PgdProblem& problem, const PgdKernel& kernel);
+
+// Fills `out` (which may alias x_adv): directly when its layout matches the operands',
+// through a temporary otherwise.
+void run_pgd_step_out(const PgdProblem& problem, at::Tensor& out, const PgdKernel& kernel);
+
+}  // namespace robust_fast

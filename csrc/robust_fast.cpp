@@ -1,0 +1,26 @@
+// Every schema of the library, in one place. Kernels register per dispatch key in
+// csrc/cpu/ and csrc/cuda/; fake (meta) and autograd registrations live in robust_fast/ops/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(robust_fast, m) {
+  // eps/alpha: the scalar values, or (when given) float64 tensors of shape (B,) per sample.
+  // clip_min/clip_max: the box; None leaves that side open.
+  m.def(
+      "pgd_step(Tensor x_adv, Tensor grad, Tensor x_nat, float eps, float alpha, "
+      "Tensor? eps_per_sample, Tensor? alpha_per_sample, str norm, float? clip_min, "
+      "float? clip_max, bool targeted) -> Tensor");
+  // Writes into `out`, which may be x_adv itself (the in-place update of an attack loop).
+  m.def(
+      "pgd_step_out(Tensor x_adv, Tensor grad, Tensor x_nat, float eps, float alpha, "
+      "Tensor? eps_per_sample, Tensor? alpha_per_sample, str norm, float? clip_min, "
+      "float? clip_max, bool targeted, Tensor(a!) out) -> ()");
+}
+
+// A Python module entry so that `import robust_fast._C` loads the library and runs the
+// registrations above; the ops themselves are reached through torch.ops.robust_fast.
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,10 @@
+"""robust_fast: fused kernels for adversarial robustness and robustness transfer in PyTorch."""
+from robust_fast._backend import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
+from robust_fast.ops.pgd import pgd_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "get_backend", "set_backend", "use_backend",
+    "pgd_step", "__version__",
+]

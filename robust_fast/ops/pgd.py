@@ -1,0 +1,192 @@
+"""robust_fast.pgd_step: one fused PGD step with projection onto the L-inf or L2 ball and the box.
+
+The public function validates its inputs, opens the robust_fast::pgd_step range, picks a backend
+and calls it. The C++ op (torch.ops.robust_fast.pgd_step / pgd_step_out) gets its fake kernel and
+its autograd guard here, so it works under torch.compile and fails loudly under autograd.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from robust_fast import _backend, _build
+from robust_fast._profiling import op_range
+from robust_fast.reference.pgd import pgd_step_reference
+
+Radius = Union[float, torch.Tensor]
+NORMS = ("linf", "l2")
+
+
+def _check_operand(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"pgd_step: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"pgd_step: {name} must have a floating-point dtype, got {value.dtype}")
+    return value
+
+
+def _check_radius(name: str, value, batch: int, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
+    """(scalar, None) for a number, (0.0, float64 tensor of shape (B,)) for a per-sample tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.item()
+        else:
+            if value.shape != (batch,):
+                raise ValueError(f"pgd_step: {name} as a tensor must have shape ({batch},) "
+                                 f"(one value per sample), got {tuple(value.shape)}")
+            if value.is_complex() or not (value.is_floating_point() or value.dtype in
+                                          (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+                raise TypeError(f"pgd_step: {name} must be a real tensor, got {value.dtype}")
+            per_sample = value.detach().to(device=x.device, dtype=torch.float64)
+            if not torch.compiler.is_compiling():
+                if bool(torch.isnan(per_sample).any()) or bool((per_sample < 0).any()):
+                    raise ValueError(f"pgd_step: {name} must be >= 0 and not NaN in every sample")
+                if name == "alpha" and not bool(torch.isfinite(per_sample).all()):
+                    raise ValueError("pgd_step: alpha must be finite in every sample")
+            return 0.0, per_sample
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"pgd_step: {name} must be a float or a tensor of shape ({batch},), "
+                        f"got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"pgd_step: {name} must be >= 0 and not NaN, got {value}")
+    if name == "alpha" and math.isinf(value):
+        raise ValueError("pgd_step: alpha must be finite, got inf")
+    return value, None
+
+
+def _check_clip(clip) -> Tuple[Optional[float], Optional[float]]:
+    if clip is None:
+        return None, None
+    if not isinstance(clip, Sequence) or isinstance(clip, str) or len(clip) != 2:
+        raise TypeError(f"pgd_step: clip must be None or a pair (low, high), got {clip!r}")
+    bounds = []
+    for side, bound in zip(("low", "high"), clip):
+        if bound is None:
+            bounds.append(None)
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or math.isnan(float(bound)):
+            raise ValueError(f"pgd_step: clip {side} must be a number or None, got {bound!r}")
+        bounds.append(float(bound))
+    low, high = bounds
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"pgd_step: clip low must be <= high, got ({low}, {high})")
+    return low, high
+
+
+def _check_norm(norm) -> str:
+    if not isinstance(norm, str) or norm.lower() not in NORMS:
+        raise ValueError(f"pgd_step: norm must be one of {NORMS}, got {norm!r}")
+    return norm.lower()
+
+
+def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, eps: Radius,
+             alpha: Radius, norm: str = "linf",
+             clip: Optional[Tuple[Optional[float], Optional[float]]] = (0.0, 1.0),
+             targeted: bool = False, out: Optional[torch.Tensor] = None,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """One PGD step: move x_adv along grad, project onto the eps-ball around x_nat, clamp to clip.
+
+    linf: x_nat + clamp(x_adv + alpha*sign(grad) - x_nat, -eps, eps), then clamp to clip
+    (torchattacks' order; bit-identical to it in fp32). l2: step alpha along grad/||grad||
+    per sample, scale the difference by min(1, eps/||delta||), clamp to clip. targeted=True
+    steps against the gradient. A zero or NaN gradient makes no move.
+
+    eps, alpha: floats, or tensors of shape (B,) for one value per sample.
+    clip: (low, high), either side None for open, or None for no box.
+    out: where to write the result; out=x_adv updates in place. No other input is modified.
+    backend: "auto", "cpp", "triton" or "reference"; None takes the current default
+    (robust_fast.use_backend / set_backend / ROBUST_FAST_BACKEND, else "auto").
+    """
+    x_adv = _check_operand("x_adv", x_adv)
+    grad = _check_operand("grad", grad)
+    x_nat = _check_operand("x_nat", x_nat)
+    if x_adv.dim() < 1:
+        raise ValueError("pgd_step: x_adv must have a batch dimension, got a 0-dim tensor")
+    for name, other in (("grad", grad), ("x_nat", x_nat)):
+        if other.shape != x_adv.shape:
+            raise ValueError(f"pgd_step: {name} must have the shape of x_adv {tuple(x_adv.shape)}, "
+                             f"got {tuple(other.shape)}")
+        if other.device != x_adv.device:
+            raise ValueError(f"pgd_step: {name} must be on x_adv's device {x_adv.device}, got {other.device}")
+        if other.dtype != x_adv.dtype:
+            raise TypeError(f"pgd_step: {name} must have x_adv's dtype {x_adv.dtype}, got {other.dtype}")
+    norm = _check_norm(norm)
+    batch = x_adv.shape[0]
+    eps_value, eps_per_sample = _check_radius("eps", eps, batch, x_adv)
+    alpha_value, alpha_per_sample = _check_radius("alpha", alpha, batch, x_adv)
+    clip_min, clip_max = _check_clip(clip)
+    if not isinstance(targeted, bool):
+        raise TypeError(f"pgd_step: targeted must be a bool, got {type(targeted).__name__}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"pgd_step: out must be a torch.Tensor or None, got {type(out).__name__}")
+        if out.shape != x_adv.shape or out.dtype != x_adv.dtype or out.device != x_adv.device:
+            raise ValueError("pgd_step: out must match x_adv in shape, dtype and device, got "
+                             f"{tuple(out.shape)} {out.dtype} {out.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_adv, grad, x_nat)):
+        raise RuntimeError("pgd_step is not differentiable: call it under torch.no_grad() "
+                           "or on detached tensors")
+
+    chosen = _backend.resolve(backend, x_adv.device.type)
+    with op_range("pgd_step"):
+        if chosen == "cpp":
+            args = (x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample, alpha_per_sample,
+                    norm, clip_min, clip_max, targeted)
+            if out is None:
+                return torch.ops.robust_fast.pgd_step(*args)
+            torch.ops.robust_fast.pgd_step_out(*args, out)
+            return out
+        if chosen == "triton":
+            from robust_fast.kernels.pgd import pgd_step_triton
+            result = pgd_step_triton(x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample,
+                                     alpha_per_sample, norm, clip_min, clip_max, targeted)
+        else:
+            result = pgd_step_reference(
+                x_adv, grad, x_nat,
+                eps=eps_value if eps_per_sample is None else eps_per_sample,
+                alpha=alpha_value if alpha_per_sample is None else alpha_per_sample,
+                norm=norm, clip_min=clip_min, clip_max=clip_max, targeted=targeted)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+
+
+def _output_layout_like(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor) -> torch.Tensor:
+    """The C++ kernels keep a shared dense layout whose samples are contiguous blocks, and
+    pack everything else to contiguous; the fake kernel must promise the same strides."""
+    batch = x_adv.shape[0]
+    blocks = batch <= 1 or x_adv.stride(0) * batch == x_adv.numel()
+    shared = (x_adv.is_non_overlapping_and_dense() and blocks
+              and grad.stride() == x_adv.stride() and x_nat.stride() == x_adv.stride())
+    if shared:
+        return torch.empty_like(x_adv)
+    return torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
+
+
+def _register_fake_and_autograd() -> None:
+    if _build.compiled_library_error() is not None:
+        return
+
+    @torch.library.register_fake("robust_fast::pgd_step")
+    def _(x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample, norm,
+          clip_min, clip_max, targeted):
+        return _output_layout_like(x_adv, grad, x_nat)
+
+    @torch.library.register_fake("robust_fast::pgd_step_out")
+    def _(x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample, norm,
+          clip_min, clip_max, targeted, out):
+        return None
+
+    def _not_differentiable(ctx, grad_output):
+        raise RuntimeError("robust_fast::pgd_step is not differentiable (a projection step of an "
+                           "attack): detach its inputs")
+
+    torch.library.register_autograd("robust_fast::pgd_step", _not_differentiable)
+
+
+_register_fake_and_autograd()
