@@ -27,6 +27,8 @@ def has_compiled_kernel(device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("robust_fast::pgd_step", key)
 
 
+# What is installed does not change while a program runs: torch.compile may fold these.
+@torch.compiler.assume_constant_result
 def cpp_unavailable_reason(device_type: str) -> Optional[str]:
     error = compiled_library_error()
     if error is not None:
@@ -50,6 +52,7 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
+@torch.compiler.assume_constant_result
 def triton_unavailable_reason(device_type: str) -> Optional[str]:
     error = triton_import_error()
     if error is not None:

@@ -156,12 +156,24 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
         return out
 
 
-def _output_layout_like(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor) -> torch.Tensor:
+def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill one block of memory once each (any order of dims)."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def output_layout_like(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor) -> torch.Tensor:
     """The C++ kernels keep a shared dense layout whose samples are contiguous blocks, and
     pack everything else to contiguous; the fake kernel must promise the same strides."""
     batch = x_adv.shape[0]
     blocks = batch <= 1 or x_adv.stride(0) * batch == x_adv.numel()
-    shared = (x_adv.is_non_overlapping_and_dense() and blocks
+    shared = (is_non_overlapping_and_dense(x_adv) and blocks
               and grad.stride() == x_adv.stride() and x_nat.stride() == x_adv.stride())
     if shared:
         return torch.empty_like(x_adv)
@@ -175,7 +187,7 @@ def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("robust_fast::pgd_step")
     def _(x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample, norm,
           clip_min, clip_max, targeted):
-        return _output_layout_like(x_adv, grad, x_nat)
+        return output_layout_like(x_adv, grad, x_nat)
 
     @torch.library.register_fake("robust_fast::pgd_step_out")
     def _(x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample, norm,

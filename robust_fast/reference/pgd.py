@@ -40,6 +40,8 @@ def pgd_step_linf_reference(x_adv, grad, x_nat, eps: Radius, alpha: Radius,
 def pgd_step_l2_reference(x_adv, grad, x_nat, eps: Radius, alpha: Radius,
                           clip_min=None, clip_max=None, targeted=False):
     batch = x_adv.shape[0]
+    if x_adv.numel() == 0:
+        return _clip(x_adv.clone(), clip_min, clip_max)
     view = (batch,) + (1,) * (x_adv.dim() - 1)
     flat_grad = grad.reshape(batch, -1)
     grad_norm = torch.linalg.vector_norm(flat_grad.float() if grad.dtype in
