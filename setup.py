@@ -44,11 +44,11 @@ def build_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"] + cpu_vector_flags()
+    cxx_flags = ["-O3"] + cpu_vector_flags()  # cpp_extension picks the C++ standard torch needs
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "robust_fast._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-DROBUST_FAST_WITH_CUDA"], "nvcc": nvcc_flags})

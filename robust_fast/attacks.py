@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_fast._profiling import op_range
-from robust_fast.ops.pgd import pgd_step
+from robust_fast.ops.pgd import check_clip, check_radius, pgd_step
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Radius = Union[float, torch.Tensor]
@@ -182,6 +182,9 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
     norm = norm.lower() if isinstance(norm, str) else norm
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    check_radius("eps", eps, x.shape[0], x, caller="pgd")
+    check_radius("alpha", alpha, x.shape[0], x, caller="pgd")
+    clip = check_clip(clip, caller="pgd")
     x = x.detach()
     with _modules_in_mode(model, model_training), op_range("pgd"), torch.no_grad():
         options = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, clip=clip, targeted=targeted,
@@ -206,6 +209,7 @@ def fgsm(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, clip
          backend: Optional[str] = None) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al.): one L-inf step of size eps from x."""
     _check_attack_inputs(model, x, y)
+    check_radius("eps", eps, x.shape[0], x, caller="fgsm")
     x = x.detach()
     with _modules_in_mode(model, model_training), op_range("fgsm"), torch.no_grad():
         grad, _ = input_gradient(model, x, y, loss_fn)

@@ -28,52 +28,53 @@ def _check_operand(name: str, value) -> torch.Tensor:
     return value
 
 
-def _check_radius(name: str, value, batch: int, x: torch.Tensor) -> Tuple[float, Optional[torch.Tensor]]:
+def check_radius(name: str, value, batch: int, x: torch.Tensor,
+                 caller: str = "pgd_step") -> Tuple[float, Optional[torch.Tensor]]:
     """(scalar, None) for a number, (0.0, float64 tensor of shape (B,)) for a per-sample tensor."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.item()
         else:
             if value.shape != (batch,):
-                raise ValueError(f"pgd_step: {name} as a tensor must have shape ({batch},) "
+                raise ValueError(f"{caller}: {name} as a tensor must have shape ({batch},) "
                                  f"(one value per sample), got {tuple(value.shape)}")
             if value.is_complex() or not (value.is_floating_point() or value.dtype in
                                           (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-                raise TypeError(f"pgd_step: {name} must be a real tensor, got {value.dtype}")
+                raise TypeError(f"{caller}: {name} must be a real tensor, got {value.dtype}")
             per_sample = value.detach().to(device=x.device, dtype=torch.float64)
             if not torch.compiler.is_compiling():
                 if bool(torch.isnan(per_sample).any()) or bool((per_sample < 0).any()):
-                    raise ValueError(f"pgd_step: {name} must be >= 0 and not NaN in every sample")
+                    raise ValueError(f"{caller}: {name} must be >= 0 and not NaN in every sample")
                 if name == "alpha" and not bool(torch.isfinite(per_sample).all()):
-                    raise ValueError("pgd_step: alpha must be finite in every sample")
+                    raise ValueError(f"{caller}: alpha must be finite in every sample")
             return 0.0, per_sample
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"pgd_step: {name} must be a float or a tensor of shape ({batch},), "
+        raise TypeError(f"{caller}: {name} must be a float or a tensor of shape ({batch},), "
                         f"got {type(value).__name__}")
     value = float(value)
     if math.isnan(value) or value < 0:
-        raise ValueError(f"pgd_step: {name} must be >= 0 and not NaN, got {value}")
+        raise ValueError(f"{caller}: {name} must be >= 0 and not NaN, got {value}")
     if name == "alpha" and math.isinf(value):
-        raise ValueError("pgd_step: alpha must be finite, got inf")
+        raise ValueError(f"{caller}: alpha must be finite, got inf")
     return value, None
 
 
-def _check_clip(clip) -> Tuple[Optional[float], Optional[float]]:
+def check_clip(clip, caller: str = "pgd_step") -> Tuple[Optional[float], Optional[float]]:
     if clip is None:
         return None, None
     if not isinstance(clip, Sequence) or isinstance(clip, str) or len(clip) != 2:
-        raise TypeError(f"pgd_step: clip must be None or a pair (low, high), got {clip!r}")
+        raise TypeError(f"{caller}: clip must be None or a pair (low, high), got {clip!r}")
     bounds = []
     for side, bound in zip(("low", "high"), clip):
         if bound is None:
             bounds.append(None)
             continue
         if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or math.isnan(float(bound)):
-            raise ValueError(f"pgd_step: clip {side} must be a number or None, got {bound!r}")
+            raise ValueError(f"{caller}: clip {side} must be a number or None, got {bound!r}")
         bounds.append(float(bound))
     low, high = bounds
     if low is not None and high is not None and low > high:
-        raise ValueError(f"pgd_step: clip low must be <= high, got ({low}, {high})")
+        raise ValueError(f"{caller}: clip low must be <= high, got ({low}, {high})")
     return low, high
 
 
@@ -116,9 +117,9 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
             raise TypeError(f"pgd_step: {name} must have x_adv's dtype {x_adv.dtype}, got {other.dtype}")
     norm = _check_norm(norm)
     batch = x_adv.shape[0]
-    eps_value, eps_per_sample = _check_radius("eps", eps, batch, x_adv)
-    alpha_value, alpha_per_sample = _check_radius("alpha", alpha, batch, x_adv)
-    clip_min, clip_max = _check_clip(clip)
+    eps_value, eps_per_sample = check_radius("eps", eps, batch, x_adv)
+    alpha_value, alpha_per_sample = check_radius("alpha", alpha, batch, x_adv)
+    clip_min, clip_max = check_clip(clip)
     if not isinstance(targeted, bool):
         raise TypeError(f"pgd_step: targeted must be a bool, got {type(targeted).__name__}")
     if out is not None:

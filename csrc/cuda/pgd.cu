@@ -1,0 +1,356 @@
+// CUDA kernels of the PGD step. The operands are walked as flat memory (make_pgd_problem
+// guarantees one shared dense layout with each sample a contiguous block), 16 bytes at a time
+// when the pointers allow it. L-inf is one elementwise pass; L2 is a per-sample reduction,
+// a per-sample finalize, then the elementwise pass, all on the current stream.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "robust_fast/pgd_math.h"
+#include "robust_fast/pgd_problem.h"
+
+namespace robust_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kFinalizeThreads = 64;
+constexpr int kWarpSize = 32;
+// Elements one block of the L2 reduction covers: 16 per thread, summed in the opmath type
+// before the block's total goes into double (the CPU kernel's fp32-then-double scheme).
+constexpr int64_t kReduceElementsPerBlock = kThreads * 16;
+constexpr int64_t kMaxGridY = 65535;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Elements per 16-byte load.
+template <typename scalar_t>
+constexpr int kPackSize = 16 / sizeof(scalar_t);
+
+template <typename scalar_t, int kPack>
+struct alignas(sizeof(scalar_t) * kPack) Pack {
+  scalar_t v[kPack];
+};
+
+template <int kPack, typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, kPack> load_pack(const scalar_t* base, int64_t index) {
+  return reinterpret_cast<const Pack<scalar_t, kPack>*>(base)[index];
+}
+
+template <typename scalar_t>
+struct Operands {
+  const scalar_t* x_adv;
+  const scalar_t* grad;
+  const scalar_t* x_nat;
+  // May alias x_adv: each element is read, then written, by the same thread.
+  scalar_t* out;
+};
+
+const double* data_or_null(const at::Tensor& per_sample) {
+  return per_sample.defined() ? per_sample.const_data_ptr<double>() : nullptr;
+}
+
+// L-inf step of one sample; the per-sample tensors, when given, override the scalars.
+template <typename opmath_t>
+struct LinfStep {
+  opmath_t eps, alpha, clip_lo, clip_hi;  // alpha already carries the sign of the step
+  const double* eps_per_sample;
+  const double* alpha_per_sample;
+  double alpha_sign;
+
+  __device__ LinfStep for_pack(int64_t pack, int64_t sample_packs) const {
+    if (eps_per_sample == nullptr && alpha_per_sample == nullptr) return *this;  // no division
+    const int64_t sample = pack / sample_packs;
+    LinfStep step = *this;
+    if (eps_per_sample != nullptr) step.eps = static_cast<opmath_t>(eps_per_sample[sample]);
+    if (alpha_per_sample != nullptr) {
+      step.alpha = static_cast<opmath_t>(alpha_sign * alpha_per_sample[sample]);
+    }
+    return step;
+  }
+
+  __device__ opmath_t operator()(opmath_t x, opmath_t g, opmath_t xn) const {
+    return linf_step<opmath_t>(x, g, xn, eps, alpha, clip_lo, clip_hi);
+  }
+};
+
+// L2 step of one sample, given its coefficients.
+template <typename opmath_t>
+struct L2SampleStep {
+  opmath_t step_scale, factor, clip_lo, clip_hi;
+
+  __device__ opmath_t operator()(opmath_t x, opmath_t g, opmath_t xn) const {
+    return l2_step<opmath_t>(x, g, xn, step_scale, factor, clip_lo, clip_hi);
+  }
+};
+
+// L2 step: each sample's coefficients come from the finalize kernel.
+template <typename opmath_t>
+struct L2Step {
+  const L2Coefficients<double>* coefficients;  // (batch,)
+  opmath_t clip_lo, clip_hi;
+
+  __device__ L2SampleStep<opmath_t> for_pack(int64_t pack, int64_t sample_packs) const {
+    const L2Coefficients<double> c = coefficients[pack / sample_packs];
+    return {static_cast<opmath_t>(c.step_scale), static_cast<opmath_t>(c.factor), clip_lo, clip_hi};
+  }
+};
+
+// Grid-stride over packs of kPack elements; a pack never crosses a sample boundary.
+template <typename scalar_t, int kPack, typename Step>
+__global__ void pgd_elementwise_kernel(Operands<scalar_t> op, int64_t num_packs,
+                                       int64_t sample_packs, Step step) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using PackT = Pack<scalar_t, kPack>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < num_packs;
+       p += stride) {
+    const auto sample_step = step.for_pack(p, sample_packs);
+    const PackT x = load_pack<kPack>(op.x_adv, p);
+    const PackT g = load_pack<kPack>(op.grad, p);
+    const PackT xn = load_pack<kPack>(op.x_nat, p);
+    PackT result;
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      result.v[k] = static_cast<scalar_t>(sample_step(
+          static_cast<opmath_t>(x.v[k]), static_cast<opmath_t>(g.v[k]),
+          static_cast<opmath_t>(xn.v[k])));
+    }
+    reinterpret_cast<PackT*>(op.out)[p] = result;
+  }
+}
+
+// Packs of 16 bytes need every pointer aligned to them and samples made of whole packs.
+template <typename scalar_t>
+bool can_use_packs(const Operands<scalar_t>& op, int64_t sample_numel) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return sample_numel % kPackSize<scalar_t> == 0 && aligned(op.x_adv) && aligned(op.grad) &&
+         aligned(op.x_nat) && aligned(op.out);
+}
+
+// Enough blocks to fill the device once; the grid-stride loop covers the rest.
+int64_t elementwise_blocks(int64_t work_items) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t blocks_per_sm = props->maxThreadsPerMultiProcessor / kThreads;
+  const int64_t resident = static_cast<int64_t>(props->multiProcessorCount) * blocks_per_sm;
+  return std::max<int64_t>(1, std::min(ceil_div(work_items, kThreads), resident));
+}
+
+template <typename scalar_t, typename Step>
+void launch_elementwise(const Operands<scalar_t>& op, int64_t numel, int64_t sample_numel,
+                        const Step& step, cudaStream_t stream) {
+  constexpr int kPack = kPackSize<scalar_t>;
+  if (can_use_packs(op, sample_numel)) {
+    const int64_t num_packs = numel / kPack;
+    pgd_elementwise_kernel<scalar_t, kPack><<<elementwise_blocks(num_packs), kThreads, 0, stream>>>(
+        op, num_packs, sample_numel / kPack, step);
+  } else {
+    pgd_elementwise_kernel<scalar_t, 1><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
+        op, numel, sample_numel, step);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// <g,g>, <d,g>, <d,d> of a piece of a sample, d = x_adv - x_nat.
+struct L2Sums {
+  double grad_sq, delta_dot_grad, delta_sq;
+};
+
+__device__ __forceinline__ double warp_sum(double value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+__device__ __forceinline__ L2Sums warp_sum(L2Sums sums) {
+  return {warp_sum(sums.grad_sq), warp_sum(sums.delta_dot_grad), warp_sum(sums.delta_sq)};
+}
+
+// Sum over the block in a fixed order, so results do not vary from run to run. The total is
+// valid in thread 0. blockDim.x must be a multiple of the warp size.
+__device__ L2Sums block_sum(L2Sums sums) {
+  __shared__ L2Sums warp_totals[1024 / kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  sums = warp_sum(sums);
+  if (lane == 0) warp_totals[warp] = sums;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+    sums = lane < warps ? warp_totals[lane] : L2Sums{0.0, 0.0, 0.0};
+    sums = warp_sum(sums);
+  }
+  __syncthreads();  // warp_totals is free for the next call
+  return sums;
+}
+
+// Pass 1 of L2: block (b, s) sums its piece of sample s into partials[s * gridDim.x + b].
+template <typename scalar_t, int kPack>
+__global__ void l2_partial_sums_kernel(Operands<scalar_t> op, int64_t batch, int64_t sample_packs,
+                                       int64_t packs_per_block, L2Sums* partials) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using PackT = Pack<scalar_t, kPack>;
+  const int64_t piece_begin = static_cast<int64_t>(blockIdx.x) * packs_per_block;
+  const int64_t piece_end =
+      piece_begin + packs_per_block < sample_packs ? piece_begin + packs_per_block : sample_packs;
+  // Batches beyond the grid's y limit are looped over.
+  for (int64_t sample = blockIdx.y; sample < batch; sample += gridDim.y) {
+    opmath_t grad_sq = 0, delta_dot_grad = 0, delta_sq = 0;
+    for (int64_t p = sample * sample_packs + piece_begin + threadIdx.x;
+         p < sample * sample_packs + piece_end; p += blockDim.x) {
+      const PackT x = load_pack<kPack>(op.x_adv, p);
+      const PackT g = load_pack<kPack>(op.grad, p);
+      const PackT xn = load_pack<kPack>(op.x_nat, p);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) {
+        const auto gi = static_cast<opmath_t>(g.v[k]);
+        // d rounds to the input dtype first, as the CPU kernel's d does.
+        const auto di = static_cast<opmath_t>(static_cast<scalar_t>(
+            static_cast<opmath_t>(x.v[k]) - static_cast<opmath_t>(xn.v[k])));
+        grad_sq += gi * gi;
+        delta_dot_grad += di * gi;
+        delta_sq += di * di;
+      }
+    }
+    const L2Sums total = block_sum({static_cast<double>(grad_sq),
+                                    static_cast<double>(delta_dot_grad),
+                                    static_cast<double>(delta_sq)});
+    if (threadIdx.x == 0) partials[sample * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// Finalize of L2: one block per sample adds its partials in a fixed order (no atomics) and
+// turns the sums into the sample's step scale and projection factor.
+__global__ void l2_coefficients_kernel(const L2Sums* partials, int64_t batch,
+                                       int64_t blocks_per_sample, double eps,
+                                       const double* eps_per_sample, double alpha,
+                                       const double* alpha_per_sample, double alpha_sign,
+                                       L2Coefficients<double>* coefficients) {
+  for (int64_t sample = blockIdx.x; sample < batch; sample += gridDim.x) {
+    L2Sums sums{0.0, 0.0, 0.0};
+    for (int64_t b = threadIdx.x; b < blocks_per_sample; b += blockDim.x) {
+      const L2Sums part = partials[sample * blocks_per_sample + b];
+      sums.grad_sq += part.grad_sq;
+      sums.delta_dot_grad += part.delta_dot_grad;
+      sums.delta_sq += part.delta_sq;
+    }
+    sums = block_sum(sums);
+    if (threadIdx.x == 0) {
+      const double sample_eps = eps_per_sample != nullptr ? eps_per_sample[sample] : eps;
+      const double sample_alpha =
+          alpha_sign * (alpha_per_sample != nullptr ? alpha_per_sample[sample] : alpha);
+      coefficients[sample] = l2_coefficients<double>(sums.grad_sq, sums.delta_dot_grad,
+                                                     sums.delta_sq, sample_eps, sample_alpha);
+    }
+  }
+}
+
+template <typename scalar_t, int kPack>
+void launch_l2_sums(const Operands<scalar_t>& op, const PgdProblem& p,
+                    const at::Tensor& coefficients, cudaStream_t stream) {
+  const int64_t sample_packs = p.sample_numel / kPack;
+  const int64_t packs_per_block = std::max<int64_t>(1, kReduceElementsPerBlock / kPack);
+  const int64_t blocks_per_sample = ceil_div(sample_packs, packs_per_block);
+  TORCH_CHECK(blocks_per_sample <= std::numeric_limits<int32_t>::max(),
+              "pgd_step: samples of ", p.sample_numel,
+              " elements are too large for the CUDA kernel");
+  at::Tensor partials = at::empty({p.batch * blocks_per_sample * 3},
+                                  p.x_adv.options().dtype(at::kDouble));
+  auto* partials_ptr = reinterpret_cast<L2Sums*>(partials.mutable_data_ptr<double>());
+
+  const dim3 grid(static_cast<unsigned>(blocks_per_sample),
+                  static_cast<unsigned>(std::min(p.batch, kMaxGridY)));
+  l2_partial_sums_kernel<scalar_t, kPack><<<grid, kThreads, 0, stream>>>(
+      op, p.batch, sample_packs, packs_per_block, partials_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const auto finalize_blocks = static_cast<unsigned>(
+      std::min<int64_t>(p.batch, std::numeric_limits<int32_t>::max()));
+  l2_coefficients_kernel<<<finalize_blocks, kFinalizeThreads, 0, stream>>>(
+      partials_ptr, p.batch, blocks_per_sample, p.eps, data_or_null(p.eps_per_sample), p.alpha,
+      data_or_null(p.alpha_per_sample), p.alpha_sign,
+      reinterpret_cast<L2Coefficients<double>*>(coefficients.mutable_data_ptr<double>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void pgd_kernel_cuda(const PgdProblem& p, at::Tensor& out) {
+  if (p.batch == 0 || out.numel() == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pgd_step_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const Operands<scalar_t> op{p.x_adv.const_data_ptr<scalar_t>(),
+                                p.grad.const_data_ptr<scalar_t>(),
+                                p.x_nat.const_data_ptr<scalar_t>(),
+                                out.mutable_data_ptr<scalar_t>()};
+    const auto clip_lo = static_cast<opmath_t>(p.clip_lo);
+    const auto clip_hi = static_cast<opmath_t>(p.clip_hi);
+    if (!p.l2) {
+      const LinfStep<opmath_t> step{static_cast<opmath_t>(p.eps),
+                                    static_cast<opmath_t>(p.alpha_sign * p.alpha),
+                                    clip_lo,
+                                    clip_hi,
+                                    data_or_null(p.eps_per_sample),
+                                    data_or_null(p.alpha_per_sample),
+                                    p.alpha_sign};
+      launch_elementwise(op, out.numel(), p.sample_numel, step, stream);
+      return;
+    }
+    // Pass 1 and finalize: one (step_scale, factor) pair per sample.
+    at::Tensor coefficients = at::empty({p.batch, 2}, p.x_adv.options().dtype(at::kDouble));
+    if (can_use_packs(op, p.sample_numel)) {
+      launch_l2_sums<scalar_t, kPackSize<scalar_t>>(op, p, coefficients, stream);
+    } else {
+      launch_l2_sums<scalar_t, 1>(op, p, coefficients, stream);
+    }
+    // Pass 2: the write (stream order puts it after every read of pass 1, so out may alias).
+    const L2Step<opmath_t> step{
+        reinterpret_cast<const L2Coefficients<double>*>(coefficients.const_data_ptr<double>()),
+        clip_lo, clip_hi};
+    launch_elementwise(op, out.numel(), p.sample_numel, step, stream);
+  });
+}
+
+at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                         double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
+                         const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
+                         c10::optional<double> clip_min, c10::optional<double> clip_max,
+                         bool targeted) {
+  TORCH_CHECK(x_adv.is_cuda(), "pgd_step: x_adv, grad and x_nat must be on the same CUDA device, "
+              "x_adv is on ", x_adv.device());
+  const c10::cuda::CUDAGuard device_guard(x_adv.device());
+  const PgdProblem problem = make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
+                                              alpha_per_sample, norm, clip_min, clip_max, targeted);
+  return run_pgd_step(problem, pgd_kernel_cuda);
+}
+
+void pgd_step_out_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                       double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
+                       const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
+                       c10::optional<double> clip_min, c10::optional<double> clip_max,
+                       bool targeted, at::Tensor out) {
+  TORCH_CHECK(x_adv.is_cuda(), "pgd_step: x_adv, grad and x_nat must be on the same CUDA device, "
+              "x_adv is on ", x_adv.device());
+  const c10::cuda::CUDAGuard device_guard(x_adv.device());
+  const PgdProblem problem = make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
+                                              alpha_per_sample, norm, clip_min, clip_max, targeted);
+  run_pgd_step_out(problem, out, pgd_kernel_cuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robust_fast, CUDA, m) {
+  m.impl("pgd_step", &pgd_step_cuda);
+  m.impl("pgd_step_out", &pgd_step_out_cuda);
+}
+
+}  // namespace robust_fast

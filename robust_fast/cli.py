@@ -1,0 +1,47 @@
+"""robust-fast info | bench <name> [args]  (also: python -m robust_fast ...)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run_benchmark(name: str, argv: List[str]) -> int:
+    script = BENCHMARKS_DIR / f"bench_{name}.py"
+    if not script.is_file():
+        available = sorted(p.stem[len("bench_"):] for p in BENCHMARKS_DIR.glob("bench_*.py"))
+        where = f"available: {', '.join(available)}" if available else \
+            f"no benchmarks/ folder next to the package ({BENCHMARKS_DIR}); use a source checkout"
+        print(f"robust-fast bench: unknown benchmark {name!r} ({where})", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location(f"robust_fast_bench_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS_DIR))  # the scripts share benchmarks/harness.py
+    try:
+        spec.loader.exec_module(module)
+        return int(module.main(argv) or 0)
+    finally:
+        sys.path.remove(str(BENCHMARKS_DIR))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="robust-fast", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, and which backend can run where")
+    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. pgd)")
+    bench.add_argument("name")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from robust_fast.info import info_lines
+        print("\n".join(info_lines()))
+        return 0
+    return _run_benchmark(args.name, args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

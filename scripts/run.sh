@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs everything robust_fast needs (idempotent), then runs one job:
+#   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd)
+#   bash scripts/run.sh test  [args]   the test suite (pytest tests/)
+# The virtual environment lives outside the clone, in $ROBUST_FAST_VENV
+# (default ~/.cache/robust_fast/venv-cpu, or venv-gpu on a machine with an NVIDIA GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+job="${1:-}"
+shift || true
+case "$job" in
+  bench|test) ;;
+  *) echo "usage: bash scripts/run.sh bench|test [args]" >&2; exit 2 ;;
+esac
+
+cache="${ROBUST_FAST_CACHE:-$HOME/.cache/robust_fast}"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  flavour=gpu
+  torch_spec="torch"            # a CUDA build; its triton comes with it
+else
+  flavour=cpu
+  torch_spec="torch==2.13.0"    # the CPU build
+fi
+venv="${ROBUST_FAST_VENV:-$cache/venv-$flavour}"
+
+# Fashion-MNIST for the benchmarks and the training recipes (Debian's package).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing dataset-fashion-mnist"
+  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 ||
+    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) ||
+    echo "   (could not install dataset-fashion-mnist: benchmarks fall back to random data)"
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "== creating $venv"
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+stamp="$venv/.robust_fast_deps"
+deps="$torch_spec numpy ninja nvtx triton scipy matplotlib pytest"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ]; then
+  echo "== installing $deps"
+  "$py" -m pip install -q --upgrade pip >/dev/null
+  # shellcheck disable=SC2086
+  "$py" -m pip install -q $deps
+  # torchattacks' own requirements would pull in torchvision and a CUDA torch.
+  "$py" -m pip install -q --no-deps torchattacks==3.5.1 requests tqdm
+  echo "$deps" > "$stamp"
+fi
+
+echo "== building robust_fast (robust_fast._C)"
+export MAX_JOBS="${MAX_JOBS:-2}"
+"$py" -m pip install -q --no-build-isolation --no-deps -e .
+"$py" -c "import robust_fast" >/dev/null
+"$venv/bin/robust-fast" info
+
+case "$job" in
+  bench) exec "$venv/bin/robust-fast" bench pgd "$@" ;;
+  test)  exec "$py" -m pytest tests "$@" ;;
+esac

@@ -1,0 +1,93 @@
+"""Backend choice: per call, per block, per process, from the environment; errors and fallback."""
+import warnings
+
+import pytest
+import torch
+
+import robust_fast
+from robust_fast import _backend, _build
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_state(monkeypatch):
+    monkeypatch.delenv("ROBUST_FAST_BACKEND", raising=False)
+    robust_fast.set_backend(None)
+    yield
+    robust_fast.set_backend(None)
+
+
+def spy_on_backends(monkeypatch):
+    """Records which concrete backend each pgd_step call resolves to."""
+    chosen = []
+    real = _backend.resolve
+
+    def recording(requested, device_type):
+        result = real(requested, device_type)
+        chosen.append(result)
+        return result
+
+    monkeypatch.setattr(_backend, "resolve", recording)
+    return chosen
+
+
+def one_step(**kwargs):
+    x = torch.rand(2, 3)
+    return robust_fast.pgd_step(x, torch.randn(2, 3), x, eps=0.1, alpha=0.05, **kwargs)
+
+
+def test_precedence_call_block_process_environment(monkeypatch):
+    chosen = spy_on_backends(monkeypatch)
+    monkeypatch.setenv("ROBUST_FAST_BACKEND", "reference")
+    one_step()
+    robust_fast.set_backend("auto")
+    one_step()
+    with robust_fast.use_backend("reference"):
+        one_step()
+        one_step(backend="auto")
+        with robust_fast.use_backend("auto"):
+            one_step()
+        one_step()
+    one_step()
+    auto = "cpp" if _build.cpp_unavailable_reason("cpu") is None else "reference"
+    assert chosen == ["reference", auto, "reference", auto, auto, "reference", auto]
+    assert robust_fast.get_backend() == "auto"
+
+
+def test_unknown_names_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        robust_fast.set_backend("fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with robust_fast.use_backend("gpu"):
+            pass
+    monkeypatch.setenv("ROBUST_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="ROBUST_FAST_BACKEND must be one of"):
+        one_step()
+
+
+def test_unusable_backend_says_why(monkeypatch):
+    monkeypatch.setattr(_build, "cpp_unavailable_reason", lambda device: "robust_fast._C could not be loaded (test)")
+    monkeypatch.setattr(_build, "triton_unavailable_reason", lambda device: "triton is not importable (test)")
+    with pytest.raises(robust_fast.BackendUnavailableError, match="'cpp' cannot run on cpu: robust_fast._C could not"):
+        one_step(backend="cpp")
+    with pytest.raises(robust_fast.BackendUnavailableError, match="'triton' cannot run on cpu: triton is not"):
+        one_step(backend="triton")
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_build, "cpp_unavailable_reason", lambda device: "robust_fast._C could not be loaded (test)")
+    monkeypatch.setattr(_backend, "_warned_fallback", set())
+    chosen = spy_on_backends(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="using the reference backend on cpu"):
+        first = one_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_step()  # the second call is silent
+    assert chosen == ["reference", "reference"]
+    assert first.shape == (2, 3)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if _build.triton_import_error() is not None:
+        pytest.skip(_build.triton_import_error())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in _build.triton_unavailable_reason("cpu")
