@@ -49,6 +49,10 @@ def triton_import_error() -> Optional[str]:
         import triton  # noqa: F401
     except Exception as exc:
         return f"triton is not importable ({type(exc).__name__}: {exc})"
+    try:
+        import robust_fast.kernels  # noqa: F401  (mapped from kernels/ by setup.py)
+    except ImportError as exc:
+        return f"robust_fast.kernels is not installed ({exc}): pip install -e . from the source tree"
     return None
 
 
