@@ -22,15 +22,20 @@ def bounded_max_jobs() -> str:
 
 
 def cpu_vector_flags() -> list:
-    # at::vec uses AVX2 when told so; the compiled kernels then need a CPU that has it.
-    if os.environ.get("ROBUST_FAST_NO_AVX2") == "1":
-        return []
+    # at::vec uses the widest vectors it is told it may; the kernels then need a CPU that has
+    # them, so the flags follow this machine's CPU (ROBUST_FAST_CPU_ISA=avx2|none narrows them).
+    choice = os.environ.get("ROBUST_FAST_CPU_ISA", "native")
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            flags = set(f.read().split())
     except OSError:
         return []
-    if " avx2" in flags and " fma" in flags and " f16c" in flags:
+    avx2 = {"avx2", "fma", "f16c"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    if choice == "native" and avx512 <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+    if choice in ("native", "avx2") and avx2 <= flags:
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return []
 
@@ -44,7 +49,10 @@ def build_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3"] + cpu_vector_flags()  # cpp_extension picks the C++ standard torch needs
+    # -fopenmp: at::parallel_for is inline and runs serially without it. Only the compile
+    # step gets it: the GOMP symbols then bind to the OpenMP runtime torch itself loaded,
+    # never a second one.
+    cxx_flags = ["-O3", "-fopenmp"] + cpu_vector_flags()  # cpp_extension picks the C++ standard
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

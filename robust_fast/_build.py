@@ -18,13 +18,17 @@ def compiled_library_error() -> Optional[str]:
     return None
 
 
+_kernel_registered: dict = {}
+
+
 def has_compiled_kernel(device_type: str) -> bool:
-    if compiled_library_error() is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("robust_fast::pgd_step", key)
+    """Whether robust_fast._C registered kernels for this device (asked once per device)."""
+    if device_type not in _kernel_registered:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        _kernel_registered[device_type] = (
+            compiled_library_error() is None and key is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key("robust_fast::pgd_step", key))
+    return _kernel_registered[device_type]
 
 
 # What is installed does not change while a program runs: torch.compile may fold these.

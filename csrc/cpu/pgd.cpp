@@ -1,10 +1,9 @@
-// CPU kernels of the PGD step: at::parallel_for over the flattened batch, vectorized inner
-// loops (at::vec) for float and double, a scalar loop in float for half and bfloat16.
+// CPU kernels of the PGD step: at::parallel_for over the flattened batch, inner loops over the
+// shared scalar math that the compiler vectorizes (-O3 with the ISA flags of setup.py).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -19,10 +18,7 @@ namespace robust_fast {
 namespace {
 
 constexpr int64_t kGrainSize = 1 << 15;      // elements per task: big enough to pay for a thread
-constexpr int64_t kAccumulateBlock = 1 << 10;  // fp32 partial sums are flushed to double this often
-
-template <typename scalar_t>
-constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+constexpr int64_t kAccumulateBlock = 1 << 10;  // fp32 lane sums are flushed to double this often
 
 // Calls fn(sample, begin, end) on pieces of [0, numel) that never cross a sample boundary.
 template <typename Fn>
@@ -41,28 +37,16 @@ double value_for_sample(const at::Tensor& per_sample, double scalar, int64_t sam
   return per_sample.defined() ? per_sample.const_data_ptr<double>()[sample] : scalar;
 }
 
+// Plain loops that the compiler vectorizes (masked selects for the ternaries of pgd_math.h);
+// ivdep: out may alias x_adv, but element i is read before it is written, never later.
 template <typename scalar_t>
 void linf_piece(const scalar_t* x, const scalar_t* g, const scalar_t* xn, scalar_t* out,
                 int64_t n, double eps_d, double alpha_d, double lo_d, double hi_d) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto eps = static_cast<opmath_t>(eps_d), alpha = static_cast<opmath_t>(alpha_d);
   const auto lo = static_cast<opmath_t>(lo_d), hi = static_cast<opmath_t>(hi_d);
-  int64_t i = 0;
-  if constexpr (kVectorized<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec zero(0), step_up(alpha), step_down(-alpha), eps_hi(eps), eps_lo(-eps);
-    const Vec box_lo(lo), box_hi(hi);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec vg = Vec::loadu(g + i);
-      // alpha * sign(g) without a multiply; NaN compares false and makes no move.
-      Vec step = Vec::blendv(zero, step_up, vg > zero);
-      step = Vec::blendv(step, step_down, vg < zero);
-      const Vec vxn = Vec::loadu(xn + i);
-      const Vec delta = at::vec::clamp(Vec::loadu(x + i) + step - vxn, eps_lo, eps_hi);
-      at::vec::clamp(vxn + delta, box_lo, box_hi).store(out + i);
-    }
-  }
-  for (; i < n; ++i) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
     out[i] = static_cast<scalar_t>(linf_step<opmath_t>(x[i], g[i], xn[i], eps, alpha, lo, hi));
   }
 }
@@ -83,40 +67,43 @@ void linf_kernel(const PgdProblem& p, at::Tensor& out) {
 
 struct L2Sums {
   double grad_sq = 0, delta_dot_grad = 0, delta_sq = 0;
+
+  L2Sums& operator+=(const L2Sums& other) {
+    grad_sq += other.grad_sq;
+    delta_dot_grad += other.delta_dot_grad;
+    delta_sq += other.delta_sq;
+    return *this;
+  }
 };
 
-// <g,g>, <d,g>, <d,d> of one sample, d = x - xn, accumulated in double.
+// <g,g>, <d,g>, <d,d> of one block of at most kAccumulateBlock elements, d = x - xn: fp32
+// lanes (for float) summed into double. A sample's sums are its block sums added in order,
+// whichever thread computed each block, so the result never depends on the thread count.
 template <typename scalar_t>
-L2Sums l2_sums(const scalar_t* x, const scalar_t* g, const scalar_t* xn, int64_t n) {
-  L2Sums sums;
+L2Sums l2_block_sums(const scalar_t* x, const scalar_t* g, const scalar_t* xn, int64_t n) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  // kLanes independent accumulators: the compiler keeps them in vector registers.
+  constexpr int kLanes = 64 / sizeof(opmath_t);
+  opmath_t gg[kLanes] = {}, dg[kLanes] = {}, dd[kLanes] = {};
   int64_t i = 0;
-  if constexpr (kVectorized<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    while (i + Vec::size() <= n) {
-      // fp32 lanes accumulate a short block, then the block's total goes into double.
-      Vec gg(0), dg(0), dd(0);
-      const int64_t block_end = std::min(n, i + kAccumulateBlock);
-      for (; i + Vec::size() <= block_end; i += Vec::size()) {
-        const Vec vg = Vec::loadu(g + i);
-        const Vec vd = Vec::loadu(x + i) - Vec::loadu(xn + i);
-        gg = at::vec::fmadd(vg, vg, gg);
-        dg = at::vec::fmadd(vd, vg, dg);
-        dd = at::vec::fmadd(vd, vd, dd);
-      }
-      scalar_t lanes[3][Vec::size()];
-      gg.store(lanes[0]);
-      dg.store(lanes[1]);
-      dd.store(lanes[2]);
-      for (int lane = 0; lane < Vec::size(); ++lane) {
-        sums.grad_sq += lanes[0][lane];
-        sums.delta_dot_grad += lanes[1][lane];
-        sums.delta_sq += lanes[2][lane];
-      }
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const opmath_t gi = g[i + lane];
+      const opmath_t di = static_cast<opmath_t>(x[i + lane]) - static_cast<opmath_t>(xn[i + lane]);
+      gg[lane] += gi * gi;
+      dg[lane] += di * gi;
+      dd[lane] += di * di;
     }
+  }
+  L2Sums sums;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    sums.grad_sq += gg[lane];
+    sums.delta_dot_grad += dg[lane];
+    sums.delta_sq += dd[lane];
   }
   for (; i < n; ++i) {
     const double gi = static_cast<double>(g[i]);
-    const double di = static_cast<double>(static_cast<scalar_t>(x[i] - xn[i]));
+    const double di = static_cast<double>(static_cast<opmath_t>(x[i]) - static_cast<opmath_t>(xn[i]));
     sums.grad_sq += gi * gi;
     sums.delta_dot_grad += di * gi;
     sums.delta_sq += di * di;
@@ -131,21 +118,16 @@ void l2_piece(const scalar_t* x, const scalar_t* g, const scalar_t* xn, scalar_t
   const auto step_scale = static_cast<opmath_t>(step_scale_d);
   const auto factor = static_cast<opmath_t>(factor_d);
   const auto lo = static_cast<opmath_t>(lo_d), hi = static_cast<opmath_t>(hi_d);
-  int64_t i = 0;
-  if constexpr (kVectorized<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec vscale(step_scale), vfactor(factor), box_lo(lo), box_hi(hi);
-    const bool moves = step_scale != opmath_t(0);
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec stepped = Vec::loadu(x + i);
-      if (moves) stepped = stepped + vscale * Vec::loadu(g + i);
-      const Vec vxn = Vec::loadu(xn + i);
-      at::vec::clamp(vxn + (stepped - vxn) * vfactor, box_lo, box_hi).store(out + i);
-    }
-  }
-  for (; i < n; ++i) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
     out[i] = static_cast<scalar_t>(l2_step<opmath_t>(x[i], g[i], xn[i], step_scale, factor, lo, hi));
   }
+}
+
+L2Coefficients<double> sample_coefficients(const PgdProblem& p, int64_t sample, const L2Sums& sums) {
+  const double eps = value_for_sample(p.eps_per_sample, p.eps, sample);
+  const double alpha = p.alpha_sign * value_for_sample(p.alpha_per_sample, p.alpha, sample);
+  return l2_coefficients<double>(sums.grad_sq, sums.delta_dot_grad, sums.delta_sq, eps, alpha);
 }
 
 void l2_kernel(const PgdProblem& p, at::Tensor& out) {
@@ -155,19 +137,38 @@ void l2_kernel(const PgdProblem& p, at::Tensor& out) {
     const scalar_t* xn = p.x_nat.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t n = p.sample_numel;
-    // Pass 1: per-sample sums, from which each sample's step and projection follow.
-    std::vector<L2Coefficients<double>> coefficients(p.batch);
-    const int64_t samples_per_task = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(n, 1));
-    at::parallel_for(0, p.batch, samples_per_task, [&](int64_t first, int64_t last) {
-      for (int64_t s = first; s < last; ++s) {
-        const L2Sums sums = l2_sums(x + s * n, g + s * n, xn + s * n, n);
-        const double eps = value_for_sample(p.eps_per_sample, p.eps, s);
-        const double alpha = p.alpha_sign * value_for_sample(p.alpha_per_sample, p.alpha, s);
-        coefficients[s] =
-            l2_coefficients<double>(sums.grad_sq, sums.delta_dot_grad, sums.delta_sq, eps, alpha);
-      }
+    const int64_t blocks = (n + kAccumulateBlock - 1) / kAccumulateBlock;
+    const auto block_sums = [&](int64_t sample, int64_t block) {
+      const int64_t begin = sample * n + block * kAccumulateBlock;
+      const int64_t size = std::min(kAccumulateBlock, n - block * kAccumulateBlock);
+      return l2_block_sums(x + begin, g + begin, xn + begin, size);
+    };
+    if (p.batch >= at::get_num_threads()) {
+      // One thread per sample, both passes back to back: the second pass reads the sample
+      // from the core's cache instead of memory.
+      at::parallel_for(0, p.batch, 1, [&](int64_t first, int64_t last) {
+        for (int64_t s = first; s < last; ++s) {
+          L2Sums sums;
+          for (int64_t b = 0; b < blocks; ++b) sums += block_sums(s, b);
+          const L2Coefficients<double> c = sample_coefficients(p, s, sums);
+          l2_piece(x + s * n, g + s * n, xn + s * n, o + s * n, n, c.step_scale, c.factor,
+                   p.clip_lo, p.clip_hi);
+        }
+      });
+      return;
+    }
+    // Fewer samples than threads: split each sample's blocks among the threads, then write.
+    std::vector<L2Sums> partial(p.batch * blocks);
+    const int64_t blocks_per_task = std::max<int64_t>(1, kGrainSize / kAccumulateBlock);
+    at::parallel_for(0, p.batch * blocks, blocks_per_task, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) partial[i] = block_sums(i / blocks, i % blocks);
     });
-    // Pass 2: the write.
+    std::vector<L2Coefficients<double>> coefficients(p.batch);
+    for (int64_t s = 0; s < p.batch; ++s) {
+      L2Sums sums;
+      for (int64_t b = 0; b < blocks; ++b) sums += partial[s * blocks + b];
+      coefficients[s] = sample_coefficients(p, s, sums);
+    }
     for_each_sample_piece(out.numel(), n, [&](int64_t s, int64_t b, int64_t e) {
       l2_piece(x + b, g + b, xn + b, o + b, e - b, coefficients[s].step_scale,
                coefficients[s].factor, p.clip_lo, p.clip_hi);

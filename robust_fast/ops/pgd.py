@@ -31,6 +31,8 @@ def _check_operand(name: str, value) -> torch.Tensor:
 def check_radius(name: str, value, batch: int, x: torch.Tensor,
                  caller: str = "pgd_step") -> Tuple[float, Optional[torch.Tensor]]:
     """(scalar, None) for a number, (0.0, float64 tensor of shape (B,)) for a per-sample tensor."""
+    if type(value) is float and value >= 0 and value != math.inf:  # the common case, fast
+        return value, None
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.item()
@@ -62,6 +64,9 @@ def check_radius(name: str, value, batch: int, x: torch.Tensor,
 def check_clip(clip, caller: str = "pgd_step") -> Tuple[Optional[float], Optional[float]]:
     if clip is None:
         return None, None
+    if (type(clip) is tuple and len(clip) == 2 and type(clip[0]) is float and type(clip[1]) is float
+            and clip[0] <= clip[1]):  # the common case, fast (NaN fails the comparison)
+        return clip
     if not isinstance(clip, Sequence) or isinstance(clip, str) or len(clip) != 2:
         raise TypeError(f"{caller}: clip must be None or a pair (low, high), got {clip!r}")
     bounds = []

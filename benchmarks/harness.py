@@ -1,0 +1,368 @@
+"""Shared pieces of the benchmarks: timing (median), the machine stamp, JSON + PNG results.
+
+Timing
+  CPU:  torch.utils.benchmark.Timer.blocked_autorange (warm-up, block size chosen so timer
+        overhead is negligible, torch's thread count pinned), topped up with single timed
+        calls until at least `min_runs` samples exist. The MEDIAN per call is reported.
+  CUDA: triton.testing.do_bench (return_mode="median"; it flushes the L2 cache between
+        calls) when Triton imports, else CUDA events around each call; median.
+  compare() measures several candidates in interleaved rounds, so a noisy neighbour hurts
+  all of them alike and the ratios of one run stay fair.
+
+Results
+  benchmarks/results/<name>.json: {"benchmark", "machine", "settings", "rows", "notes", ...},
+  overwritten on each run; write_results() also draws <name>.png next to it from the caller's
+  bar groups.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import timeit
+from importlib import metadata
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+SLOW_CALL_S = 0.02  # a call this long needs no blocks: one call per sample
+
+
+def _cpu_samples(fn: Callable[[], object], min_run_time: float, min_runs: int,
+                 estimate: Optional[float]) -> List[float]:
+    single = timeit.Timer(fn)  # gc off while timing, like torch's Timer
+    if estimate is None:
+        estimate = single.timeit(number=1)  # warm-up, and a first guess of the cost
+    if estimate >= SLOW_CALL_S:
+        # Slow (an attack, an evaluation): timer overhead is nothing next to a call, and
+        # blocked_autorange's own warm-up would cost a whole extra call per measurement.
+        samples: List[float] = []
+        while sum(samples) < min_run_time or len(samples) < min_runs:
+            samples.append(single.timeit(number=1))
+        return samples
+    from torch.utils import benchmark
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    samples = list(measurement.times)  # seconds per call, one per block
+    number = measurement.number_per_run
+    while len(samples) < min_runs:  # top up to min_runs blocks of the same size
+        samples.append(single.timeit(number=number) / number)
+    return samples
+
+
+def _cuda_samples(fn: Callable[[], object], min_run_time: float, min_runs: int) -> List[float]:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    estimate_ms = max(start.elapsed_time(end), 1e-3)
+    try:
+        from triton.testing import do_bench
+    except Exception:  # no Triton: CUDA events around each call
+        do_bench = None
+    if do_bench is not None:
+        rep_ms = max(min_run_time * 1e3, 1.5 * min_runs * estimate_ms)
+        samples_ms = do_bench(fn, warmup=max(25, 2 * estimate_ms), rep=rep_ms, return_mode="all")
+        return [t / 1e3 for t in samples_ms]
+    samples, total = [], 0.0
+    while total < min_run_time or len(samples) < min_runs:
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+        total += samples[-1]
+    return samples
+
+
+def time_samples(fn: Callable[[], object], *, device: str = "cpu", min_run_time: float = 0.5,
+                 min_runs: int = 5, estimate: Optional[float] = None) -> List[float]:
+    """Seconds per call of fn(), one sample per timed block (CPU) or call (CUDA): at least
+    min_runs samples and min_run_time seconds. estimate: the seconds of one call when already
+    known (fn then counts as warm), else one untimed warm-up call measures it."""
+    if device.startswith("cuda"):
+        return _cuda_samples(fn, min_run_time, min_runs)
+    return _cpu_samples(fn, min_run_time, min_runs, estimate)
+
+
+def summarize(samples: Sequence[float]) -> Dict[str, float]:
+    """median_ms (the number reported), iqr_ms, min_ms and the sample count."""
+    ordered = sorted(samples)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {"median_ms": statistics.median(ordered) * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+            "min_ms": ordered[0] * 1e3, "samples": len(ordered)}
+
+
+def measure(fn: Callable[[], object], *, device: str = "cpu", min_run_time: float = 0.5,
+            min_runs: int = 5) -> Dict[str, float]:
+    return summarize(time_samples(fn, device=device, min_run_time=min_run_time, min_runs=min_runs))
+
+
+def compare(candidates: Dict[str, Callable[[], object]], *, device: str = "cpu", rounds: int = 3,
+            min_run_time: float = 0.5, min_runs: int = 5, warmup_time: float = 0.1,
+            warmup_runs: int = 3) -> Dict[str, Dict[str, object]]:
+    """Times every candidate in `rounds` interleaved passes (each pass gets min_run_time/rounds
+    and min_runs/rounds of each); the samples of all passes are pooled per candidate.
+
+    Each candidate is first warmed up, untimed: called at least warmup_runs times and for at
+    least warmup_time seconds (lazy initialisation, allocator caches, thread pools). What its
+    first call returned is kept under "result", so a candidate that computes something (an
+    accuracy) need not run again.
+    """
+    rounds = max(1, int(rounds))
+    results, estimates = {}, {}
+    for name, fn in candidates.items():
+        calls, spent, fastest = 0, 0.0, math.inf
+        while calls < max(1, warmup_runs) or spent < warmup_time:
+            _synchronize(device)
+            start = timeit.default_timer()
+            value = fn()
+            _synchronize(device)
+            elapsed = timeit.default_timer() - start
+            if calls == 0:
+                results[name] = value
+            calls, spent, fastest = calls + 1, spent + elapsed, min(fastest, elapsed)
+        estimates[name] = fastest
+    pooled: Dict[str, List[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            pooled[name] += time_samples(fn, device=device, min_run_time=min_run_time / rounds,
+                                         min_runs=max(1, math.ceil(min_runs / rounds)),
+                                         estimate=estimates[name])
+    summary: Dict[str, Dict[str, object]] = {}
+    for name, samples in pooled.items():
+        summary[name] = dict(summarize(samples), result=results[name])
+    return summary
+
+
+def ratio(baseline_ms: Optional[float], this_ms: Optional[float]) -> Optional[float]:
+    """Speed-up: baseline time / this time (> 1 means this is faster); None when unknown."""
+    if baseline_ms is None or this_ms is None or this_ms <= 0:
+        return None
+    return baseline_ms / this_ms
+
+
+# --------------------------------------------------------------------------------------------
+# the machine stamp
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _memory_gib() -> Optional[float]:
+    try:
+        return round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _load_average() -> Optional[List[float]]:
+    """1, 5 and 15 minute load averages: a run on a busy machine can be told apart."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def busy_note(when: str) -> Optional[str]:
+    """A note when other work competes for the cores (load average above half of them)."""
+    load = _load_average()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if load is None or not cores or load[0] <= 0.5 * cores:
+        return None
+    return (f"machine busy {when}: 1-minute load average {load[0]} on {cores} cores; other "
+            "processes share the cores, so CPU timings (above all of multi-threaded eager ops, whose "
+            "spinning OpenMP workers then wait for scheduler ticks) are noisy")
+
+
+def machine_info() -> Dict[str, object]:
+    """What ran the benchmark (no hostname): CPU, cores, memory, GPU, versions, threads, the
+    robust_fast backends usable here (or why not), and the date."""
+    from robust_fast import _build
+    backends = {}
+    for device in ("cpu", "cuda"):
+        backends[device] = {
+            "cpp": _build.cpp_unavailable_reason(device) or "usable",
+            "triton": _build.triton_unavailable_reason(device) or "usable",
+        }
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "memory_gib": _memory_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "torchattacks": _version("torchattacks"),
+        "numpy": _version("numpy"),
+        "torch_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "threading_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                                     "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+                          if k in os.environ},
+        "load_average": _load_average(),
+        "robust_fast_backends": backends,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import robust_fast
+        info["robust_fast"] = robust_fast.__version__
+    except Exception:
+        info["robust_fast"] = None
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# storage and plots
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, torch.Size):
+        return list(value)
+    return value
+
+
+def write_json(path: str, payload: Dict[str, object]) -> str:
+    """Writes payload atomically (a temporary file, then a rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(payload), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def bar_plot(path: str, panels: Sequence[Dict[str, object]], title: str) -> Optional[str]:
+    """One PNG with a grouped bar chart per panel; returns the path, or None without matplotlib.
+
+    panel: {"title", "ylabel", "groups": [label, ...], "series": {name: [value or None per
+    group]}, "reference": y of a dashed line (1.0 for ratios) or None}.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = [p for p in panels if p.get("groups")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        groups, series = list(panel["groups"]), dict(panel["series"])
+        width = 0.8 / max(1, len(series))
+        for i, (name, values) in enumerate(series.items()):
+            xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            heights = [0.0 if v is None else v for v in values]
+            bars = ax.bar(xs, heights, width=width, label=name)
+            for bar, v in zip(bars, values):
+                if v is not None:
+                    ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+        if panel.get("reference") is not None:
+            ax.axhline(panel["reference"], color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, fontsize=8)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.set_title(panel.get("title", ""), fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(name: str, rows: List[Dict[str, object]], *, settings: Dict[str, object],
+                  out_dir: Optional[str] = None, notes: Sequence[str] = (),
+                  extra: Optional[Dict[str, object]] = None,
+                  panels: Sequence[Dict[str, object]] = (), title: Optional[str] = None) -> Dict[str, str]:
+    """benchmarks/results/<name>.json (every row, the machine stamp, settings, notes) and
+    <name>.png (the panels); returns their paths."""
+    out_dir = out_dir or RESULTS_DIR
+    payload = {"benchmark": name, "machine": machine_info(), "settings": settings,
+               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+               "notes": list(notes), "rows": rows}
+    if extra:
+        payload.update(extra)
+    paths = {"json": write_json(os.path.join(out_dir, f"{name}.json"), payload)}
+    png = bar_plot(os.path.join(out_dir, f"{name}.png"), panels, title or name)
+    if png is not None:
+        paths["png"] = png
+    return paths
+
+
+def format_table(rows: Sequence[Dict[str, object]], columns: Sequence[tuple]) -> str:
+    """A plain-text table: columns = [(header, key, format or None), ...]; None shows as '-'."""
+    def cell(row, key, fmt):
+        value = row.get(key)
+        if value is None:
+            return "-"
+        if fmt:
+            return format(value, fmt)
+        if isinstance(value, (list, tuple)):
+            return "x".join(str(v) for v in value)
+        return str(value)
+    table = [[header for header, _, _ in columns]]
+    table += [[cell(row, key, fmt) for _, key, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(text.rjust(w) if i else text.ljust(w) for i, (text, w) in enumerate(zip(line, widths)))
+             for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Smoke test of benchmarks/bench_pgd.py: every part runs in --quick mode and the JSON holds
+the expected fields; `robust-fast bench pgd` reaches it. No timing is asserted: speed is never
+a test."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_pgd", os.path.join(ROOT, "benchmarks", "bench_pgd.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    pytest.importorskip("torchattacks")
+    out = tmp_path_factory.mktemp("bench")
+    saved_cache = os.environ.get("ROBUST_FAST_CACHE")
+    os.environ["ROBUST_FAST_CACHE"] = str(out / "cache")  # the tiny model stays in tmp
+    threads = torch.get_num_threads()
+    try:
+        # One thread: no OpenMP workers to wait for on a busy machine; no compile: a cold
+        # inductor cache alone can take tens of seconds.
+        payload = load_bench().run(["--quick", "--out", str(out), "--no-compile", "--threads", "1"])
+    finally:
+        if saved_cache is None:
+            os.environ.pop("ROBUST_FAST_CACHE", None)
+        else:
+            os.environ["ROBUST_FAST_CACHE"] = saved_cache
+    assert torch.get_num_threads() == threads  # main restores the thread count
+    return out, payload
+
+
+def test_writes_json_and_png(quick_run):
+    out, payload = quick_run
+    path = out / "pgd_quick.json"
+    assert path.is_file()
+    assert payload["paths"]["json"] == str(path)
+    with open(path) as f:
+        stored = json.load(f)
+    for key in ("benchmark", "machine", "settings", "rows", "notes", "durations_s", "summary"):
+        assert key in stored, key
+    for key in ("cpu", "cpu_count", "torch", "python", "torch_threads", "robust_fast_backends", "date"):
+        assert key in stored["machine"], key
+    assert "hostname" not in json.dumps(stored["machine"]).lower()
+    assert stored["settings"]["quick"] is True
+    pytest.importorskip("matplotlib")
+    assert (out / "pgd_quick.png").is_file()
+
+
+def test_step_rows(quick_run):
+    _, payload = quick_run
+    rows = [r for r in payload["rows"] if r["part"] == "pgd_step"]
+    impls = {r["impl"] for r in rows}
+    assert {"eager reference", "torchattacks step", "copy (same bytes)"} <= impls
+    assert "torch.compile(reference)" not in impls  # --no-compile
+    assert {r["norm"] for r in rows} == {"linf", "l2"}
+    for r in rows:
+        for key in ("shape", "median_ms", "iqr_ms", "samples", "bytes", "gbps", "vs_eager",
+                    "vs_compile", "vs_torchattacks", "fraction_of_copy"):
+            assert key in r, key
+        assert r["median_ms"] > 0 and r["samples"] >= 1
+        assert r["vs_compile"] is None
+    from robust_fast import _build
+    if _build.cpp_unavailable_reason("cpu") is None:
+        assert {"cpp", "cpp (out=x_adv)"} <= impls
+        for r in rows:
+            if r["impl"] == "cpp":  # the timed kernel computes what the reference computes
+                assert r["max_abs_diff_vs_eager"] <= 1e-6
+
+
+def test_attack_rows(quick_run):
+    _, payload = quick_run
+    rows = {r["impl"]: r for r in payload["rows"] if r["part"] == "pgd_attack"}
+    assert {"robust_fast.attacks.pgd", "torchattacks.PGD"} <= set(rows)
+    ours = rows["robust_fast.attacks.pgd"]
+    assert ours["vs_torchattacks"] is not None and ours["steps"] == 10
+    assert ours["max_abs_diff_vs_torchattacks"] == 0.0  # same random start, same step
+
+
+def test_early_stop_rows(quick_run):
+    _, payload = quick_run
+    rows = {r["impl"]: r for r in payload["rows"] if r["part"] == "early_stop_eval"}
+    from robust_fast import data
+    if not data.available():
+        assert not rows
+        assert any("early_stop_eval: skipped" in n for n in payload["notes"])
+        return
+    ours, theirs = rows["robust_fast pgd(early_stop=True)"], rows["torchattacks.PGD"]
+    for key in ("median_ms", "vs_torchattacks", "robust_accuracy", "clean_accuracy", "model"):
+        assert key in ours, key
+    assert 0.0 <= ours["robust_accuracy"] <= ours["clean_accuracy"] <= 1.0
+    # At least as strong. Slack of one sample: early stop decides "misclassified" from the
+    # logits of a compacted batch, the final count from the full batch, and a CPU forward may
+    # round differently with the batch size (matters only at an exact tie of two logits).
+    assert ours["robust_accuracy"] <= theirs["robust_accuracy"] + 1.0 / ours["n_eval"]
+    # Without early stop: the same starts and steps as torchattacks, the same accuracy.
+    assert rows["robust_fast pgd(early_stop=False)"]["robust_accuracy"] == theirs["robust_accuracy"]
+    assert os.path.isfile(ours["model"]["cache"])
+
+
+def test_torchattacks_step_copies_match_torchattacks():
+    """The copied step expressions agree with a one-step torchattacks attack."""
+    torchattacks = pytest.importorskip("torchattacks")
+    bench = load_bench()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    for norm, attack_cls, step in (("linf", torchattacks.PGD, bench.torchattacks_step_linf),
+                                   ("l2", torchattacks.PGDL2, bench.torchattacks_step_l2)):
+        eps, alpha = (0.1, 0.03) if norm == "linf" else (0.5, 0.2)
+        expected = attack_cls(model, eps=eps, alpha=alpha, steps=1, random_start=False)(x, y)
+        x_leaf = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x_leaf), y)
+        (grad,) = torch.autograd.grad(loss, x_leaf)
+        assert torch.equal(step(x, grad, x, eps, alpha), expected), norm
+
+
+def test_cli_runs_the_benchmark(tmp_path, monkeypatch):
+    cli = pytest.importorskip("robust_fast.cli")
+    monkeypatch.setenv("ROBUST_FAST_CACHE", str(tmp_path / "cache"))
+    code = cli.main(["bench", "pgd", "--quick", "--parts", "step", "--no-compile", "--threads", "1",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    with open(tmp_path / "pgd_quick.json") as f:
+        stored = json.load(f)
+    assert stored["settings"]["parts"] == ["step"]
+    assert {r["part"] for r in stored["rows"]} == {"pgd_step"}
