@@ -7,36 +7,21 @@ as in torchattacks, and every module's mode is restored afterwards.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
 from robust_fast.ops.pgd import check_clip, check_radius, pgd_step
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Radius = Union[float, torch.Tensor]
 Clip = Optional[Tuple[Optional[float], Optional[float]]]
-
-
-@contextlib.contextmanager
-def _modules_in_mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Puts every module in `training` mode and restores each one's own flag afterwards."""
-    if not isinstance(model, nn.Module):  # a plain function has no mode
-        yield
-        return
-    saved = [(module, module.training) for module in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for module, was_training in saved:
-            module.training = was_training
 
 
 def _check_attack_inputs(model, x, y, steps=1, restarts=1):
@@ -160,7 +145,8 @@ def _attack_once(model, x, y, *, eps, alpha, steps, norm, clip, targeted, loss_f
                     return x_adv
             pgd_step(x_act, grad, x_nat_act, eps=eps_act, alpha=alpha_act, norm=norm, clip=clip,
                      targeted=targeted, out=x_act, backend=backend)
-    x_adv[active] = x_act
+    if x_act is not x_adv:  # until a sample leaves, the active batch is x_adv itself
+        x_adv[active] = x_act
     return x_adv
 
 
@@ -186,7 +172,7 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
     check_radius("alpha", alpha, x.shape[0], x, caller="pgd")
     clip = check_clip(clip, caller="pgd")
     x = x.detach()
-    with _modules_in_mode(model, model_training), op_range("pgd"), torch.no_grad():
+    with modules_in_mode(model, model_training), op_range("pgd"), torch.no_grad():
         options = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, clip=clip, targeted=targeted,
                        loss_fn=loss_fn, early_stop=early_stop, random_start=random_start,
                        generator=generator, backend=backend)
@@ -211,7 +197,7 @@ def fgsm(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, clip
     _check_attack_inputs(model, x, y)
     check_radius("eps", eps, x.shape[0], x, caller="fgsm")
     x = x.detach()
-    with _modules_in_mode(model, model_training), op_range("fgsm"), torch.no_grad():
+    with modules_in_mode(model, model_training), op_range("fgsm"), torch.no_grad():
         grad, _ = input_gradient(model, x, y, loss_fn)
         return pgd_step(x, grad, x, eps=eps, alpha=eps, norm="linf", clip=clip,
                         targeted=targeted, backend=backend)

@@ -201,3 +201,12 @@ def test_bad_attack_arguments(kwargs, error, words):
     x, y = args.pop("x"), args.pop("y")
     with pytest.raises(error, match=words):
         attacks.pgd(small_model(), x, y, **args)
+
+
+def test_early_stop_when_no_sample_succeeds():
+    model, (x, _) = small_model(seed=4), batch(16, seed=5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    full = attacks.pgd(model, x, y, eps=1e-4, alpha=1e-5, steps=3, random_start=False)
+    early = attacks.pgd(model, x, y, eps=1e-4, alpha=1e-5, steps=3, random_start=False, early_stop=True)
+    assert torch.equal(early, full)

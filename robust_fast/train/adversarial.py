@@ -6,15 +6,15 @@ then one optimiser step on the cross-entropy of the adversarial batch, the model
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust_fast._modes import modules_in_mode
 from robust_fast.attacks import pgd
 from robust_fast.data import batches
 
@@ -25,17 +25,6 @@ def _device_of(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _in_mode(model: nn.Module, training: bool) -> Iterator[None]:
-    saved = [(module, module.training) for module in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for module, was_training in saved:
-            module.training = was_training
 
 
 def _attack_generator(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
@@ -76,7 +65,7 @@ def adversarial_train(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     device = _device_of(model)
     attack_generator = _attack_generator(generator, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    with _in_mode(model, True):
+    with modules_in_mode(model, True):
         for epoch in range(epochs):
             start = time.perf_counter()
             loss_sum, correct, seen = 0.0, 0, 0
@@ -108,7 +97,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         return math.nan
     device = _device_of(model)
     correct = 0
-    with _in_mode(model, False), torch.no_grad():
+    with modules_in_mode(model, False), torch.no_grad():
         for x, y in batches(images, labels, batch_size):
             x, y = x.to(device), y.to(device)
             correct += int((model(x).argmax(dim=1) == y).sum())
@@ -136,6 +125,6 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True,
                     restarts=restarts, early_stop=early_stop, generator=attack_generator,
                     backend=backend)
-        with _in_mode(model, False), torch.no_grad():
+        with modules_in_mode(model, False), torch.no_grad():
             correct += int((model(x_adv).argmax(dim=1) == y).sum())
     return correct / images.shape[0]
