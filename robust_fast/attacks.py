@@ -243,6 +243,10 @@ class FGSM(_Attack):
 
 
 class PGD(_Attack):
+    """L-inf PGD with torchattacks.PGD's arguments and defaults (plus restarts, early_stop)."""
+
+    norm = "linf"
+
     def __init__(self, model, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  random_start: bool = True, restarts: int = 1, early_stop: bool = False):
         super().__init__(model)
@@ -250,21 +254,17 @@ class PGD(_Attack):
         self.random_start, self.restarts, self.early_stop = random_start, restarts, early_stop
 
     def forward(self, x, y):
-        return pgd(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm="linf",
+        return pgd(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
                    random_start=self.random_start, restarts=self.restarts,
                    targeted=self.targeted, early_stop=self.early_stop,
                    model_training=self.model_training)
 
 
-class PGDL2(_Attack):
+class PGDL2(PGD):
+    """L2 PGD with torchattacks.PGDL2's arguments and defaults (plus restarts, early_stop)."""
+
+    norm = "l2"
+
     def __init__(self, model, eps: float = 1.0, alpha: float = 0.2, steps: int = 10,
                  random_start: bool = True, restarts: int = 1, early_stop: bool = False):
-        super().__init__(model)
-        self.eps, self.alpha, self.steps = eps, alpha, steps
-        self.random_start, self.restarts, self.early_stop = random_start, restarts, early_stop
-
-    def forward(self, x, y):
-        return pgd(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm="l2",
-                   random_start=self.random_start, restarts=self.restarts,
-                   targeted=self.targeted, early_stop=self.early_stop,
-                   model_training=self.model_training)
+        super().__init__(model, eps, alpha, steps, random_start, restarts, early_stop)

@@ -184,31 +184,11 @@ void pgd_kernel_cpu(const PgdProblem& problem, at::Tensor& out) {
   }
 }
 
-at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                        double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
-                        const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
-                        c10::optional<double> clip_min, c10::optional<double> clip_max,
-                        bool targeted) {
-  const PgdProblem problem = make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
-                                              alpha_per_sample, norm, clip_min, clip_max, targeted);
-  return run_pgd_step(problem, pgd_kernel_cpu);
-}
-
-void pgd_step_out_cpu(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                      double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
-                      const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
-                      c10::optional<double> clip_min, c10::optional<double> clip_max,
-                      bool targeted, at::Tensor out) {
-  const PgdProblem problem = make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
-                                              alpha_per_sample, norm, clip_min, clip_max, targeted);
-  run_pgd_step_out(problem, out, pgd_kernel_cpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CPU, m) {
-  m.impl("pgd_step", &pgd_step_cpu);
-  m.impl("pgd_step_out", &pgd_step_out_cpu);
+  m.impl("pgd_step", &pgd_step_entry<pgd_kernel_cpu>);
+  m.impl("pgd_step_out", &pgd_step_out_entry<pgd_kernel_cpu>);
 }
 
 }  // namespace robust_fast

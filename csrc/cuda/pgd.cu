@@ -285,6 +285,8 @@ void launch_l2_sums(const Operands<scalar_t>& op, const PgdProblem& p,
 
 void pgd_kernel_cuda(const PgdProblem& p, at::Tensor& out) {
   if (p.batch == 0 || out.numel() == 0) return;
+  // Launch on the operands' device (make_pgd_problem has checked they share one).
+  const c10::cuda::CUDAGuard device_guard(out.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pgd_step_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -320,37 +322,11 @@ void pgd_kernel_cuda(const PgdProblem& p, at::Tensor& out) {
   });
 }
 
-at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                         double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
-                         const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
-                         c10::optional<double> clip_min, c10::optional<double> clip_max,
-                         bool targeted) {
-  TORCH_CHECK(x_adv.is_cuda(), "pgd_step: x_adv, grad and x_nat must be on the same CUDA device, "
-              "x_adv is on ", x_adv.device());
-  const c10::cuda::CUDAGuard device_guard(x_adv.device());
-  const PgdProblem problem = make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
-                                              alpha_per_sample, norm, clip_min, clip_max, targeted);
-  return run_pgd_step(problem, pgd_kernel_cuda);
-}
-
-void pgd_step_out_cuda(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                       double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
-                       const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
-                       c10::optional<double> clip_min, c10::optional<double> clip_max,
-                       bool targeted, at::Tensor out) {
-  TORCH_CHECK(x_adv.is_cuda(), "pgd_step: x_adv, grad and x_nat must be on the same CUDA device, "
-              "x_adv is on ", x_adv.device());
-  const c10::cuda::CUDAGuard device_guard(x_adv.device());
-  const PgdProblem problem = make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
-                                              alpha_per_sample, norm, clip_min, clip_max, targeted);
-  run_pgd_step_out(problem, out, pgd_kernel_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CUDA, m) {
-  m.impl("pgd_step", &pgd_step_cuda);
-  m.impl("pgd_step_out", &pgd_step_out_cuda);
+  m.impl("pgd_step", &pgd_step_entry<pgd_kernel_cuda>);
+  m.impl("pgd_step_out", &pgd_step_out_entry<pgd_kernel_cuda>);
 }
 
 }  // namespace robust_fast

@@ -40,4 +40,28 @@ at::Tensor run_pgd_step(const PgdProblem& problem, const PgdKernel& kernel);
 // through a temporary otherwise.
 void run_pgd_step_out(const PgdProblem& problem, at::Tensor& out, const PgdKernel& kernel);
 
+// The two registered entry points of one device (pgd_step and pgd_step_out), around the
+// device's kernel: m.impl("pgd_step", &pgd_step_entry<pgd_kernel_cpu>).
+template <void (*Kernel)(const PgdProblem&, at::Tensor&)>
+at::Tensor pgd_step_entry(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                          double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
+                          const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
+                          c10::optional<double> clip_min, c10::optional<double> clip_max,
+                          bool targeted) {
+  return run_pgd_step(make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
+                                       alpha_per_sample, norm, clip_min, clip_max, targeted),
+                      Kernel);
+}
+
+template <void (*Kernel)(const PgdProblem&, at::Tensor&)>
+void pgd_step_out_entry(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                        double eps, double alpha, const c10::optional<at::Tensor>& eps_per_sample,
+                        const c10::optional<at::Tensor>& alpha_per_sample, c10::string_view norm,
+                        c10::optional<double> clip_min, c10::optional<double> clip_max,
+                        bool targeted, at::Tensor out) {
+  run_pgd_step_out(make_pgd_problem(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
+                                    alpha_per_sample, norm, clip_min, clip_max, targeted),
+                   out, Kernel);
+}
+
 }  // namespace robust_fast
