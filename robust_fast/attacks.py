@@ -7,7 +7,6 @@ as in torchattacks, and every module's mode is restored afterwards.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Callable, Optional, Tuple, Union
 

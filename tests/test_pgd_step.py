@@ -1,6 +1,5 @@
 """robust_fast.pgd_step: every backend against the reference, the invariants of the step,
 opcheck, torch.compile, and the errors for bad input."""
-import math
 
 import pytest
 import torch
