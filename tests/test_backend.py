@@ -1,4 +1,6 @@
 """Backend choice: per call, per block, per process, from the environment; errors and fallback."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -91,3 +93,28 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         pytest.skip(_build.triton_import_error())
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "TRITON_INTERPRET=1" in _build.triton_unavailable_reason("cpu")
+
+
+def test_package_imports_without_the_compiled_library():
+    # A fresh interpreter in which robust_fast._C cannot be imported (as on a failed build).
+    script = """
+import sys, warnings
+sys.modules["robust_fast._C"] = None
+import torch, robust_fast
+from robust_fast.info import info_lines
+print([line for line in info_lines() if line.startswith("compiled")][0])
+x = torch.rand(2, 3)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = robust_fast.pgd_step(x, torch.randn(2, 3), x, eps=0.1, alpha=0.05)
+print("fallback warning:", [str(w.message) for w in caught])
+try:
+    robust_fast.pgd_step(x, torch.randn(2, 3), x, eps=0.1, alpha=0.05, backend="cpp")
+except robust_fast.BackendUnavailableError as exc:
+    print("cpp refused:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "compiled    robust_fast._C could not be loaded" in done.stdout
+    assert "using the reference backend on cpu" in done.stdout
+    assert "cpp refused: backend 'cpp' cannot run on cpu: robust_fast._C could not be loaded" in done.stdout
