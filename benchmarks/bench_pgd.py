@@ -348,21 +348,25 @@ def bench_early_stop(config, device, notes, durations) -> List[Dict[str, object]
     x, y = x.to(device), y.to(device)
     eps, alpha, steps, seed, bs = ev["eps"], ev["alpha"], ev["steps"], ev["seed"], ev["batch_size"]
 
-    def robust_correct(attack_fn):
+    def correct_fraction(x_adv):
         correct = 0
-        for i in range(0, x.shape[0], bs):
-            xb, yb = x[i:i + bs], y[i:i + bs]
-            x_adv = attack_fn(xb, yb)
-            with torch.no_grad():
-                correct += int((model(x_adv).argmax(dim=1) == yb).sum())
+        with torch.no_grad():
+            for i in range(0, x.shape[0], bs):
+                correct += int((model(x_adv[i:i + bs]).argmax(dim=1) == y[i:i + bs]).sum())
         return correct / x.shape[0]
 
+    def robust_correct(attack_fn):
+        return correct_fraction(torch.cat([attack_fn(x[i:i + bs], y[i:i + bs])
+                                           for i in range(0, x.shape[0], bs)]))
+
     def ours(early_stop):
+        # The whole set in one call, `bs` samples through the model at a time: with early stop,
+        # a sample that leaves is replaced by a waiting one, so the batches stay full.
         def run():
-            g = _generator(device, seed)  # one stream over the batches, like the global RNG
-            return robust_correct(lambda xb, yb: pgd(model, xb, yb, eps=eps, alpha=alpha, steps=steps,
-                                                     random_start=True, early_stop=early_stop,
-                                                     generator=g))
+            g = _generator(device, seed)
+            return correct_fraction(pgd(model, x, y, eps=eps, alpha=alpha, steps=steps,
+                                        random_start=True, early_stop=early_stop, generator=g,
+                                        batch_size=bs))
         return run
 
     candidates = {"robust_fast pgd(early_stop=True)": ours(True),

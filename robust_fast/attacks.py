@@ -51,10 +51,6 @@ def _per_sample_view(value: Radius, like: torch.Tensor) -> Union[float, torch.Te
     return float(value)
 
 
-def _select(value: Radius, index: torch.Tensor) -> Radius:
-    return value[index] if isinstance(value, torch.Tensor) and value.dim() == 1 else value
-
-
 def _loss_and_logits(model, x: torch.Tensor, y: torch.Tensor, loss_fn: Optional[LossFn]):
     logits = model(x)
     loss = F.cross_entropy(logits, y) if loss_fn is None else loss_fn(logits, y)
@@ -115,45 +111,90 @@ def _per_sample_score(model, x_adv, y, loss_fn, targeted):
     return _succeeded(logits, y, targeted), loss
 
 
-def _attack_once(model, x, y, *, eps, alpha, steps, norm, clip, targeted, loss_fn,
-                 early_stop, random_start, generator, backend):
-    x_adv = _random_start(x, eps, norm, clip, generator) if random_start else x.clone()
-    if not early_stop:
+def _rows(value: Radius, index) -> Radius:
+    """The per-sample radii of some rows (a float stays a float)."""
+    return value[index] if isinstance(value, torch.Tensor) and value.dim() == 1 else value
+
+
+def _join(value: Radius, more: Radius) -> Radius:
+    return torch.cat([value, more]) if isinstance(value, torch.Tensor) and value.dim() == 1 else value
+
+
+def _attack_in_chunks(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, step_options):
+    for begin in range(0, x.shape[0], pool):
+        rows = slice(begin, begin + pool)
+        x_chunk, x_nat, y_chunk = x_adv[rows], x[rows], y[rows]  # views: x_adv is updated in place
+        eps_chunk, alpha_chunk = _rows(eps, rows), _rows(alpha, rows)
         for _ in range(steps):
             with op_range("attack_step"):
-                grad, _ = input_gradient(model, x_adv, y, loss_fn)
-                pgd_step(x_adv, grad, x, eps=eps, alpha=alpha, norm=norm, clip=clip,
-                         targeted=targeted, out=x_adv, backend=backend)
+                grad, _ = input_gradient(model, x_chunk, y_chunk, loss_fn)
+                pgd_step(x_chunk, grad, x_nat, eps=eps_chunk, alpha=alpha_chunk, out=x_chunk,
+                         **step_options)
+    return x_adv
+
+
+def _attack_with_early_stop(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, step_options):
+    """Samples move through a pool of at most `pool` rows: each takes up to `steps` steps and
+    leaves as soon as it succeeds (its point is kept in x_adv); a waiting sample takes each
+    freed place, so the model keeps seeing full batches. The active rows live compacted in
+    their own tensors; every sample follows the trajectory it would follow alone."""
+    n = x.shape[0]
+    if steps == 0 or n == 0:
         return x_adv
-    # Early stop: samples that already succeed leave the batch and keep their point; the
-    # active ones live compacted in their own tensors, so later steps cost less.
-    active = torch.arange(x.shape[0], device=x.device)
-    x_act, x_nat_act, y_act = x_adv, x, y
-    eps_act, alpha_act = eps, alpha
-    for _ in range(steps):
+    waiting = 0                                    # the next sample to enter
+    rows = torch.arange(0, device=x.device)        # which sample each active row is
+    taken = torch.zeros(0, dtype=torch.long, device=x.device)  # steps each has taken
+    x_act, x_nat, y_act = x_adv[:0], x[:0], y[:0]
+    eps_act, alpha_act = _rows(eps, rows), _rows(alpha, rows)
+
+    def leave(gone):
+        nonlocal rows, taken, x_act, x_nat, y_act, eps_act, alpha_act
+        x_adv[rows[gone]] = x_act[gone]
+        keep = ~gone
+        rows, taken, x_act, x_nat, y_act = rows[keep], taken[keep], x_act[keep], x_nat[keep], y_act[keep]
+        eps_act, alpha_act = _rows(eps_act, keep), _rows(alpha_act, keep)
+        return keep
+
+    while waiting < n or rows.numel() > 0:
+        if rows.numel() < pool and waiting < n:
+            new = torch.arange(waiting, min(n, waiting + pool - rows.numel()), device=x.device)
+            waiting += new.numel()
+            rows, taken = torch.cat([rows, new]), torch.cat([taken, torch.zeros_like(new)])
+            x_act, x_nat, y_act = (torch.cat([x_act, x_adv[new]]), torch.cat([x_nat, x[new]]),
+                                   torch.cat([y_act, y[new]]))
+            eps_act, alpha_act = _join(eps_act, _rows(eps, new)), _join(alpha_act, _rows(alpha, new))
         with op_range("attack_step"):
             grad, logits = input_gradient(model, x_act, y_act, loss_fn)
-            done = _succeeded(logits, y_act, targeted)
-            if bool(done.any()):
-                x_adv[active[done]] = x_act[done]
-                keep = ~done
-                active, x_act, x_nat_act, y_act, grad = (
-                    active[keep], x_act[keep], x_nat_act[keep], y_act[keep], grad[keep])
-                eps_act, alpha_act = _select(eps_act, keep), _select(alpha_act, keep)
-                if active.numel() == 0:
-                    return x_adv
-            pgd_step(x_act, grad, x_nat_act, eps=eps_act, alpha=alpha_act, norm=norm, clip=clip,
-                     targeted=targeted, out=x_act, backend=backend)
-    if x_act is not x_adv:  # until a sample leaves, the active batch is x_adv itself
-        x_adv[active] = x_act
+            succeeded = _succeeded(logits, y_act, step_options["targeted"])
+            if bool(succeeded.any()):
+                grad = grad[leave(succeeded)]
+                if rows.numel() == 0:
+                    continue
+            pgd_step(x_act, grad, x_nat, eps=eps_act, alpha=alpha_act, out=x_act, **step_options)
+            taken += 1
+            finished = taken >= steps
+            if bool(finished.any()):
+                leave(finished)
     return x_adv
+
+
+def _attack_once(model, x, y, *, eps, alpha, steps, norm, clip, targeted, loss_fn,
+                 early_stop, random_start, generator, batch_size, backend):
+    # Every start is drawn up front, in one call: the same draws however the batch is split.
+    x_adv = _random_start(x, eps, norm, clip, generator) if random_start else x.clone()
+    pool = x.shape[0] if batch_size is None else batch_size
+    step_options = dict(norm=norm, clip=clip, targeted=targeted, backend=backend)
+    attack = _attack_with_early_stop if early_stop else _attack_in_chunks
+    return attack(model, x, y, x_adv, eps=eps, alpha=alpha, steps=steps, loss_fn=loss_fn,
+                  pool=max(pool, 1), step_options=step_options)
 
 
 def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha: Radius = 2 / 255,
         steps: int = 10, norm: str = "linf", random_start: bool = True, restarts: int = 1,
         targeted: bool = False, loss_fn: Optional[LossFn] = None, early_stop: bool = False,
         generator: Optional[torch.Generator] = None, clip: Clip = (0.0, 1.0),
-        model_training: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+        model_training: bool = False, batch_size: Optional[int] = None,
+        backend: Optional[str] = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al.): returns x_adv, a new tensor.
 
     y: the true labels, or the target labels when targeted=True (the step then descends the
@@ -162,8 +203,14 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
     loss, is kept. early_stop: a sample stops moving once it succeeds (for evaluation; never
     weaker than without it). generator: draws the random start. model_training: run the
     model in training mode during the attack (eval by default, as torchattacks does).
+    batch_size: at most this many samples go through the model at once (all by default). With
+    early_stop, each sample that leaves is replaced by the next waiting one, so the model keeps
+    seeing full batches; evaluate a whole test set in one call this way.
     """
     _check_attack_inputs(model, x, y, steps, restarts)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
     norm = norm.lower() if isinstance(norm, str) else norm
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
@@ -174,7 +221,7 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
     with modules_in_mode(model, model_training), op_range("pgd"), torch.no_grad():
         options = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, clip=clip, targeted=targeted,
                        loss_fn=loss_fn, early_stop=early_stop, random_start=random_start,
-                       generator=generator, backend=backend)
+                       generator=generator, batch_size=batch_size, backend=backend)
         best = _attack_once(model, x, y, **options)
         if restarts == 1:
             return best

@@ -210,3 +210,40 @@ def test_early_stop_when_no_sample_succeeds():
     full = attacks.pgd(model, x, y, eps=1e-4, alpha=1e-5, steps=3, random_start=False)
     early = attacks.pgd(model, x, y, eps=1e-4, alpha=1e-5, steps=3, random_start=False, early_stop=True)
     assert torch.equal(early, full)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_batch_size_does_not_change_the_result(batch_size):
+    model, (x, _) = small_model(seed=4), batch(40, seed=5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    for norm, eps, alpha in (("linf", 0.03, 0.01), ("l2", 0.3, 0.1)):
+        for early_stop in (False, True):
+            options = dict(eps=eps, alpha=alpha, steps=6, norm=norm, early_stop=early_stop)
+            whole = attacks.pgd(model, x, y, generator=torch.Generator().manual_seed(0), **options)
+            pooled = attacks.pgd(model, x, y, batch_size=batch_size,
+                                 generator=torch.Generator().manual_seed(0), **options)
+            if norm == "linf":  # each sample's trajectory is its own: the signs do not see the batch
+                assert torch.equal(pooled, whole)
+            else:
+                torch.testing.assert_close(pooled, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stop_pool_keeps_the_model_fed():
+    batch_sizes = []
+    model = small_model(seed=4)
+    model[0].register_forward_hook(lambda module, inputs, output: batch_sizes.append(inputs[0].shape[0]))
+    x, _ = batch(50, seed=5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    batch_sizes.clear()
+    attacks.pgd(model, x, y, eps=0.05, alpha=0.01, steps=5, early_stop=True, batch_size=16)
+    # Full batches until the waiting samples run out, then the pool drains.
+    refills = batch_sizes[: next(i for i, b in enumerate(batch_sizes) if b < 16)]
+    assert len(refills) >= 3 and all(b == 16 for b in refills)
+    assert sum(batch_sizes) <= 50 * 5
+
+
+def test_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size must be None or an int >= 1"):
+        attacks.pgd(small_model(), *batch(4), batch_size=0)

@@ -118,13 +118,10 @@ def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     if images.shape[0] == 0:
         return math.nan
     device = _device_of(model)
-    attack_generator = _attack_generator(generator, device)
-    correct = 0
-    for x, y in batches(images, labels, batch_size):
-        x, y = x.to(device), y.to(device)
-        x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True,
-                    restarts=restarts, early_stop=early_stop, generator=attack_generator,
-                    backend=backend)
-        with modules_in_mode(model, False), torch.no_grad():
-            correct += int((model(x_adv).argmax(dim=1) == y).sum())
-    return correct / images.shape[0]
+    x, y = images.to(device), labels.to(device)
+    # One call over the whole set, batch_size samples through the model at a time; with
+    # early stop the batches stay full as fooled samples leave.
+    x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True,
+                restarts=restarts, early_stop=early_stop, batch_size=batch_size,
+                generator=_attack_generator(generator, device), backend=backend)
+    return accuracy(model, x_adv, y, batch_size=batch_size)
