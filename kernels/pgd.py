@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from robust_fast._layout import walks_as_it_lies
+
 LINF_BLOCK = 1024
 L2_MAX_BLOCK = 1024
 L2_MIN_BLOCK = 128
@@ -208,31 +210,6 @@ def _pgd_step_l2_apply_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, partials_ptr,
     _store_result(out_ptr, offsets, result, mask)
 
 
-def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """c10's TensorImpl::is_non_overlapping_and_dense (not bound in Python): some permutation of
-    the dimensions of size >= 2 is contiguous; an empty tensor counts as contiguous."""
-    if t.numel() == 0:
-        return True
-    if t.dim() == 1:
-        return t.shape[0] < 2 or t.stride(0) == 1
-    expected = 1
-    for size, stride in sorted(((size, stride) for size, stride in zip(t.shape, t.stride())
-                                if size >= 2), key=lambda pair: pair[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _shared_layout(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor) -> bool:
-    """Dense, samples as contiguous blocks, and the same strides in all three operands
-    (csrc/pgd_problem.cpp)."""
-    batch = x_adv.shape[0]
-    blocks = batch <= 1 or x_adv.stride(0) * batch == x_adv.numel()
-    return (_is_non_overlapping_and_dense(x_adv) and blocks
-            and grad.stride() == x_adv.stride() and x_nat.stride() == x_adv.stride())
-
-
 def _needs_int64(largest_offset: int) -> bool:
     """Offsets are computed in int32 unless one (with a block's slack) may pass 2**31 - 1."""
     return largest_offset >= 2**31
@@ -256,7 +233,7 @@ def pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor
     """
     if norm not in ("linf", "l2"):
         raise ValueError(f"pgd_step_triton: norm must be 'linf' or 'l2', got {norm!r}")
-    if not _shared_layout(x_adv, grad, x_nat):
+    if not walks_as_it_lies(x_adv, grad, x_nat):
         x_adv, grad, x_nat = x_adv.contiguous(), grad.contiguous(), x_nat.contiguous()
     out = torch.empty_like(x_adv)  # the operands' strides, as run_pgd_step in C++
     batch = x_adv.shape[0]

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from robust_fast import _backend, _build
+from robust_fast._layout import walks_as_it_lies
 from robust_fast._profiling import op_range
 from robust_fast.reference.pgd import pgd_step_reference
 
@@ -162,26 +163,9 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
         return out
 
 
-def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """True when t's elements fill one block of memory once each (any order of dims)."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def output_layout_like(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor) -> torch.Tensor:
-    """The C++ kernels keep a shared dense layout whose samples are contiguous blocks, and
-    pack everything else to contiguous; the fake kernel must promise the same strides."""
-    batch = x_adv.shape[0]
-    blocks = batch <= 1 or x_adv.stride(0) * batch == x_adv.numel()
-    shared = (is_non_overlapping_and_dense(x_adv) and blocks
-              and grad.stride() == x_adv.stride() and x_nat.stride() == x_adv.stride())
-    if shared:
+    """An empty result with the strides the C++ kernels give theirs (for the fake kernel)."""
+    if walks_as_it_lies(x_adv, grad, x_nat):
         return torch.empty_like(x_adv)
     return torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
 
