@@ -1,9 +1,11 @@
 #include "robust_fast/pgd_problem.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <utility>
 
 namespace robust_fast {
 namespace {
@@ -79,6 +81,17 @@ void run_pgd_step_out(const PgdProblem& problem, at::Tensor& out, const PgdKerne
                   out.device() == problem.x_adv.device(),
               "pgd_step: out must match x_adv in dtype and device");
   if (out.numel() == 0) return;
+  // out may be x_adv itself (or grad, x_nat): every element is read before it is written. A
+  // partial overlap would let one sample's write clobber another's input: refuse it.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "pgd_step: out has elements that share memory (an expanded tensor?): pass a dense one");
+  const std::pair<const char*, const at::Tensor*> operands[] = {
+      {"x_adv", &problem.x_adv}, {"grad", &problem.grad}, {"x_nat", &problem.x_nat}};
+  for (const auto& [name, operand] : operands) {
+    TORCH_CHECK(at::get_overlap_status(out, *operand) != at::MemOverlapStatus::Partial,
+                "pgd_step: out partially overlaps ", name,
+                " (it may be the very same tensor, or share no memory with it)");
+  }
   if (out.strides() == problem.x_adv.strides() && out.is_non_overlapping_and_dense()) {
     // Each element is read before it is written, by the same thread: out may alias x_adv.
     kernel(problem, out);

@@ -325,3 +325,15 @@ def test_eps_zero_returns_the_clean_point():
     for norm in NORMS:
         out = robust_fast.pgd_step(x_adv, grad, x_nat, eps=0.0, alpha=0.02, norm=norm)
         assert torch.equal(out, x_nat)
+
+
+@cpp_only
+def test_out_that_overlaps_an_input_partially_is_refused():
+    buffer = torch.rand(5, 4)
+    x_adv, shifted = buffer[:4], buffer[1:]
+    with pytest.raises(RuntimeError, match="out partially overlaps x_adv"):
+        robust_fast.pgd_step(x_adv, torch.randn(4, 4), torch.rand(4, 4), eps=0.1, alpha=0.1,
+                             out=shifted, backend="cpp")
+    with pytest.raises(RuntimeError, match="out has elements that share memory"):
+        robust_fast.pgd_step(torch.rand(4, 4), torch.randn(4, 4), torch.rand(4, 4), eps=0.1,
+                             alpha=0.1, out=torch.rand(1, 4).expand(4, 4), backend="cpp")
