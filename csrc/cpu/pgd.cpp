@@ -4,11 +4,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "robust_fast/pgd_math.h"
@@ -89,7 +87,9 @@ L2Sums l2_block_sums(const scalar_t* x, const scalar_t* g, const scalar_t* xn, i
   for (; i + kLanes <= n; i += kLanes) {
     for (int lane = 0; lane < kLanes; ++lane) {
       const opmath_t gi = g[i + lane];
-      const opmath_t di = static_cast<opmath_t>(x[i + lane]) - static_cast<opmath_t>(xn[i + lane]);
+      // d rounds to the input dtype, as the CUDA kernel's d does (a no-op for float, double).
+      const opmath_t di = static_cast<scalar_t>(static_cast<opmath_t>(x[i + lane]) -
+                                                static_cast<opmath_t>(xn[i + lane]));
       gg[lane] += gi * gi;
       dg[lane] += di * gi;
       dd[lane] += di * di;
@@ -103,7 +103,7 @@ L2Sums l2_block_sums(const scalar_t* x, const scalar_t* g, const scalar_t* xn, i
   }
   for (; i < n; ++i) {
     const double gi = static_cast<double>(g[i]);
-    const double di = static_cast<double>(static_cast<opmath_t>(x[i]) - static_cast<opmath_t>(xn[i]));
+    const double di = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) - static_cast<opmath_t>(xn[i]));
     sums.grad_sq += gi * gi;
     sums.delta_dot_grad += di * gi;
     sums.delta_sq += di * di;
