@@ -1,5 +1,7 @@
 #include "robust_fast/pgd_problem.h"
 
+#include "robust_fast/pgd_math.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -65,6 +67,9 @@ PgdProblem make_pgd_problem(const at::Tensor& x_adv, const at::Tensor& grad,
   const double inf = std::numeric_limits<double>::infinity();
   problem.clip_lo = clip_min.has_value() ? *clip_min : -inf;
   problem.clip_hi = clip_max.has_value() ? *clip_max : inf;
+  problem.min_grad_sq = x_adv.scalar_type() == at::kDouble
+                            ? smallest_reliable_grad_sq<double>(problem.sample_numel)
+                            : smallest_reliable_grad_sq<float>(problem.sample_numel);
   return problem;
 }
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.ops.pgd import check_clip, check_radius, pgd_step
+from robust_fast.ops.pgd import apply_pgd_step, check_clip, prepare_radius, split_radius
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Radius = Union[float, torch.Tensor]
@@ -120,6 +120,15 @@ def _join(value: Radius, more: Radius) -> Radius:
     return torch.cat([value, more]) if isinstance(value, torch.Tensor) and value.dim() == 1 else value
 
 
+def _step_in_place(x_act, grad, x_nat, eps: Radius, alpha: Radius, step_options) -> None:
+    """One PGD step of the active rows, on radii prepared at the attack's entry: no checks,
+    no host synchronisation."""
+    eps_value, eps_per_sample = split_radius(eps)
+    alpha_value, alpha_per_sample = split_radius(alpha)
+    apply_pgd_step(x_act, grad, x_nat, eps_value, alpha_value, eps_per_sample, alpha_per_sample,
+                   out=x_act, **step_options)
+
+
 def _attack_in_chunks(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, step_options):
     for begin in range(0, x.shape[0], pool):
         rows = slice(begin, begin + pool)
@@ -128,8 +137,7 @@ def _attack_in_chunks(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, s
         for _ in range(steps):
             with op_range("attack_step"):
                 grad, _ = input_gradient(model, x_chunk, y_chunk, loss_fn)
-                pgd_step(x_chunk, grad, x_nat, eps=eps_chunk, alpha=alpha_chunk, out=x_chunk,
-                         **step_options)
+                _step_in_place(x_chunk, grad, x_nat, eps_chunk, alpha_chunk, step_options)
     return x_adv
 
 
@@ -170,7 +178,7 @@ def _attack_with_early_stop(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, p
                 grad = grad[leave(succeeded)]
                 if rows.numel() == 0:
                     continue
-            pgd_step(x_act, grad, x_nat, eps=eps_act, alpha=alpha_act, out=x_act, **step_options)
+            _step_in_place(x_act, grad, x_nat, eps_act, alpha_act, step_options)
             taken += 1
             finished = taken >= steps
             if bool(finished.any()):
@@ -183,7 +191,8 @@ def _attack_once(model, x, y, *, eps, alpha, steps, norm, clip, targeted, loss_f
     # Every start is drawn up front, in one call: the same draws however the batch is split.
     x_adv = _random_start(x, eps, norm, clip, generator) if random_start else x.clone()
     pool = x.shape[0] if batch_size is None else batch_size
-    step_options = dict(norm=norm, clip=clip, targeted=targeted, backend=backend)
+    low, high = (None, None) if clip is None else clip
+    step_options = dict(norm=norm, clip_min=low, clip_max=high, targeted=targeted, backend=backend)
     attack = _attack_with_early_stop if early_stop else _attack_in_chunks
     return attack(model, x, y, x_adv, eps=eps, alpha=alpha, steps=steps, loss_fn=loss_fn,
                   pool=max(pool, 1), step_options=step_options)
@@ -214,9 +223,12 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
     norm = norm.lower() if isinstance(norm, str) else norm
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    check_radius("eps", eps, x.shape[0], x, caller="pgd")
-    check_radius("alpha", alpha, x.shape[0], x, caller="pgd")
+    # Validated once here (the only reads back from the device); the loop never checks again.
+    eps = prepare_radius("eps", eps, x.shape[0], x, caller="pgd")
+    alpha = prepare_radius("alpha", alpha, x.shape[0], x, caller="pgd")
     clip = check_clip(clip, caller="pgd")
+    if not isinstance(targeted, bool):
+        raise TypeError(f"pgd: targeted must be a bool, got {type(targeted).__name__}")
     x = x.detach()
     with modules_in_mode(model, model_training), op_range("pgd"), torch.no_grad():
         options = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, clip=clip, targeted=targeted,
@@ -241,12 +253,15 @@ def fgsm(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, clip
          backend: Optional[str] = None) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al.): one L-inf step of size eps from x."""
     _check_attack_inputs(model, x, y)
-    check_radius("eps", eps, x.shape[0], x, caller="fgsm")
+    eps_value, eps_per_sample = split_radius(prepare_radius("eps", eps, x.shape[0], x, caller="fgsm"))
+    low, high = check_clip(clip, caller="fgsm")
+    if not isinstance(targeted, bool):
+        raise TypeError(f"fgsm: targeted must be a bool, got {type(targeted).__name__}")
     x = x.detach()
     with modules_in_mode(model, model_training), op_range("fgsm"), torch.no_grad():
         grad, _ = input_gradient(model, x, y, loss_fn)
-        return pgd_step(x, grad, x, eps=eps, alpha=eps, norm="linf", clip=clip,
-                        targeted=targeted, backend=backend)
+        return apply_pgd_step(x, grad, x, eps_value, eps_value, eps_per_sample, eps_per_sample,
+                              "linf", low, high, targeted, backend=backend)
 
 
 class _Attack:

@@ -74,39 +74,36 @@ struct L2Sums {
   }
 };
 
-// <g,g>, <d,g>, <d,d> of one block of at most kAccumulateBlock elements, d = x - xn: fp32
-// lanes (for float) summed into double. A sample's sums are its block sums added in order,
-// whichever thread computed each block, so the result never depends on the thread count.
+// <g,g>, <d,g>, <d,d> of one block of at most kAccumulateBlock elements, d = x - xn. Every
+// element is squared and summed in opmath_t (float for half, bfloat16 and float), the tail
+// too, as in the CUDA and Triton kernels; the lane sums then go into double. A sample's sums
+// are its block sums added in order, whichever thread computed each block, so the result
+// never depends on the thread count.
 template <typename scalar_t>
 L2Sums l2_block_sums(const scalar_t* x, const scalar_t* g, const scalar_t* xn, int64_t n) {
   using opmath_t = at::opmath_type<scalar_t>;
   // kLanes independent accumulators: the compiler keeps them in vector registers.
   constexpr int kLanes = 64 / sizeof(opmath_t);
   opmath_t gg[kLanes] = {}, dg[kLanes] = {}, dd[kLanes] = {};
+  const auto accumulate = [&](int lane, int64_t i) {
+    const opmath_t gi = g[i];
+    // d rounds to the input dtype, as the CUDA kernel's d does (a no-op for float, double).
+    const opmath_t di = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) -
+                                              static_cast<opmath_t>(xn[i]));
+    gg[lane] += gi * gi;
+    dg[lane] += di * gi;
+    dd[lane] += di * di;
+  };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const opmath_t gi = g[i + lane];
-      // d rounds to the input dtype, as the CUDA kernel's d does (a no-op for float, double).
-      const opmath_t di = static_cast<scalar_t>(static_cast<opmath_t>(x[i + lane]) -
-                                                static_cast<opmath_t>(xn[i + lane]));
-      gg[lane] += gi * gi;
-      dg[lane] += di * gi;
-      dd[lane] += di * di;
-    }
+    for (int lane = 0; lane < kLanes; ++lane) accumulate(lane, i + lane);
   }
+  for (int lane = 0; i < n; ++i, ++lane) accumulate(lane, i);
   L2Sums sums;
   for (int lane = 0; lane < kLanes; ++lane) {
     sums.grad_sq += gg[lane];
     sums.delta_dot_grad += dg[lane];
     sums.delta_sq += dd[lane];
-  }
-  for (; i < n; ++i) {
-    const double gi = static_cast<double>(g[i]);
-    const double di = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) - static_cast<opmath_t>(xn[i]));
-    sums.grad_sq += gi * gi;
-    sums.delta_dot_grad += di * gi;
-    sums.delta_sq += di * di;
   }
   return sums;
 }
@@ -127,7 +124,8 @@ void l2_piece(const scalar_t* x, const scalar_t* g, const scalar_t* xn, scalar_t
 L2Coefficients<double> sample_coefficients(const PgdProblem& p, int64_t sample, const L2Sums& sums) {
   const double eps = value_for_sample(p.eps_per_sample, p.eps, sample);
   const double alpha = p.alpha_sign * value_for_sample(p.alpha_per_sample, p.alpha, sample);
-  return l2_coefficients<double>(sums.grad_sq, sums.delta_dot_grad, sums.delta_sq, eps, alpha);
+  return l2_coefficients<double>(sums.grad_sq, sums.delta_dot_grad, sums.delta_sq, eps, alpha,
+                                p.min_grad_sq);
 }
 
 void l2_kernel(const PgdProblem& p, at::Tensor& out) {

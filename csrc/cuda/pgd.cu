@@ -1,7 +1,9 @@
 // CUDA kernels of the PGD step. The operands are walked as flat memory (make_pgd_problem
 // guarantees one shared dense layout with each sample a contiguous block), 16 bytes at a time
-// when the pointers allow it. L-inf is one elementwise pass; L2 is a per-sample reduction,
-// a per-sample finalize, then the elementwise pass, all on the current stream.
+// when the pointers allow it. L-inf is one elementwise pass. L2 needs each sample's sums before
+// it can write: one block per sample sums, then writes, when the batch fills the device;
+// otherwise each sample is split among blocks (as many as the occupancy API says fit), which
+// write partial sums, and a second pass adds its sample's partials, then writes its piece.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -22,11 +24,11 @@ namespace robust_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kFinalizeThreads = 64;
 constexpr int kWarpSize = 32;
-// Elements one block of the L2 reduction covers: 16 per thread, summed in the opmath type
-// before the block's total goes into double (the CPU kernel's fp32-then-double scheme).
-constexpr int64_t kReduceElementsPerBlock = kThreads * 16;
+// The smallest piece of a sample one block of the L2 kernels takes: 16 elements per thread,
+// so splitting pays for its partial sums.
+constexpr int64_t kMinPieceElements = kThreads * 16;
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 constexpr int64_t kMaxGridY = 65535;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -89,18 +91,6 @@ struct L2SampleStep {
 
   __device__ opmath_t operator()(opmath_t x, opmath_t g, opmath_t xn) const {
     return l2_step<opmath_t>(x, g, xn, step_scale, factor, clip_lo, clip_hi);
-  }
-};
-
-// L2 step: each sample's coefficients come from the finalize kernel.
-template <typename opmath_t>
-struct L2Step {
-  const L2Coefficients<double>* coefficients;  // (batch,)
-  opmath_t clip_lo, clip_hi;
-
-  __device__ L2SampleStep<opmath_t> for_pack(int64_t pack, int64_t sample_packs) const {
-    const L2Coefficients<double> c = coefficients[pack / sample_packs];
-    return {static_cast<opmath_t>(c.step_scale), static_cast<opmath_t>(c.factor), clip_lo, clip_hi};
   }
 };
 
@@ -194,92 +184,173 @@ __device__ L2Sums block_sum(L2Sums sums) {
   return sums;
 }
 
-// Pass 1 of L2: block (b, s) sums its piece of sample s into partials[s * gridDim.x + b].
+// The per-sample scalars of an L2 step.
+struct L2Params {
+  double eps, alpha, alpha_sign, min_grad_sq;
+  const double* eps_per_sample;    // or nullptr for eps
+  const double* alpha_per_sample;  // or nullptr for alpha
+};
+
+// <g,g>, <d,g>, <d,d> of packs [begin, end): each thread sums in opmath_t (the type of the CPU
+// and Triton kernels' sums), the block adds the threads' sums in double. Valid in thread 0.
+template <typename scalar_t, int kPack>
+__device__ L2Sums piece_sums(const Operands<scalar_t>& op, int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using PackT = Pack<scalar_t, kPack>;
+  opmath_t grad_sq = 0, delta_dot_grad = 0, delta_sq = 0;
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+    const PackT x = load_pack<kPack>(op.x_adv, p);
+    const PackT g = load_pack<kPack>(op.grad, p);
+    const PackT xn = load_pack<kPack>(op.x_nat, p);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      const auto gi = static_cast<opmath_t>(g.v[k]);
+      // d rounds to the input dtype first, as the CPU kernel's d does.
+      const auto di = static_cast<opmath_t>(static_cast<scalar_t>(
+          static_cast<opmath_t>(x.v[k]) - static_cast<opmath_t>(xn.v[k])));
+      grad_sq += gi * gi;
+      delta_dot_grad += di * gi;
+      delta_sq += di * di;
+    }
+  }
+  return block_sum({static_cast<double>(grad_sq), static_cast<double>(delta_dot_grad),
+                    static_cast<double>(delta_sq)});
+}
+
+// The sample's step scale and projection factor, computed by thread 0 from the block's sums
+// and handed to every thread.
+__device__ L2Coefficients<double> block_coefficients(const L2Params& params, int64_t sample,
+                                                     const L2Sums& sums) {
+  __shared__ L2Coefficients<double> shared;
+  if (threadIdx.x == 0) {
+    const double eps = params.eps_per_sample != nullptr ? params.eps_per_sample[sample] : params.eps;
+    const double alpha = params.alpha_sign * (params.alpha_per_sample != nullptr
+                                                  ? params.alpha_per_sample[sample]
+                                                  : params.alpha);
+    shared = l2_coefficients<double>(sums.grad_sq, sums.delta_dot_grad, sums.delta_sq, eps,
+                                     alpha, params.min_grad_sq);
+  }
+  __syncthreads();
+  const L2Coefficients<double> coefficients = shared;
+  __syncthreads();  // shared is free for the next sample
+  return coefficients;
+}
+
+// Writes packs [begin, end) of one sample. Each element is read, then written, by one thread.
+template <typename scalar_t, int kPack>
+__device__ void apply_piece(const Operands<scalar_t>& op, int64_t begin, int64_t end,
+                            const L2Coefficients<double>& c, double clip_lo, double clip_hi) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using PackT = Pack<scalar_t, kPack>;
+  const L2SampleStep<opmath_t> step{static_cast<opmath_t>(c.step_scale),
+                                    static_cast<opmath_t>(c.factor),
+                                    static_cast<opmath_t>(clip_lo), static_cast<opmath_t>(clip_hi)};
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+    const PackT x = load_pack<kPack>(op.x_adv, p);
+    const PackT g = load_pack<kPack>(op.grad, p);
+    const PackT xn = load_pack<kPack>(op.x_nat, p);
+    PackT result;
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      result.v[k] = static_cast<scalar_t>(step(static_cast<opmath_t>(x.v[k]),
+                                               static_cast<opmath_t>(g.v[k]),
+                                               static_cast<opmath_t>(xn.v[k])));
+    }
+    reinterpret_cast<PackT*>(op.out)[p] = result;
+  }
+}
+
+// One block per sample: its sums, then its write (the second read mostly hits the cache). All
+// reads of the sums come before the block's first write, so out may alias x_adv.
+template <typename scalar_t, int kPack>
+__global__ void l2_block_per_sample_kernel(Operands<scalar_t> op, int64_t batch,
+                                           int64_t sample_packs, L2Params params,
+                                           double clip_lo, double clip_hi) {
+  for (int64_t sample = blockIdx.x; sample < batch; sample += gridDim.x) {
+    const int64_t begin = sample * sample_packs, end = begin + sample_packs;
+    const L2Sums sums = piece_sums<scalar_t, kPack>(op, begin, end);
+    const L2Coefficients<double> c = block_coefficients(params, sample, sums);
+    apply_piece<scalar_t, kPack>(op, begin, end, c, clip_lo, clip_hi);
+  }
+}
+
+// Split pass 1: block (b, s) sums piece b of sample s into partials[s * gridDim.x + b].
 template <typename scalar_t, int kPack>
 __global__ void l2_partial_sums_kernel(Operands<scalar_t> op, int64_t batch, int64_t sample_packs,
                                        int64_t packs_per_block, L2Sums* partials) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using PackT = Pack<scalar_t, kPack>;
   const int64_t piece_begin = static_cast<int64_t>(blockIdx.x) * packs_per_block;
   const int64_t piece_end =
       piece_begin + packs_per_block < sample_packs ? piece_begin + packs_per_block : sample_packs;
   // Batches beyond the grid's y limit are looped over.
   for (int64_t sample = blockIdx.y; sample < batch; sample += gridDim.y) {
-    opmath_t grad_sq = 0, delta_dot_grad = 0, delta_sq = 0;
-    for (int64_t p = sample * sample_packs + piece_begin + threadIdx.x;
-         p < sample * sample_packs + piece_end; p += blockDim.x) {
-      const PackT x = load_pack<kPack>(op.x_adv, p);
-      const PackT g = load_pack<kPack>(op.grad, p);
-      const PackT xn = load_pack<kPack>(op.x_nat, p);
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) {
-        const auto gi = static_cast<opmath_t>(g.v[k]);
-        // d rounds to the input dtype first, as the CPU kernel's d does.
-        const auto di = static_cast<opmath_t>(static_cast<scalar_t>(
-            static_cast<opmath_t>(x.v[k]) - static_cast<opmath_t>(xn.v[k])));
-        grad_sq += gi * gi;
-        delta_dot_grad += di * gi;
-        delta_sq += di * di;
-      }
-    }
-    const L2Sums total = block_sum({static_cast<double>(grad_sq),
-                                    static_cast<double>(delta_dot_grad),
-                                    static_cast<double>(delta_sq)});
+    const int64_t first = sample * sample_packs;
+    const L2Sums total = piece_sums<scalar_t, kPack>(op, first + piece_begin, first + piece_end);
     if (threadIdx.x == 0) partials[sample * gridDim.x + blockIdx.x] = total;
   }
 }
 
-// Finalize of L2: one block per sample adds its partials in a fixed order (no atomics) and
-// turns the sums into the sample's step scale and projection factor.
-__global__ void l2_coefficients_kernel(const L2Sums* partials, int64_t batch,
-                                       int64_t blocks_per_sample, double eps,
-                                       const double* eps_per_sample, double alpha,
-                                       const double* alpha_per_sample, double alpha_sign,
-                                       L2Coefficients<double>* coefficients) {
-  for (int64_t sample = blockIdx.x; sample < batch; sample += gridDim.x) {
+// Split pass 2: block (b, s) adds sample s's partials in a fixed order (no atomics: every
+// block of the sample gets the same coefficients, run after run), then writes piece b. Stream
+// order puts it after every read of pass 1, so out may alias x_adv.
+template <typename scalar_t, int kPack>
+__global__ void l2_apply_pieces_kernel(Operands<scalar_t> op, int64_t batch, int64_t sample_packs,
+                                       int64_t packs_per_block, const L2Sums* partials,
+                                       L2Params params, double clip_lo, double clip_hi) {
+  const int64_t piece_begin = static_cast<int64_t>(blockIdx.x) * packs_per_block;
+  const int64_t piece_end =
+      piece_begin + packs_per_block < sample_packs ? piece_begin + packs_per_block : sample_packs;
+  for (int64_t sample = blockIdx.y; sample < batch; sample += gridDim.y) {
     L2Sums sums{0.0, 0.0, 0.0};
-    for (int64_t b = threadIdx.x; b < blocks_per_sample; b += blockDim.x) {
-      const L2Sums part = partials[sample * blocks_per_sample + b];
+    for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+      const L2Sums part = partials[sample * gridDim.x + b];
       sums.grad_sq += part.grad_sq;
       sums.delta_dot_grad += part.delta_dot_grad;
       sums.delta_sq += part.delta_sq;
     }
-    sums = block_sum(sums);
-    if (threadIdx.x == 0) {
-      const double sample_eps = eps_per_sample != nullptr ? eps_per_sample[sample] : eps;
-      const double sample_alpha =
-          alpha_sign * (alpha_per_sample != nullptr ? alpha_per_sample[sample] : alpha);
-      coefficients[sample] = l2_coefficients<double>(sums.grad_sq, sums.delta_dot_grad,
-                                                     sums.delta_sq, sample_eps, sample_alpha);
-    }
+    const L2Coefficients<double> c = block_coefficients(params, sample, block_sum(sums));
+    const int64_t first = sample * sample_packs;
+    apply_piece<scalar_t, kPack>(op, first + piece_begin, first + piece_end, c, clip_lo, clip_hi);
   }
 }
 
+// Blocks of `kernel` that the whole device holds at once, from the occupancy API.
+template <typename KernelT>
+int64_t resident_blocks(KernelT kernel) {
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, 0));
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  return std::max<int64_t>(1, static_cast<int64_t>(blocks_per_sm) * props->multiProcessorCount);
+}
+
 template <typename scalar_t, int kPack>
-void launch_l2_sums(const Operands<scalar_t>& op, const PgdProblem& p,
-                    const at::Tensor& coefficients, cudaStream_t stream) {
+void launch_l2(const Operands<scalar_t>& op, const PgdProblem& p, cudaStream_t stream) {
   const int64_t sample_packs = p.sample_numel / kPack;
-  const int64_t packs_per_block = std::max<int64_t>(1, kReduceElementsPerBlock / kPack);
-  const int64_t blocks_per_sample = ceil_div(sample_packs, packs_per_block);
-  TORCH_CHECK(blocks_per_sample <= std::numeric_limits<int32_t>::max(),
-              "pgd_step: samples of ", p.sample_numel,
-              " elements are too large for the CUDA kernel");
+  const L2Params params{p.eps, p.alpha, p.alpha_sign, p.min_grad_sq,
+                        data_or_null(p.eps_per_sample), data_or_null(p.alpha_per_sample)};
+  // Split a sample only when the batch alone leaves the device idle, into as many pieces as
+  // fill it, none smaller than kMinPieceElements.
+  const int64_t resident = resident_blocks(l2_partial_sums_kernel<scalar_t, kPack>);
+  const int64_t most_pieces = std::max<int64_t>(1, sample_packs / (kMinPieceElements / kPack));
+  const int64_t blocks_per_sample =
+      std::min({ceil_div(resident, p.batch), most_pieces, kMaxGridX});
+  if (blocks_per_sample == 1) {
+    const auto blocks = static_cast<unsigned>(std::min(p.batch, kMaxGridX));
+    l2_block_per_sample_kernel<scalar_t, kPack><<<blocks, kThreads, 0, stream>>>(
+        op, p.batch, sample_packs, params, p.clip_lo, p.clip_hi);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t packs_per_block = ceil_div(sample_packs, blocks_per_sample);
   at::Tensor partials = at::empty({p.batch * blocks_per_sample * 3},
                                   p.x_adv.options().dtype(at::kDouble));
   auto* partials_ptr = reinterpret_cast<L2Sums*>(partials.mutable_data_ptr<double>());
-
   const dim3 grid(static_cast<unsigned>(blocks_per_sample),
                   static_cast<unsigned>(std::min(p.batch, kMaxGridY)));
   l2_partial_sums_kernel<scalar_t, kPack><<<grid, kThreads, 0, stream>>>(
       op, p.batch, sample_packs, packs_per_block, partials_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const auto finalize_blocks = static_cast<unsigned>(
-      std::min<int64_t>(p.batch, std::numeric_limits<int32_t>::max()));
-  l2_coefficients_kernel<<<finalize_blocks, kFinalizeThreads, 0, stream>>>(
-      partials_ptr, p.batch, blocks_per_sample, p.eps, data_or_null(p.eps_per_sample), p.alpha,
-      data_or_null(p.alpha_per_sample), p.alpha_sign,
-      reinterpret_cast<L2Coefficients<double>*>(coefficients.mutable_data_ptr<double>()));
+  l2_apply_pieces_kernel<scalar_t, kPack><<<grid, kThreads, 0, stream>>>(
+      op, p.batch, sample_packs, packs_per_block, partials_ptr, params, p.clip_lo, p.clip_hi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -307,18 +378,11 @@ void pgd_kernel_cuda(const PgdProblem& p, at::Tensor& out) {
       launch_elementwise(op, out.numel(), p.sample_numel, step, stream);
       return;
     }
-    // Pass 1 and finalize: one (step_scale, factor) pair per sample.
-    at::Tensor coefficients = at::empty({p.batch, 2}, p.x_adv.options().dtype(at::kDouble));
     if (can_use_packs(op, p.sample_numel)) {
-      launch_l2_sums<scalar_t, kPackSize<scalar_t>>(op, p, coefficients, stream);
+      launch_l2<scalar_t, kPackSize<scalar_t>>(op, p, stream);
     } else {
-      launch_l2_sums<scalar_t, 1>(op, p, coefficients, stream);
+      launch_l2<scalar_t, 1>(op, p, stream);
     }
-    // Pass 2: the write (stream order puts it after every read of pass 1, so out may alias).
-    const L2Step<opmath_t> step{
-        reinterpret_cast<const L2Coefficients<double>*>(coefficients.const_data_ptr<double>()),
-        clip_lo, clip_hi};
-    launch_elementwise(op, out.numel(), p.sample_numel, step, stream);
   });
 }
 

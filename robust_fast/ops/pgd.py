@@ -31,25 +31,26 @@ def _check_operand(name: str, value) -> torch.Tensor:
 
 def check_radius(name: str, value, batch: int, x: torch.Tensor,
                  caller: str = "pgd_step") -> Tuple[float, Optional[torch.Tensor]]:
-    """(scalar, None) for a number, (0.0, float64 tensor of shape (B,)) for a per-sample tensor."""
+    """(scalar, None) for a number, (0.0, float64 tensor of shape (B,) on x's device) for a
+    tensor. Never reads a value back from a GPU: there, a 0-dim tensor becomes a per-sample one
+    and bad values fail asynchronously (torch._assert_async); see prepare_radius."""
     if type(value) is float and value >= 0 and value != math.inf:  # the common case, fast
         return value, None
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in
+                                      (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+            raise TypeError(f"{caller}: {name} must be a real tensor, got {value.dtype}")
+        if value.dim() == 0 and value.device.type == "cpu":
             value = value.item()
         else:
+            if value.dim() == 0:
+                value = value.expand(batch)
             if value.shape != (batch,):
                 raise ValueError(f"{caller}: {name} as a tensor must have shape ({batch},) "
                                  f"(one value per sample), got {tuple(value.shape)}")
-            if value.is_complex() or not (value.is_floating_point() or value.dtype in
-                                          (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-                raise TypeError(f"{caller}: {name} must be a real tensor, got {value.dtype}")
             per_sample = value.detach().to(device=x.device, dtype=torch.float64)
             if not torch.compiler.is_compiling():
-                if bool(torch.isnan(per_sample).any()) or bool((per_sample < 0).any()):
-                    raise ValueError(f"{caller}: {name} must be >= 0 and not NaN in every sample")
-                if name == "alpha" and not bool(torch.isfinite(per_sample).all()):
-                    raise ValueError(f"{caller}: alpha must be finite in every sample")
+                _check_radius_values(name, per_sample, caller, x.device.type == "cpu")
             return 0.0, per_sample
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{caller}: {name} must be a float or a tensor of shape ({batch},), "
@@ -60,6 +61,33 @@ def check_radius(name: str, value, batch: int, x: torch.Tensor,
     if name == "alpha" and math.isinf(value):
         raise ValueError(f"{caller}: alpha must be finite, got inf")
     return value, None
+
+
+def _check_radius_values(name: str, per_sample: torch.Tensor, caller: str, read_back: bool) -> None:
+    """>= 0 and not NaN (alpha also finite) in every sample: a ValueError when read_back,
+    else an asynchronous device-side assertion that costs no host synchronisation."""
+    valid = per_sample >= 0  # False for NaN
+    if name == "alpha":
+        valid &= torch.isfinite(per_sample)
+    message = (f"{caller}: {name} must be >= 0 and not NaN in every sample"
+               + (", and finite" if name == "alpha" else ""))
+    if read_back:
+        if not bool(valid.all()):
+            raise ValueError(message)
+    else:
+        torch._assert_async(valid.all(), message)
+
+
+def prepare_radius(name: str, value, batch: int, x: torch.Tensor, caller: str) -> Radius:
+    """A radius validated once, at an attack's entry, for apply_pgd_step in its loop: a float,
+    or a float64 (B,) tensor on x's device. Reads the values back (once) so that a bad one is
+    a ValueError here rather than an asynchronous failure inside the loop."""
+    scalar, per_sample = check_radius(name, value, batch, x, caller)
+    if per_sample is None:
+        return scalar
+    if x.device.type != "cpu":
+        _check_radius_values(name, per_sample, caller, read_back=True)
+    return per_sample
 
 
 def check_clip(clip, caller: str = "pgd_step") -> Tuple[Optional[float], Optional[float]]:
@@ -138,10 +166,22 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
         raise RuntimeError("pgd_step is not differentiable: call it under torch.no_grad() "
                            "or on detached tensors")
 
+    return apply_pgd_step(x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample,
+                          alpha_per_sample, norm, clip_min, clip_max, targeted, out, backend)
+
+
+def apply_pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: float,
+                   alpha: float, eps_per_sample: Optional[torch.Tensor],
+                   alpha_per_sample: Optional[torch.Tensor], norm: str,
+                   clip_min: Optional[float], clip_max: Optional[float], targeted: bool,
+                   out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """pgd_step on arguments already validated (by pgd_step, or once at an attack's entry):
+    no checks and no host synchronisation, so an attack's loop can call it every step.
+    eps_per_sample / alpha_per_sample: float64 (B,) tensors on x_adv's device, or None."""
     chosen = _backend.resolve(backend, x_adv.device.type)
     with op_range("pgd_step"):
         if chosen == "cpp":
-            args = (x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample, alpha_per_sample,
+            args = (x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample,
                     norm, clip_min, clip_max, targeted)
             if out is None:
                 return torch.ops.robust_fast.pgd_step(*args)
@@ -149,18 +189,22 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
             return out
         if chosen == "triton":
             from robust_fast.kernels.pgd import pgd_step_triton
-            result = pgd_step_triton(x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample,
-                                     alpha_per_sample, norm, clip_min, clip_max, targeted)
-        else:
-            result = pgd_step_reference(
-                x_adv, grad, x_nat,
-                eps=eps_value if eps_per_sample is None else eps_per_sample,
-                alpha=alpha_value if alpha_per_sample is None else alpha_per_sample,
-                norm=norm, clip_min=clip_min, clip_max=clip_max, targeted=targeted)
+            return pgd_step_triton(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
+                                   alpha_per_sample, norm, clip_min, clip_max, targeted, out)
+        result = pgd_step_reference(
+            x_adv, grad, x_nat,
+            eps=eps if eps_per_sample is None else eps_per_sample,
+            alpha=alpha if alpha_per_sample is None else alpha_per_sample,
+            norm=norm, clip_min=clip_min, clip_max=clip_max, targeted=targeted)
         if out is None:
             return result
         out.copy_(result)
         return out
+
+
+def split_radius(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
+    """A prepared radius as apply_pgd_step takes it: (float, None) or (0.0, per-sample tensor)."""
+    return (0.0, radius) if isinstance(radius, torch.Tensor) else (radius, None)
 
 
 def output_layout_like(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor) -> torch.Tensor:

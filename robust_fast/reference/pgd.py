@@ -44,10 +44,15 @@ def pgd_step_l2_reference(x_adv, grad, x_nat, eps: Radius, alpha: Radius,
         return _clip(x_adv.clone(), clip_min, clip_max)
     view = (batch,) + (1,) * (x_adv.dim() - 1)
     flat_grad = grad.reshape(batch, -1)
-    grad_norm = torch.linalg.vector_norm(flat_grad.float() if grad.dtype in
-                                         (torch.float16, torch.bfloat16) else flat_grad, dim=1)
-    # A zero or non-finite gradient norm means "no move" for that sample, never NaN.
-    moves = torch.isfinite(grad_norm) & (grad_norm > 0)
+    # The squares are summed in float (double for double inputs), as every kernel does.
+    wide_grad = flat_grad.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    grad_sq = (wide_grad * wide_grad).sum(dim=1)
+    grad_norm = grad_sq.sqrt()
+    # Squares below the smallest normal number of that type lose digits or vanish: a sum under
+    # numel * that number understates ||g||, and the step would outgrow alpha. Such a sample,
+    # like one whose sum overflowed or is NaN, makes no move (never a NaN).
+    smallest_reliable = flat_grad.shape[1] * torch.finfo(grad_sq.dtype).tiny
+    moves = (grad_sq >= smallest_reliable) & torch.isfinite(grad_sq)
     inv_norm = torch.where(moves, 1.0 / torch.where(moves, grad_norm, 1.0), 0.0).to(x_adv.dtype)
     unit_grad = torch.where(moves.view(view), grad * inv_norm.view(view), 0.0)
     if targeted:

@@ -44,12 +44,24 @@ struct L2Coefficients {
   acc_t factor;      // min(1, eps / ||d + s*g||)
 };
 
+// Every kernel squares and sums g in one accumulation type for every element (float for
+// half, bfloat16 and float inputs, double for double). Squares below that type's smallest
+// normal number lose digits or vanish, so a sum under sample_numel * that number
+// understates ||g|| and a step alpha/||g|| * g would be longer than alpha: such a sample,
+// like one whose sum overflowed, does not move.
+template <typename accum_t>
+RF_HOST_DEVICE double smallest_reliable_grad_sq(long long sample_numel) {
+  return static_cast<double>(sample_numel) * static_cast<double>(
+      sizeof(accum_t) == sizeof(double) ? 2.2250738585072014e-308 : 1.1754943508222875e-38);
+}
+
 template <typename acc_t>
 RF_HOST_DEVICE L2Coefficients<acc_t> l2_coefficients(acc_t grad_sq, acc_t delta_dot_grad,
-                                                     acc_t delta_sq, acc_t eps, acc_t alpha) {
-  const acc_t grad_norm = std::sqrt(grad_sq);
-  // A zero, infinite or NaN gradient norm means no move, never NaN.
-  const bool moves = grad_norm > acc_t(0) && grad_norm < acc_t(INFINITY);
+                                                     acc_t delta_sq, acc_t eps, acc_t alpha,
+                                                     acc_t min_grad_sq) {
+  // A gradient norm that under- or overflowed (or is NaN) means no move, never NaN.
+  const bool moves = grad_sq >= min_grad_sq && grad_sq > acc_t(0) && grad_sq < acc_t(INFINITY);
+  const acc_t grad_norm = std::sqrt(moves ? grad_sq : acc_t(1));
   const acc_t step_scale = moves ? alpha / grad_norm : acc_t(0);
   acc_t stepped_sq = delta_sq;
   if (moves) {

@@ -22,6 +22,7 @@ struct PgdProblem {
   at::Tensor eps_per_sample;        // float64 (B,) contiguous on the device, or undefined
   at::Tensor alpha_per_sample;      // same
   double clip_lo = 0.0, clip_hi = 0.0;  // +-infinity where the box is open
+  double min_grad_sq = 0.0;         // L2: a smaller <g,g> makes no move (pgd_math.h)
 };
 
 PgdProblem make_pgd_problem(const at::Tensor& x_adv, const at::Tensor& grad,
