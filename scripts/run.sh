@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything robust_fast needs (idempotent), then runs one job:
 #   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd)
-#   bash scripts/run.sh test  [args]   the test suite (pytest tests/)
+#   bash scripts/run.sh test  [args]   the test suite (pytest tests/); on a machine with an NVIDIA
+#                                      GPU every (backend, device) pair runs, then the quick
+#                                      CUDA benchmark (robust-fast bench pgd --device cuda --quick)
 # The virtual environment lives outside the clone, in $ROBUST_FAST_VENV
 # (default ~/.cache/robust_fast/venv-cpu, or venv-gpu on a machine with an NVIDIA GPU).
 set -euo pipefail
@@ -57,5 +59,10 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 
 case "$job" in
   bench) exec "$venv/bin/robust-fast" bench pgd "$@" ;;
-  test)  exec "$py" -m pytest tests "$@" ;;
+  test)
+    if [ "$flavour" = gpu ]; then
+      "$py" -m pytest tests "$@"
+      exec "$venv/bin/robust-fast" bench pgd --device cuda --quick
+    fi
+    exec "$py" -m pytest tests "$@" ;;
 esac

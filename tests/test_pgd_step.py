@@ -6,20 +6,21 @@ import torch
 
 import robust_fast
 from robust_fast.reference.pgd import pgd_step_reference
-from conftest import usable_backends
+from conftest import backend_devices, unavailable_reason
 
-BACKENDS = usable_backends("cpu")
+PAIRS = backend_devices()                                  # (backend, device) of every kernel
+PAIRS_AND_REFERENCE = backend_devices(include_reference=True)
 NORMS = ["linf", "l2"]
 SHAPES = [(1, 5), (3, 1, 7, 9), (4, 3, 8, 8), (2, 3, 33, 17), (7, 2, 5, 5, 3)]
 
 
-def make_inputs(shape, dtype=torch.float32, eps=0.05, layout="contiguous", seed=0):
+def make_inputs(shape, dtype=torch.float32, eps=0.05, layout="contiguous", seed=0, device="cpu"):
     """x_nat in [0, 1], x_adv a feasible point of its ball, grad of mixed scales."""
     g = torch.Generator().manual_seed(seed)
     x_nat = torch.rand(shape, generator=g, dtype=dtype)
     x_adv = (x_nat + (torch.rand(shape, generator=g, dtype=dtype) * 2 - 1) * eps).clamp(0, 1)
     grad = torch.randn(shape, generator=g, dtype=dtype) * 10 ** torch.randint(-3, 2, (1,), generator=g).item()
-    tensors = [x_adv, grad, x_nat]
+    tensors = [t.to(device) for t in (x_adv, grad, x_nat)]
     if layout == "channels_last":
         tensors = [t.contiguous(memory_format=torch.channels_last) for t in tensors]
     elif layout == "transposed":  # non-contiguous: the same values, strides of a transpose
@@ -47,23 +48,23 @@ def assert_matches_reference(actual, expected, norm, dtype):
         torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", PAIRS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(backend, norm, dtype, shape):
-    x_adv, grad, x_nat = make_inputs(shape, dtype)
+def test_matches_reference(backend, device, norm, dtype, shape):
+    x_adv, grad, x_nat = make_inputs(shape, dtype, device=device)
     expected = reference(x_adv, grad, x_nat, 0.05, 0.01, norm)
     actual = robust_fast.pgd_step(x_adv, grad, x_nat, eps=0.05, alpha=0.01, norm=norm, backend=backend)
     assert actual.dtype == dtype and actual.shape == x_adv.shape
     assert_matches_reference(actual, expected, norm, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", PAIRS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced", "mixed"])
-def test_layouts(backend, norm, layout):
-    x_adv, grad, x_nat = make_inputs((3, 4, 6, 5), torch.float32, layout=layout)
+def test_layouts(backend, device, norm, layout):
+    x_adv, grad, x_nat = make_inputs((3, 4, 6, 5), torch.float32, layout=layout, device=device)
     expected = reference(x_adv.contiguous(), grad.contiguous(), x_nat.contiguous(), 0.05, 0.02, norm)
     actual = robust_fast.pgd_step(x_adv, grad, x_nat, eps=0.05, alpha=0.02, norm=norm, backend=backend)
     assert_matches_reference(actual, expected, norm, torch.float32)
@@ -71,19 +72,21 @@ def test_layouts(backend, norm, layout):
         assert actual.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", PAIRS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_random_shapes_and_options(backend, norm):
+def test_random_shapes_and_options(backend, device, norm):
     g = torch.Generator().manual_seed(1234)
     for trial in range(12):
         ndim = int(torch.randint(1, 5, (1,), generator=g))
         shape = tuple(int(s) for s in torch.randint(1, 9, (ndim,), generator=g))
         dtype = (torch.float32, torch.float64)[trial % 2]
-        x_adv, grad, x_nat = make_inputs(shape, dtype, seed=trial)
+        x_adv, grad, x_nat = make_inputs(shape, dtype, seed=trial, device=device)
         batch = shape[0]
         per_sample = trial % 3 == 0
-        eps = torch.rand(batch, generator=g, dtype=torch.float64) * 0.1 if per_sample else 0.03 * (trial + 1)
-        alpha = torch.rand(batch, generator=g, dtype=torch.float64) * 0.05 if per_sample else 0.007 * (trial + 1)
+        eps = (torch.rand(batch, generator=g, dtype=torch.float64).to(device) * 0.1 if per_sample
+               else 0.03 * (trial + 1))
+        alpha = (torch.rand(batch, generator=g, dtype=torch.float64).to(device) * 0.05 if per_sample
+                 else 0.007 * (trial + 1))
         clip = [(0.0, 1.0), None, (0.2, None), (None, 0.8)][trial % 4]
         targeted = trial % 2 == 1
         expected = reference(x_adv, grad, x_nat, eps, alpha, norm, clip, targeted)
@@ -92,12 +95,12 @@ def test_random_shapes_and_options(backend, norm):
         assert_matches_reference(actual, expected, norm, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("norm", NORMS)
-def test_result_stays_in_ball_and_box(backend, norm):
+def test_result_stays_in_ball_and_box(backend, device, norm):
     eps = 0.1 if norm == "linf" else 0.5
     for seed in range(5):
-        x_adv, grad, x_nat = make_inputs((6, 3, 9, 9), torch.float64, eps=eps, seed=seed)
+        x_adv, grad, x_nat = make_inputs((6, 3, 9, 9), torch.float64, eps=eps, seed=seed, device=device)
         x = x_adv
         for _ in range(4):  # a few steps from anywhere in the box, large steps included
             x = robust_fast.pgd_step(x, grad, x_nat, eps=eps, alpha=0.3, norm=norm, backend=backend)
@@ -110,33 +113,33 @@ def test_result_stays_in_ball_and_box(backend, norm):
             grad = torch.randn_like(grad)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_linf_moves_by_alpha_along_the_sign(backend):
-    x_nat = torch.full((2, 8), 0.5)
-    grad = torch.tensor([[1.0, -2.0, 0.0, 3.0, -1e-30, 5.0, -5.0, 0.5]] * 2)
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
+def test_linf_moves_by_alpha_along_the_sign(backend, device):
+    x_nat = torch.full((2, 8), 0.5, device=device)
+    grad = torch.tensor([[1.0, -2.0, 0.0, 3.0, -1e-30, 5.0, -5.0, 0.5]] * 2, device=device)
     out = robust_fast.pgd_step(x_nat, grad, x_nat, eps=1.0, alpha=0.25, backend=backend)
     assert torch.equal(out - 0.5, 0.25 * torch.sign(grad))
     out_t = robust_fast.pgd_step(x_nat, grad, x_nat, eps=1.0, alpha=0.25, targeted=True, backend=backend)
     assert torch.equal(out_t - 0.5, -0.25 * torch.sign(grad))
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_l2_step_has_length_alpha_and_projects(backend):
-    x_nat = torch.full((3, 50), 0.5, dtype=torch.float64)
-    grad = torch.randn(3, 50, dtype=torch.float64)
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
+def test_l2_step_has_length_alpha_and_projects(backend, device):
+    x_nat = torch.full((3, 50), 0.5, dtype=torch.float64, device=device)
+    grad = torch.randn(3, 50, dtype=torch.float64, device=device)
     out = robust_fast.pgd_step(x_nat, grad, x_nat, eps=10.0, alpha=0.2, norm="l2", clip=None, backend=backend)
-    torch.testing.assert_close((out - x_nat).norm(dim=1), torch.full((3,), 0.2, dtype=torch.float64))
+    torch.testing.assert_close((out - x_nat).norm(dim=1), torch.full((3,), 0.2, dtype=torch.float64, device=device))
     # The direction is the gradient's.
     cosine = torch.nn.functional.cosine_similarity(out - x_nat, grad, dim=1)
     torch.testing.assert_close(cosine, torch.ones(3, dtype=torch.float64))
     far = robust_fast.pgd_step(x_nat, grad, x_nat, eps=0.05, alpha=0.2, norm="l2", clip=None, backend=backend)
-    torch.testing.assert_close((far - x_nat).norm(dim=1), torch.full((3,), 0.05, dtype=torch.float64))
+    torch.testing.assert_close((far - x_nat).norm(dim=1), torch.full((3,), 0.05, dtype=torch.float64, device=device))
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("norm", NORMS)
-def test_zero_and_nan_gradients_make_no_move(backend, norm):
-    x_adv, grad, x_nat = make_inputs((4, 3, 5, 5), torch.float32, eps=0.05)
+def test_zero_and_nan_gradients_make_no_move(backend, device, norm):
+    x_adv, grad, x_nat = make_inputs((4, 3, 5, 5), torch.float32, eps=0.05, device=device)
     grad[0] = 0.0
     grad[1, 0, 0, 0] = float("nan")
     grad[2, 1, 2, 3] = float("inf") if norm == "l2" else float("nan")
@@ -154,22 +157,22 @@ def test_zero_and_nan_gradients_make_no_move(backend, norm):
     assert_matches_reference(out, expected, norm, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("norm", NORMS)
-def test_empty_batch(backend, norm):
-    empty = torch.empty(0, 3, 4, 4)
+def test_empty_batch(backend, device, norm):
+    empty = torch.empty(0, 3, 4, 4, device=device)
     out = robust_fast.pgd_step(empty, empty, empty, eps=0.1, alpha=0.1, norm=norm, backend=backend)
     assert out.shape == (0, 3, 4, 4)
-    per_sample = torch.empty(0, dtype=torch.float64)
+    per_sample = torch.empty(0, dtype=torch.float64, device=device)
     out = robust_fast.pgd_step(empty, empty, empty, eps=per_sample, alpha=per_sample, norm=norm, backend=backend)
     assert out.shape == (0, 3, 4, 4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_out_updates_in_place_and_inputs_stay(backend, norm, layout):
-    x_adv, grad, x_nat = make_inputs((5, 3, 6, 6), torch.float32, layout=layout)
+def test_out_updates_in_place_and_inputs_stay(backend, device, norm, layout):
+    x_adv, grad, x_nat = make_inputs((5, 3, 6, 6), torch.float32, layout=layout, device=device)
     copies = [t.clone() for t in (x_adv, grad, x_nat)]
     fresh = robust_fast.pgd_step(x_adv, grad, x_nat, eps=0.05, alpha=0.01, norm=norm, backend=backend)
     for before, after in zip(copies, (x_adv, grad, x_nat)):
@@ -184,13 +187,13 @@ def test_out_updates_in_place_and_inputs_stay(backend, norm, layout):
     assert torch.equal(other, fresh)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", PAIRS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision(backend, norm, dtype):
-    if backend == "triton" and dtype == torch.bfloat16:
+def test_reduced_precision(backend, device, norm, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bfloat16")
-    x_adv, grad, x_nat = make_inputs((4, 3, 8, 8), torch.float32)
+    x_adv, grad, x_nat = make_inputs((4, 3, 8, 8), torch.float32, device=device)
     x_adv, grad, x_nat = (t.to(dtype) for t in (x_adv, grad, x_nat))
     expected = reference(x_adv.double(), grad.double(), x_nat.double(), 0.05, 0.01, norm)
     actual = robust_fast.pgd_step(x_adv, grad, x_nat, eps=0.05, alpha=0.01, norm=norm, backend=backend)
@@ -201,7 +204,7 @@ def test_reduced_precision(backend, norm, dtype):
 def test_every_backend_agrees_with_auto():
     x_adv, grad, x_nat = make_inputs((8, 3, 4, 4))
     results = [robust_fast.pgd_step(x_adv, grad, x_nat, eps=0.03, alpha=0.01, backend=b)
-               for b in ["auto", "reference"] + [p.values[0] for p in BACKENDS if not p.marks[0].args[0]]]
+               for b in ["auto", "reference"] + [b for b in ("cpp", "triton") if unavailable_reason(b, "cpu") is None]]
     for result in results[1:]:
         assert torch.equal(results[0], result)
 
@@ -250,9 +253,9 @@ def test_torch_compile_fullgraph(norm, backend):
     assert torch.equal(x_work, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_not_differentiable(backend):
-    x_adv, grad, x_nat = make_inputs((2, 3))
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
+def test_not_differentiable(backend, device):
+    x_adv, grad, x_nat = make_inputs((2, 3), device=device)
     with pytest.raises(RuntimeError, match="not differentiable"):
         robust_fast.pgd_step(x_adv.requires_grad_(), grad, x_nat, eps=0.1, alpha=0.1, backend=backend)
     with torch.no_grad():  # without a gradient to flow, the same call is fine

@@ -48,7 +48,8 @@ def check_radius(name: str, value, batch: int, x: torch.Tensor,
             if value.shape != (batch,):
                 raise ValueError(f"{caller}: {name} as a tensor must have shape ({batch},) "
                                  f"(one value per sample), got {tuple(value.shape)}")
-            per_sample = value.detach().to(device=x.device, dtype=torch.float64)
+            # Contiguous: the kernels index it by sample (an expanded 0-dim tensor is not).
+            per_sample = value.detach().to(device=x.device, dtype=torch.float64).contiguous()
             if not torch.compiler.is_compiling():
                 _check_radius_values(name, per_sample, caller, x.device.type == "cpu")
             return 0.0, per_sample
