@@ -129,7 +129,9 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
     linf: x_nat + clamp(x_adv + alpha*sign(grad) - x_nat, -eps, eps), then clamp to clip
     (torchattacks' order; bit-identical to it in fp32). l2: step alpha along grad/||grad||
     per sample, scale the difference by min(1, eps/||delta||), clamp to clip. targeted=True
-    steps against the gradient. A zero or NaN gradient makes no move.
+    steps against the gradient. A zero or NaN gradient makes no move, nor (l2) does one whose
+    sum of squares, taken in float (double for double inputs), under- or overflows: a step is
+    never longer than alpha.
 
     eps, alpha: floats, or tensors of shape (B,) for one value per sample.
     clip: (low, high), either side None for open, or None for no box.
