@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything robust_fast needs (idempotent), then runs one job:
-#   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd)
+#   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd; results in
+#                                      benchmarks/results/local/, or --save-reference)
 #   bash scripts/run.sh test  [args]   the test suite (pytest tests/)
 # The virtual environment lives outside the clone, in $ROBUST_FAST_VENV
 # (default ~/.cache/robust_fast/venv-cpu, or venv-gpu on a machine with an NVIDIA GPU).
@@ -51,7 +52,10 @@ fi
 
 echo "== building robust_fast (robust_fast._C)"
 export MAX_JOBS="${MAX_JOBS:-2}"
-"$py" -m pip install -q --no-build-isolation --no-deps -e .
+# The editable install works through an import hook (kernels/ maps to robust_fast.kernels), and
+# setuptools says so in a warning box on every build; the warning filter reaches its backend.
+PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+  "$py" -m pip install -q --no-build-isolation --no-deps -e .
 "$py" -c "import robust_fast" >/dev/null
 "$venv/bin/robust-fast" info
 
