@@ -66,6 +66,12 @@ def extension():
 
 
 os.environ["MAX_JOBS"] = bounded_max_jobs()
+if build_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    import torch
+    if not torch.cuda.is_available():
+        # cpp_extension asks the visible GPUs which architectures to compile for; on a build
+        # machine without one (or in pip's build environment) it has none: CI's default.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 setup(
     ext_modules=[extension()],
