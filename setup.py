@@ -1,9 +1,10 @@
 """Builds robust_fast._C (CPU kernels always; CUDA kernels when a CUDA toolkit and a CUDA torch
-are both present, or FORCE_CUDA=1) and installs kernels/ as robust_fast.kernels."""
+are both present, or FORCE_CUDA=1). The package metadata, dependencies and the package list
+(kernels/ installed as robust_fast.kernels) are in pyproject.toml."""
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -65,17 +66,14 @@ def extension():
 
 
 os.environ["MAX_JOBS"] = bounded_max_jobs()
+if build_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    import torch
+    if not torch.cuda.is_available():
+        # cpp_extension asks the visible GPUs which architectures to compile for; on a build
+        # machine without one (or in pip's build environment) it has none: CI's default.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
 setup(
-    name="robust_fast",
-    version="0.1.0",
-    description="Fused kernels for adversarial robustness and robustness transfer in PyTorch",
-    packages=find_packages(include=["robust_fast", "robust_fast.*"]) + ["robust_fast.kernels"],
-    package_dir={"robust_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "nvtx"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "torchattacks"]},
-    entry_points={"console_scripts": ["robust-fast=robust_fast.cli:main"]},
 )

@@ -11,15 +11,20 @@
     torchattacks.PGD: time ratio and both robust accuracies.
 
     python benchmarks/bench_pgd.py [--quick] [--device cpu|cuda] [--parts step,attack,early_stop]
-                                   [--out DIR] [--no-compile]
+                                   [--out DIR | --save-reference] [--no-compile] [--threads N]
 
-Results: benchmarks/results/pgd.json + pgd.png (pgd_cuda.* on CUDA, pgd_quick.* with --quick).
+Results: pgd.json + pgd.png (pgd_cuda.* on CUDA, pgd_quick.* with --quick) in --out DIR, by
+default benchmarks/results/local/ (ignored by git). --save-reference writes the committed
+benchmarks/results/ instead, which the README quotes; only a full run on a quiet machine may.
 Speed-ups are "baseline median / this median" (> 1: this is faster).
 
 Run it on a quiet machine. With other processes on the cores, PyTorch's OpenMP workers spin
 while they wait and lose whole scheduler ticks (~4-8 ms) per parallel region: the multi-op
-eager baselines then look many times slower than they are. The JSON notes a busy start (load
-average); OMP_WAIT_POLICY=PASSIVE (set before Python starts) or --threads 1 tame it.
+eager baselines then look many times slower than they are. When the 1-minute load average
+(less this run's threads, at the end) exceeds the core count, at the start or at the end, the
+run warns that its figures are not to be trusted, notes it in the JSON, and a --save-reference
+run is stored in the local folder instead (exit status 1). OMP_WAIT_POLICY=PASSIVE (set before
+Python starts) or --threads 1 tame the noise.
 """
 from __future__ import annotations
 
@@ -85,6 +90,10 @@ QUICK = {  # a smoke run: every code path, tiny sizes
 
 def log(message: str = "") -> None:
     print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +490,12 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--parts", default="step,attack,early_stop",
                         help="comma-separated subset of step,attack,early_stop")
-    parser.add_argument("--out", default=None, help=f"results folder (default {harness.RESULTS_DIR})")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help=f"results folder (default {os.path.relpath(harness.LOCAL_RESULTS_DIR)}, ignored by git)")
+    where.add_argument("--save-reference", action="store_true",
+                       help=f"write the committed reference results ({os.path.relpath(harness.REFERENCE_DIR)}) "
+                            "that the README quotes; refused with --quick, kept local on a busy machine")
     parser.add_argument("--name", default=None, help="results file stem (default pgd[_cuda][_quick])")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -491,15 +505,18 @@ def parse_args(argv: Optional[Sequence[str]]):
     if unknown:
         parser.error(f"unknown parts: {sorted(unknown)}")
     args.parts = parts
+    if args.save_reference and args.quick:
+        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line (also `robust-fast bench pgd ...`): runs the benchmark, returns 0."""
-    run(argv)
-    return 0
+    """The command line (also `robust-fast bench pgd ...`): runs the benchmark; returns 0, or
+    1 when --save-reference was refused because the machine was busy."""
+    payload = run(argv)
+    return 1 if payload["reference_refused"] else 0
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -521,9 +538,10 @@ def _run(args) -> Dict[str, object]:
     notes: List[str] = []
     if args.quick:
         notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
-    busy = harness.busy_note("when the run started")
+    busy = harness.busy_warning("when the run started")
     if busy:
         notes.append(busy)
+        warn(busy)
     rows: List[Dict[str, object]] = []
     durations: Dict[str, float] = {}
     begin = time.perf_counter()
@@ -567,6 +585,16 @@ def _run(args) -> Dict[str, object]:
             log(harness.format_table(eval_rows, EVAL_COLUMNS))
         log(f"    ({durations['early_stop']:.0f} s)")
     durations["total"] = time.perf_counter() - begin
+    busy_at_end = harness.busy_warning("when the run ended", own_threads=torch.get_num_threads())
+    if busy_at_end:
+        notes.append(busy_at_end)
+        warn(busy_at_end)
+    out_dir, refused = args.out, False
+    if args.save_reference:
+        refused = bool(busy or busy_at_end)
+        out_dir = None if refused else harness.REFERENCE_DIR  # None: the local folder
+        if refused:
+            notes.append("--save-reference refused: the machine was busy")
     for note in notes:
         log(f"note: {note}")
     settings = {"quick": args.quick, "device": device, "parts": args.parts,
@@ -574,7 +602,7 @@ def _run(args) -> Dict[str, object]:
                 "step_settings": STEP_SETTINGS, **{k: v for k, v in config.items()}}
     summary = _summary(rows)
     paths = harness.write_results(
-        name, rows, settings=settings, out_dir=args.out, notes=notes,
+        name, rows, settings=settings, out_dir=out_dir, notes=notes,
         extra={"durations_s": durations, "summary": summary,
                "ratio_definition": "speed-up = baseline median time / this median time; "
                                    "fraction_of_copy = copy time / this time for the same bytes "
@@ -583,9 +611,13 @@ def _run(args) -> Dict[str, object]:
                                    "destination, so an op writing 1 of 4 can exceed 1.0"},
         panels=_panels(rows), title=f"robust_fast PGD benchmark ({device}, torch {torch.__version__})")
     log(f"results: {', '.join(paths.values())}  ({durations['total']:.0f} s in all)")
+    if refused:
+        warn(f"--save-reference refused: the machine was busy, so {harness.REFERENCE_DIR} was left "
+             "as it was; rerun on a quiet machine")
     with open(paths["json"]) as f:
         payload = json.load(f)
     payload["paths"] = paths
+    payload["reference_refused"] = refused
     return payload
 
 

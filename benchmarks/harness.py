@@ -10,9 +10,11 @@ Timing
   all of them alike and the ratios of one run stay fair.
 
 Results
-  benchmarks/results/<name>.json: {"benchmark", "machine", "settings", "rows", "notes", ...},
-  overwritten on each run; write_results() also draws <name>.png next to it from the caller's
-  bar groups.
+  <out_dir>/<name>.json: {"benchmark", "machine", "settings", "rows", "notes", ...}, overwritten
+  on each run; write_results() also draws <name>.png next to it from the caller's bar groups.
+  By default out_dir is benchmarks/results/local/ (ignored by git). The committed figures in
+  benchmarks/results/ (REFERENCE_DIR) are written only by an explicit reference run on a quiet
+  machine (bench_pgd.py --save-reference).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # committed
+LOCAL_RESULTS_DIR = os.path.join(REFERENCE_DIR, "local")  # every other run; git ignores it
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,15 +203,22 @@ def _load_average() -> Optional[List[float]]:
         return None
 
 
-def busy_note(when: str) -> Optional[str]:
-    """A note when other work competes for the cores (load average above half of them)."""
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def busy_warning(when: str, own_threads: int = 0) -> Optional[str]:
+    """A warning when more work wants the cores than there are: the 1-minute load average,
+    less `own_threads` (this run's own share, once it has been running), above the core count."""
     load = _load_average()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if load is None or not cores or load[0] <= 0.5 * cores:
+    cores = usable_cores()
+    if load is None or load[0] - own_threads <= cores:
         return None
-    return (f"machine busy {when}: 1-minute load average {load[0]} on {cores} cores; other "
-            "processes share the cores, so CPU timings (above all of multi-threaded eager ops, whose "
-            "spinning OpenMP workers then wait for scheduler ticks) are noisy")
+    others = f" ({load[0]} with this run's {own_threads} threads)" if own_threads else ""
+    return (f"machine busy {when}: 1-minute load average {round(load[0] - own_threads, 2)}{others} "
+            f"above its {cores} cores; other processes compete for the cores, so these timings are "
+            "not to be trusted (above all multi-threaded eager ops, whose spinning OpenMP workers "
+            "wait for scheduler ticks)")
 
 
 def machine_info() -> Dict[str, object]:
@@ -333,9 +343,9 @@ def write_results(name: str, rows: List[Dict[str, object]], *, settings: Dict[st
                   out_dir: Optional[str] = None, notes: Sequence[str] = (),
                   extra: Optional[Dict[str, object]] = None,
                   panels: Sequence[Dict[str, object]] = (), title: Optional[str] = None) -> Dict[str, str]:
-    """benchmarks/results/<name>.json (every row, the machine stamp, settings, notes) and
-    <name>.png (the panels); returns their paths."""
-    out_dir = out_dir or RESULTS_DIR
+    """<out_dir>/<name>.json (every row, the machine stamp, settings, notes) and <name>.png
+    (the panels); returns their paths. out_dir defaults to the git-ignored local folder."""
+    out_dir = out_dir or LOCAL_RESULTS_DIR
     payload = {"benchmark": name, "machine": machine_info(), "settings": settings,
                "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                "notes": list(notes), "rows": rows}

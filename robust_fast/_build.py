@@ -37,6 +37,14 @@ def cpp_unavailable_reason(device_type: str) -> Optional[str]:
     error = compiled_library_error()
     if error is not None:
         return error
+    if device_type == "meta":
+        # Meta tensors reach no kernel: shapes come from the op's fake registration, which
+        # torch.compile and FakeTensorMode call. Rebuilding would not help.
+        return ("the C++ op has no Meta kernel; for shapes without data, trace under "
+                "torch.compile or torch._subclasses.fake_tensor.FakeTensorMode, which use its "
+                "fake registration")
+    if device_type not in ("cpu", "cuda"):
+        return f"robust_fast._C has CPU and CUDA kernels only, none for {device_type} tensors"
     if not has_compiled_kernel(device_type):
         return (f"robust_fast._C was built without {device_type.upper()} kernels "
                 "(rebuild with a CUDA torch and CUDA_HOME set, or FORCE_CUDA=1)")

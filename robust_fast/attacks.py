@@ -7,6 +7,7 @@ as in torchattacks, and every module's mode is restored afterwards.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Optional, Tuple, Union
 
@@ -129,7 +130,18 @@ def _step_in_place(x_act, grad, x_nat, eps: Radius, alpha: Radius, step_options)
                    out=x_act, **step_options)
 
 
-def _attack_in_chunks(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, step_options):
+def _step_size(alpha: Radius, grad: torch.Tensor, eps_for_division: float) -> Radius:
+    """torchattacks' PGDL2 moves alpha * g / (||g|| + eps_for_division); the fused L2 step moves
+    alpha * g / ||g||. The same move, then: a per-sample alpha scaled by ||g|| / (||g|| + e)."""
+    if not eps_for_division:
+        return alpha
+    norms = grad.reshape(grad.shape[0], -1).norm(p=2, dim=1)
+    scale = norms / (norms + eps_for_division)
+    scale = torch.where(torch.isfinite(scale), scale, 0.0)  # a NaN gradient makes no move anyway
+    return alpha * scale.to(torch.float64)  # a per-sample radius, as apply_pgd_step takes it
+
+
+def _attack_in_chunks(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, division, step_options):
     for begin in range(0, x.shape[0], pool):
         rows = slice(begin, begin + pool)
         x_chunk, x_nat, y_chunk = x_adv[rows], x[rows], y[rows]  # views: x_adv is updated in place
@@ -137,11 +149,13 @@ def _attack_in_chunks(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, s
         for _ in range(steps):
             with op_range("attack_step"):
                 grad, _ = input_gradient(model, x_chunk, y_chunk, loss_fn)
-                _step_in_place(x_chunk, grad, x_nat, eps_chunk, alpha_chunk, step_options)
+                _step_in_place(x_chunk, grad, x_nat, eps_chunk, _step_size(alpha_chunk, grad, division),
+                               step_options)
     return x_adv
 
 
-def _attack_with_early_stop(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, step_options):
+def _attack_with_early_stop(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, division,
+                            step_options):
     """Samples move through a pool of at most `pool` rows: each takes up to `steps` steps and
     leaves as soon as it succeeds (its point is kept in x_adv); a waiting sample takes each
     freed place, so the model keeps seeing full batches. The active rows live compacted in
@@ -178,7 +192,8 @@ def _attack_with_early_stop(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, p
                 grad = grad[leave(succeeded)]
                 if rows.numel() == 0:
                     continue
-            _step_in_place(x_act, grad, x_nat, eps_act, alpha_act, step_options)
+            _step_in_place(x_act, grad, x_nat, eps_act, _step_size(alpha_act, grad, division),
+                           step_options)
             taken += 1
             finished = taken >= steps
             if bool(finished.any()):
@@ -187,7 +202,7 @@ def _attack_with_early_stop(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, p
 
 
 def _attack_once(model, x, y, *, eps, alpha, steps, norm, clip, targeted, loss_fn,
-                 early_stop, random_start, generator, batch_size, backend):
+                 early_stop, random_start, generator, batch_size, eps_for_division, backend):
     # Every start is drawn up front, in one call: the same draws however the batch is split.
     x_adv = _random_start(x, eps, norm, clip, generator) if random_start else x.clone()
     pool = x.shape[0] if batch_size is None else batch_size
@@ -195,7 +210,7 @@ def _attack_once(model, x, y, *, eps, alpha, steps, norm, clip, targeted, loss_f
     step_options = dict(norm=norm, clip_min=low, clip_max=high, targeted=targeted, backend=backend)
     attack = _attack_with_early_stop if early_stop else _attack_in_chunks
     return attack(model, x, y, x_adv, eps=eps, alpha=alpha, steps=steps, loss_fn=loss_fn,
-                  pool=max(pool, 1), step_options=step_options)
+                  pool=max(pool, 1), division=eps_for_division, step_options=step_options)
 
 
 def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha: Radius = 2 / 255,
@@ -203,7 +218,7 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
         targeted: bool = False, loss_fn: Optional[LossFn] = None, early_stop: bool = False,
         generator: Optional[torch.Generator] = None, clip: Clip = (0.0, 1.0),
         model_training: bool = False, batch_size: Optional[int] = None,
-        backend: Optional[str] = None) -> torch.Tensor:
+        eps_for_division: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al.): returns x_adv, a new tensor.
 
     y: the true labels, or the target labels when targeted=True (the step then descends the
@@ -214,7 +229,9 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
     model in training mode during the attack (eval by default, as torchattacks does).
     batch_size: at most this many samples go through the model at once (all by default). With
     early_stop, each sample that leaves is replaced by the next waiting one, so the model keeps
-    seeing full batches; evaluate a whole test set in one call this way.
+    seeing full batches; evaluate a whole test set in one call this way. eps_for_division
+    (L2 only): step alpha * g / (||g|| + eps_for_division) as torchattacks.PGDL2 does; 0 (the
+    default) steps along g / ||g|| exactly and saves a norm per step.
     """
     _check_attack_inputs(model, x, y, steps, restarts)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
@@ -229,11 +246,18 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, alpha
     clip = check_clip(clip, caller="pgd")
     if not isinstance(targeted, bool):
         raise TypeError(f"pgd: targeted must be a bool, got {type(targeted).__name__}")
+    if isinstance(eps_for_division, bool) or not isinstance(eps_for_division, numbers.Real) \
+            or not 0 <= eps_for_division < math.inf:
+        raise ValueError(f"pgd: eps_for_division must be a finite float >= 0, got {eps_for_division!r}")
+    if eps_for_division and norm != "l2":
+        raise ValueError("pgd: eps_for_division applies to norm='l2' only (the L-inf step takes "
+                         "the sign of the gradient)")
     x = x.detach()
     with modules_in_mode(model, model_training), op_range("pgd"), torch.no_grad():
         options = dict(eps=eps, alpha=alpha, steps=steps, norm=norm, clip=clip, targeted=targeted,
                        loss_fn=loss_fn, early_stop=early_stop, random_start=random_start,
-                       generator=generator, batch_size=batch_size, backend=backend)
+                       generator=generator, batch_size=batch_size,
+                       eps_for_division=float(eps_for_division), backend=backend)
         best = _attack_once(model, x, y, **options)
         if restarts == 1:
             return best
@@ -264,43 +288,199 @@ def fgsm(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, clip
                               "linf", low, high, targeted, backend=backend)
 
 
+# --------------------------------------------------------------------------------------------
+# torchattacks-style classes: the calls torchattacks users make, on the functions above.
+
+def _parameter_device(model) -> Optional[torch.device]:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):  # a function, or a model without parameters
+        return None
+
+
 class _Attack:
-    """torchattacks-style wrapper: attack(x, y) -> x_adv, with its mode switches."""
+    """attack(x, y) -> x_adv, with torchattacks' switches: targeted modes, the normalization the
+    model expects, the model's mode during the attack, and the device."""
 
     def __init__(self, model):
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
         self.model = model
+        self.device = _parameter_device(model)  # inputs are moved here, as torchattacks does
+        self.attack_mode = "default"
         self.targeted = False
+        self._target_map_function = None  # (x, y) -> target labels; None: y are the targets
+        self.normalization_used = None     # {"mean", "std"}: each of shape (1, C, 1, 1)
+        self._in_pixel_space = False       # inside __call__: get_logits normalizes
         self.model_training = False
+        self._keep_in_eval: Tuple[str, ...] = ("BatchNorm", "Dropout")
 
-    def set_mode_targeted_by_label(self, quiet: bool = True):
-        """From now on, y passed to the attack holds the target labels."""
-        self.targeted = True
+    # -- the model and its inputs
+
+    def set_device(self, device):
+        """Inputs are moved to `device` before the attack (by default the model's device)."""
+        self.device = None if device is None else torch.device(device)
+
+    def set_normalization_used(self, mean, std):
+        """The model takes images normalized with (x - mean) / std, one value per channel.
+
+        As in torchattacks, the attack is then given normalized images and returns normalized
+        adversarial images; eps, alpha and the [0, 1] box apply to the pixels underneath, and
+        get_logits normalizes while the attack runs.
+        """
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        for name, value in (("mean", mean), ("std", std)):
+            if value.dim() != 1 or value.numel() == 0:
+                raise ValueError(f"set_normalization_used: {name} must hold one number per channel, "
+                                 f"got shape {tuple(value.shape)}")
+        if mean.shape != std.shape:
+            raise ValueError(f"set_normalization_used: mean and std must have the same length, "
+                             f"got {mean.numel()} and {std.numel()}")
+        if not bool((std != 0).all()):
+            raise ValueError("set_normalization_used: std must not contain 0")
+        channels = mean.numel()
+        self.normalization_used = {"mean": mean.view(1, channels, 1, 1), "std": std.view(1, channels, 1, 1)}
+
+    def _statistics(self, x: torch.Tensor):
+        mean, std = self.normalization_used["mean"], self.normalization_used["std"]
+        if x.dim() < 2 or x.shape[1] != mean.shape[1]:
+            raise ValueError(f"x must have {mean.shape[1]} channels in dimension 1 (the normalization's "
+                             f"mean and std), got shape {tuple(x.shape)}")
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return mean.to(x.device, x.dtype).view(shape), std.to(x.device, x.dtype).view(shape)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._statistics(x)
+        return (x - mean) / std
+
+    def inverse_normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._statistics(x)
+        return x * std + mean
+
+    def get_logits(self, inputs, labels=None, *args, **kwargs):
+        """The model's logits for `inputs` (normalized first while the attack works on pixels)."""
+        if self._in_pixel_space:
+            inputs = self.normalize(inputs)
+        return self.model(inputs)
+
+    # -- modes
+
+    def get_mode(self) -> str:
+        return self.attack_mode
 
     def set_mode_default(self):
-        self.targeted = False
+        """y passed to the attack holds the true labels: the attack moves away from them."""
+        self.attack_mode, self.targeted, self._target_map_function = "default", False, None
 
-    def set_model_training_mode(self, model_training: bool = False):
-        self.model_training = model_training
+    def _set_targeted(self, mode: str, target_map_function):
+        self.attack_mode, self.targeted, self._target_map_function = mode, True, target_map_function
+
+    def set_mode_targeted_by_label(self, quiet: bool = False):
+        """From now on, y passed to the attack holds the target labels."""
+        self._set_targeted("targeted(label)", None)
+
+    def set_mode_targeted_by_function(self, target_map_function, quiet: bool = False):
+        """Targets are target_map_function(x, y), e.g. lambda x, y: (y + 1) % 10."""
+        if not callable(target_map_function):
+            raise TypeError("set_mode_targeted_by_function: target_map_function must be callable, "
+                            f"got {type(target_map_function).__name__}")
+        self._set_targeted("targeted(custom)", target_map_function)
+
+    def set_mode_targeted_random(self, quiet: bool = False):
+        """Each sample's target is drawn uniformly from the classes other than its label."""
+        self._set_targeted("targeted(random)", self.get_random_target_label)
+
+    def set_mode_targeted_least_likely(self, kth_min: int = 1, quiet: bool = False):
+        """Each sample's target is the class of its kth_min-th smallest logit, its label aside."""
+        if isinstance(kth_min, bool) or not isinstance(kth_min, numbers.Integral) or kth_min < 1:
+            raise ValueError(f"set_mode_targeted_least_likely: kth_min must be an int >= 1, got {kth_min!r}")
+        self._kth_min = int(kth_min)
+        self._set_targeted("targeted(least-likely)", self.get_least_likely_label)
+
+    def set_model_training_mode(self, model_training: bool = False, batchnorm_training: bool = False,
+                                dropout_training: bool = False):
+        """Run the model in training mode during the attack; batch norms and dropouts stay in
+        eval mode unless their flag is set (torchattacks' rule). Every module's mode is
+        restored afterwards."""
+        self.model_training = bool(model_training)
+        self._keep_in_eval = tuple(word for word, training in (("BatchNorm", batchnorm_training),
+                                                               ("Dropout", dropout_training))
+                                   if not training)
+
+    # -- targets
+
+    def get_target_label(self, inputs, labels=None):
+        if not self.targeted:
+            raise ValueError("get_target_label: the attack is not in a targeted mode")
+        if self._target_map_function is None:
+            return labels
+        return self._target_map_function(inputs, labels)
+
+    def _eval_logits(self, inputs) -> torch.Tensor:
+        with torch.no_grad(), modules_in_mode(self.model, False):
+            return self.get_logits(inputs)
+
+    def get_random_target_label(self, inputs, labels=None):
+        logits = self._eval_logits(inputs)
+        labels = logits.argmax(dim=1) if labels is None else labels
+        # One draw per sample from torch's default CPU generator, as torchattacks makes them.
+        draw = (torch.rand(labels.shape[0]) * (logits.shape[-1] - 1)).long().to(labels.device)
+        return draw + (draw >= labels).long()  # skip the label itself
+
+    def get_least_likely_label(self, inputs, labels=None):
+        logits = self._eval_logits(inputs)
+        labels = logits.argmax(dim=1) if labels is None else labels
+        kth = getattr(self, "_kth_min", 1)
+        if kth > logits.shape[-1] - 1:
+            raise ValueError(f"set_mode_targeted_least_likely: kth_min={kth} but there are only "
+                             f"{logits.shape[-1] - 1} classes besides the label")
+        others = logits.scatter(1, labels.view(-1, 1), math.inf)  # the label ranks last
+        return others.kthvalue(kth, dim=1).indices
+
+    # -- the call
 
     def forward(self, x, y):
+        """The attack on pixels: x in [0, 1], y the labels (already the targets if targeted)."""
         raise NotImplementedError
 
     def __call__(self, x, y):
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"the attack takes tensors x and y, got {type(x).__name__} and {type(y).__name__}")
+        if self.device is not None:
+            x, y = x.to(self.device), y.to(self.device)
+        with modules_in_mode(self.model, self.model_training, self._keep_in_eval):
+            if self.normalization_used is None:
+                return self._run(x, y)
+            self._in_pixel_space = True
+            try:
+                x_adv = self._run(self.inverse_normalize(x), y)
+            finally:
+                self._in_pixel_space = False
+            return self.normalize(x_adv)
+
+    def _run(self, x, y):
+        if self.targeted:  # drawn before the random start, as torchattacks does
+            y = self.get_target_label(x, y)
         return self.forward(x, y)
 
     def __repr__(self):
-        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if k != "model")
-        return f"{type(self).__name__}({fields})"
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items()
+                           if k not in ("model", "normalization_used") and not k.startswith("_"))
+        return f"{type(self).__name__}({fields}, normalization_used={self.normalization_used is not None})"
 
+
+# The classes hand the functions self.get_logits, a plain function: the modes were set by
+# __call__ (with torchattacks' batch-norm and dropout rule), and a subclass's get_logits is used.
 
 class FGSM(_Attack):
+    """FGSM with torchattacks.FGSM's arguments and defaults."""
+
     def __init__(self, model, eps: float = 8 / 255):
         super().__init__(model)
         self.eps = eps
 
     def forward(self, x, y):
-        return fgsm(self.model, x, y, eps=self.eps, targeted=self.targeted,
-                    model_training=self.model_training)
+        return fgsm(self.get_logits, x, y, eps=self.eps, targeted=self.targeted)
 
 
 class PGD(_Attack):
@@ -309,16 +489,18 @@ class PGD(_Attack):
     norm = "linf"
 
     def __init__(self, model, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
-                 random_start: bool = True, restarts: int = 1, early_stop: bool = False):
+                 random_start: bool = True, *, restarts: int = 1, early_stop: bool = False):
         super().__init__(model)
         self.eps, self.alpha, self.steps = eps, alpha, steps
         self.random_start, self.restarts, self.early_stop = random_start, restarts, early_stop
 
+    def _options(self):
+        return dict(eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
+                    random_start=self.random_start, restarts=self.restarts,
+                    targeted=self.targeted, early_stop=self.early_stop)
+
     def forward(self, x, y):
-        return pgd(self.model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-                   random_start=self.random_start, restarts=self.restarts,
-                   targeted=self.targeted, early_stop=self.early_stop,
-                   model_training=self.model_training)
+        return pgd(self.get_logits, x, y, **self._options())
 
 
 class PGDL2(PGD):
@@ -327,5 +509,10 @@ class PGDL2(PGD):
     norm = "l2"
 
     def __init__(self, model, eps: float = 1.0, alpha: float = 0.2, steps: int = 10,
-                 random_start: bool = True, restarts: int = 1, early_stop: bool = False):
-        super().__init__(model, eps, alpha, steps, random_start, restarts, early_stop)
+                 random_start: bool = True, eps_for_division: float = 1e-10, *, restarts: int = 1,
+                 early_stop: bool = False):
+        super().__init__(model, eps, alpha, steps, random_start, restarts=restarts, early_stop=early_stop)
+        self.eps_for_division = eps_for_division
+
+    def _options(self):
+        return dict(super()._options(), eps_for_division=self.eps_for_division)

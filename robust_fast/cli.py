@@ -10,29 +10,41 @@ from typing import List, Optional
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+def _benchmarks_dir() -> Path:
+    # The benchmarks live in the source tree, not in the installed package: next to the package
+    # in an editable install, else the checkout the command is run from.
+    for folder in (BENCHMARKS_DIR, Path.cwd() / "benchmarks"):
+        if (folder / "harness.py").is_file():
+            return folder
+    return BENCHMARKS_DIR
+
+
 def _run_benchmark(name: str, argv: List[str]) -> int:
-    script = BENCHMARKS_DIR / f"bench_{name}.py"
+    benchmarks = _benchmarks_dir()
+    script = benchmarks / f"bench_{name}.py"
     if not script.is_file():
-        available = sorted(p.stem[len("bench_"):] for p in BENCHMARKS_DIR.glob("bench_*.py"))
+        available = sorted(p.stem[len("bench_"):] for p in benchmarks.glob("bench_*.py"))
         where = f"available: {', '.join(available)}" if available else \
-            f"no benchmarks/ folder next to the package ({BENCHMARKS_DIR}); use a source checkout"
+            "no benchmarks/ folder next to the package or in the current directory; run it from a source checkout"
         print(f"robust-fast bench: unknown benchmark {name!r} ({where})", file=sys.stderr)
         return 2
     spec = importlib.util.spec_from_file_location(f"robust_fast_bench_{name}", script)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCHMARKS_DIR))  # the scripts share benchmarks/harness.py
+    sys.path.insert(0, str(benchmarks))  # the scripts share benchmarks/harness.py
     try:
         spec.loader.exec_module(module)
         return int(module.main(argv) or 0)
     finally:
-        sys.path.remove(str(BENCHMARKS_DIR))
+        sys.path.remove(str(benchmarks))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="robust-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, and which backend can run where")
-    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. pgd)")
+    bench = commands.add_parser(
+        "bench", help="run a benchmark from benchmarks/ (e.g. pgd); results go to "
+                      "benchmarks/results/local/ unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
     args = parser.parse_args(argv)

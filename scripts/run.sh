@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything robust_fast needs (idempotent), then runs one job:
-#   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd)
+#   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd; results in
+#                                      benchmarks/results/local/, or --save-reference)
 #   bash scripts/run.sh test  [args]   the test suite (pytest tests/); on a machine with an NVIDIA
 #                                      GPU every (backend, device) pair runs, then the quick
 #                                      CUDA benchmark (robust-fast bench pgd --device cuda --quick)
@@ -53,7 +54,10 @@ fi
 
 echo "== building robust_fast (robust_fast._C)"
 export MAX_JOBS="${MAX_JOBS:-2}"
-"$py" -m pip install -q --no-build-isolation --no-deps -e .
+# The editable install works through an import hook (kernels/ maps to robust_fast.kernels), and
+# setuptools says so in a warning box on every build; the warning filter reaches its backend.
+PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+  "$py" -m pip install -q --no-build-isolation --no-deps -e .
 "$py" -c "import robust_fast" >/dev/null
 "$venv/bin/robust-fast" info
 

@@ -247,3 +247,71 @@ def test_early_stop_pool_keeps_the_model_fed():
 def test_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size must be None or an int >= 1"):
         attacks.pgd(small_model(), *batch(4), batch_size=0)
+
+
+def test_pgdl2_eps_for_division_matches_torchattacks():
+    model, (x, _) = small_model(in_channels=3), batch(channels=3)
+    y = torch.randint(0, 10, (x.shape[0],))
+    for division in (0.0, 0.5, 5.0):  # large enough to shorten the step visibly
+        expected = torchattacks.PGDL2(model, 1.0, 0.2, 3, False, eps_for_division=division)(x, y)
+        ours = attacks.PGDL2(model, 1.0, 0.2, 3, False, eps_for_division=division)(x, y)
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_training_mode_keeps_batchnorm_in_eval_and_restores_every_mode():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((self.training, model[1].training))
+            return x
+
+    model = nn.Sequential(Probe(), nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(256, 10)).eval()
+    x, y = batch(4)
+    attack = attacks.PGD(model, steps=1)
+    attack.set_model_training_mode(model_training=True)
+    attack(x, y)
+    attack.set_model_training_mode(model_training=True, batchnorm_training=True)
+    attack(x, y)
+    assert seen == [(True, False), (True, True)]
+    assert not any(m.training for m in model.modules())  # torchattacks would leave it training
+
+
+def test_normalization_round_trip():
+    model, (x, y) = small_model(in_channels=3), batch(channels=3)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    attack = attacks.PGD(model, eps=0.1, alpha=0.02, steps=3)
+    attack.set_normalization_used(mean, std)
+    x_norm = attack.normalize(x)
+    x_adv = attack(x_norm, y)
+    pixels = attack.inverse_normalize(x_adv)
+    assert ((pixels - x).abs() <= 0.1 + 1e-5).all() and pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert torch.equal(attack.get_logits(x_adv), model(x_adv))  # outside the attack: as given
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda a: a.set_normalization_used([0.5, 0.5], [0.2]), "same length"),
+    (lambda a: a.set_normalization_used([[0.5]], [[0.2]]), "one number per channel"),
+    (lambda a: a.set_normalization_used([0.5], [0.0]), "std must not contain 0"),
+    (lambda a: a.set_mode_targeted_least_likely(kth_min=0), "kth_min"),
+    (lambda a: a.set_mode_targeted_by_function(3), "target_map_function"),
+])
+def test_bad_mode_arguments(call, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        call(attacks.PGD(small_model()))
+
+
+def test_bad_eps_for_division_and_channels():
+    model, (x, y) = small_model(), batch()
+    with pytest.raises(ValueError, match="eps_for_division must be"):
+        attacks.pgd(model, x, y, norm="l2", eps_for_division=-1.0)
+    with pytest.raises(ValueError, match="norm='l2' only"):
+        attacks.pgd(model, x, y, eps_for_division=1e-10)
+    attack = attacks.PGD(model)
+    attack.set_normalization_used([0.5, 0.5, 0.5], [0.2, 0.2, 0.2])
+    with pytest.raises(ValueError, match="3 channels"):
+        attack(x, y)
+    attack.set_normalization_used([0.5], [0.2])
+    attack.set_mode_targeted_least_likely(kth_min=10)
+    with pytest.raises(ValueError, match="kth_min=10"):
+        attack(x, y)

@@ -118,3 +118,16 @@ except robust_fast.BackendUnavailableError as exc:
     assert "compiled    robust_fast._C could not be loaded" in done.stdout
     assert "using the reference backend on cpu" in done.stdout
     assert "cpp refused: backend 'cpp' cannot run on cpu: robust_fast._C could not be loaded" in done.stdout
+
+
+def test_meta_tensors_name_the_fake_registration():
+    if _build.compiled_library_error() is not None:
+        pytest.skip(_build.compiled_library_error())
+    x = torch.empty(2, 3, device="meta")
+    with pytest.raises(robust_fast.BackendUnavailableError, match="no Meta kernel.*FakeTensorMode") as info:
+        robust_fast.pgd_step(x, x, x, eps=0.1, alpha=0.1, backend="cpp")
+    assert "rebuild" not in str(info.value)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():  # what the message points to works
+        fake = torch.empty(2, 3)
+        assert robust_fast.pgd_step(fake, fake, fake, eps=0.1, alpha=0.1, backend="cpp").shape == (2, 3)

@@ -133,3 +133,68 @@ def test_cli_runs_the_benchmark(tmp_path, monkeypatch):
         stored = json.load(f)
     assert stored["settings"]["parts"] == ["step"]
     assert {r["part"] for r in stored["rows"]} == {"pgd_step"}
+
+
+@pytest.fixture
+def bench_dirs(tmp_path, monkeypatch):
+    """bench_pgd with its reference and local folders in tmp, the quick sizes as its full run
+    (so a reference run takes seconds), and a load average the test sets."""
+    pytest.importorskip("torchattacks")
+    bench = load_bench()
+    reference, local = tmp_path / "reference", tmp_path / "local"
+    reference.mkdir()
+    (reference / "pgd.json").write_text("committed\n")
+    monkeypatch.setattr(bench.harness, "REFERENCE_DIR", str(reference))
+    monkeypatch.setattr(bench.harness, "LOCAL_RESULTS_DIR", str(local))
+    monkeypatch.setattr(bench, "FULL", bench.QUICK)
+    monkeypatch.setenv("ROBUST_FAST_CACHE", str(tmp_path / "cache"))
+    load = [0.0, 0.0, 0.0]
+    monkeypatch.setattr(bench.harness, "_load_average", lambda: list(load))
+    return bench, reference, local, load
+
+
+STEP_ONLY = ["--parts", "step", "--no-compile", "--threads", "1"]
+
+
+def test_results_go_to_the_local_folder_by_default(bench_dirs):
+    bench, reference, local, _ = bench_dirs
+    assert bench.main(["--quick"] + STEP_ONLY) == 0
+    assert (local / "pgd_quick.json").is_file()
+    assert (reference / "pgd.json").read_text() == "committed\n"
+
+
+def test_save_reference_on_a_quiet_machine(bench_dirs):
+    bench, reference, local, _ = bench_dirs
+    assert bench.main(["--save-reference"] + STEP_ONLY) == 0
+    with open(reference / "pgd.json") as f:
+        assert json.load(f)["benchmark"] == "pgd"
+    assert not local.exists()
+
+
+def test_busy_machine_never_overwrites_the_reference(bench_dirs, capsys):
+    bench, reference, local, load = bench_dirs
+    load[:] = [99.0, 99.0, 99.0]
+    assert bench.main(["--save-reference"] + STEP_ONLY) == 1
+    assert (reference / "pgd.json").read_text() == "committed\n"
+    with open(local / "pgd.json") as f:
+        notes = json.load(f)["notes"]
+    assert any("not to be trusted" in n for n in notes)
+    err = capsys.readouterr().err
+    assert "not to be trusted" in err and "--save-reference refused" in err
+
+
+def test_save_reference_refuses_quick_and_out(bench_dirs):
+    bench = bench_dirs[0]
+    for argv in (["--save-reference", "--quick"], ["--save-reference", "--out", "x"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+
+
+def test_busy_warning_threshold(monkeypatch):
+    harness = load_bench().harness
+    cores = harness.usable_cores()
+    monkeypatch.setattr(harness, "_load_average", lambda: [cores + 0.5, 0.0, 0.0])
+    assert "not to be trusted" in harness.busy_warning("now")
+    assert harness.busy_warning("now", own_threads=1) is None  # this run's own threads
+    monkeypatch.setattr(harness, "_load_average", lambda: [float(cores), 0.0, 0.0])
+    assert harness.busy_warning("now") is None
