@@ -106,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_multi_teacher_los
   at::Tensor weighted = w.defined() ? p.row_losses * w : p.row_losses;
   at::Tensor loss;
   if (reduction == "none") {
-    loss = weighted.to(student.scalar_type());
+    // A new tensor even when weighted is row_losses itself: outputs never alias.
+    loss = weighted.to(student.scalar_type(), /*non_blocking=*/false, /*copy=*/!w.defined());
   } else if (reduction == "sum") {
     loss = weighted.sum().to(student.scalar_type());
   } else {

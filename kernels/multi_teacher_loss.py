@@ -239,7 +239,7 @@ def multi_teacher_loss_triton(student: torch.Tensor, teachers: torch.Tensor,
                            reduced and teacher_grad, kind, temperature)
     weighted = rows * w if w is not None else rows
     if reduction == "none":
-        loss = weighted
+        loss = weighted.clone() if w is None else weighted  # never the rows tensor itself
     elif reduction == "sum":
         loss = weighted.sum()
     else:

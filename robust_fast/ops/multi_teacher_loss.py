@@ -207,8 +207,10 @@ def backward(ctx, grad_loss, *unused, backward_rows: Callable):
 
 
 def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    if (grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
-            and grad_loss.numel() == 1 and float(grad_loss) == 1.0):
+    # Only for a plain CPU tensor: not while torch.compile or opcheck trace (fake tensors).
+    if (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu"
+            and not torch.compiler.is_compiling() and grad_loss.numel() == 1
+            and float(grad_loss) == 1.0):
         return saved
     return saved * grad_loss.to(saved.dtype)
 
