@@ -7,7 +7,9 @@
 //   grad_s_i = gs_s * s_i + gs_t * t_i + gs_d * d_i,   grad_t_i = gt_s * s_i + gt_t * t_i + gt_d * d_i
 // with d_i = s_i - t_i (sign(s_i - t_i) for l1). The coefficients already carry the row's
 // weight (coef: the weight times the reduction factor, or the upstream gradient). KL has its
-// own passes (max, sum of exponentials, then the log-probabilities).
+// own passes in each kernel (max, sum of exponentials, then the log-probabilities):
+//   loss = T^2 sum p_t (lt - ls),  d/ds = T (p_s - p_t),  d/dt = T p_t (lt - ls - KL)
+// with ls, lt the log-probabilities of s/T and t/T.
 #pragma once
 
 #include <cmath>
@@ -133,21 +135,6 @@ RF_HOST_DEVICE acc_t teacher_grad(const RowGrad<acc_t>& g, acc_t s, acc_t t) {
   } else {
     return g.gt_d * difference_term<Kind>(s, t);
   }
-}
-
-// KL: loss = T^2 KL(softmax(t/T) || softmax(s/T)). With ls, lt the log-probabilities,
-//   loss = T^2 sum p_t (lt - ls),  d/ds = T (p_s - p_t),  d/dt = T p_t (lt - ls - KL).
-template <typename acc_t>
-struct KlRow {
-  acc_t lse_s, lse_t;  // log-sum-exp of s/T and t/T
-};
-
-template <typename acc_t>
-RF_HOST_DEVICE KlRow<acc_t> kl_row(acc_t max_s, acc_t max_t, acc_t sum_exp_s, acc_t sum_exp_t,
-                                   acc_t inv_temperature) {
-  // max_s, max_t: maxima of the raw rows; sum_exp_*: sum of exp(x/T - max/T).
-  return {max_s * inv_temperature + std::log(sum_exp_s),
-          max_t * inv_temperature + std::log(sum_exp_t)};
 }
 
 }  // namespace robust_fast
