@@ -10,8 +10,12 @@ from typing import List, Optional
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+# Short names of benchmarks whose file is named after the op family.
+ALIASES = {"loss": "multi_teacher_loss"}
+
+
 def _run_benchmark(name: str, argv: List[str]) -> int:
-    script = BENCHMARKS_DIR / f"bench_{name}.py"
+    script = BENCHMARKS_DIR / f"bench_{ALIASES.get(name, name)}.py"
     if not script.is_file():
         available = sorted(p.stem[len("bench_"):] for p in BENCHMARKS_DIR.glob("bench_*.py"))
         where = f"available: {', '.join(available)}" if available else \
@@ -32,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="robust-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, and which backend can run where")
-    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. pgd)")
+    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/ (pgd, loss)")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
     args = parser.parse_args(argv)
