@@ -1,7 +1,10 @@
 #include "robust_fast/multi_teacher_loss_problem.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
+
+#include <limits>
 
 namespace robust_fast {
 
@@ -96,13 +99,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_multi_teacher_los
   const bool grads = reduction != "none";
   const double scale = reduction == "mean" && p.batch > 0 ? 1.0 / static_cast<double>(p.batch) : 1.0;
   if (grads && (student_grad || teacher_grad)) {
-    p.coef = w.defined() ? (w * scale).contiguous()
-                         : at::full({p.batch, p.teachers_count}, scale, acc_options);
+    if (w.defined()) {
+      p.coef = (w * scale).contiguous();
+    } else {
+      p.coef = at::empty({p.batch, p.teachers_count}, acc_options);
+      p.coef.fill_(scale);
+    }
   }
   allocate_grads(p, grads && student_grad, grads && teacher_grad);
   p.row_losses = at::empty({p.batch, p.teachers_count}, acc_options);
   if (p.batch > 0 && p.teachers_count > 0) kernel(p);
 
+  if (student.device().is_cpu() && reduction != "none") {
+    // The (B, K) reduction in one loop: a few ATen calls would cost more than the sum itself.
+    at::Tensor loss = at::empty({}, student.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "multi_teacher_loss_reduce", [&] {
+      const scalar_t* rows = p.row_losses.const_data_ptr<scalar_t>();
+      const at::Tensor w_dense = w.defined() ? w.contiguous() : w;
+      const scalar_t* weight = w.defined() ? w_dense.const_data_ptr<scalar_t>() : nullptr;
+      const int64_t n = p.batch * p.teachers_count;
+      scalar_t total = 0;
+      for (int64_t i = 0; i < n; ++i) total += weight != nullptr ? rows[i] * weight[i] : rows[i];
+      // mean over no samples is NaN, as torch.mean of an empty tensor
+      const scalar_t value = reduction == "sum" ? total
+                             : (p.batch > 0 ? total / static_cast<scalar_t>(p.batch)
+                                            : std::numeric_limits<scalar_t>::quiet_NaN());
+      loss.fill_(value);
+    });
+    return {loss, p.row_losses, empty_or(p.grad_student, student), empty_or(p.grad_teachers, teachers)};
+  }
   at::Tensor weighted = w.defined() ? p.row_losses * w : p.row_losses;
   at::Tensor loss;
   if (reduction == "none") {

@@ -1,17 +1,20 @@
 // CPU kernels of the multi-teacher loss: at::parallel_for over samples; for each sample, each
 // teacher's row in two passes (the sums, then the gradient) while the row is in the core's
 // cache. The gradient of a shared (B, D) student sums over its teachers in an accumulation-dtype
-// buffer before its one write. Inner loops are plain loops the compiler vectorizes (-O3 with
-// the ISA flags of setup.py), sums kept in kLanes independent accumulators.
+// buffer before its one write. float and double rows run on at::vec::Vectorized (the widest
+// vectors the ISA flags of setup.py allow; exp from ATen's vectorized math); half and bfloat16
+// rows on scalar loops in float, sums kept in kLanes independent accumulators.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "robust_fast/multi_teacher_loss_math.h"
@@ -182,6 +185,224 @@ acc_t kl_row_kernel(const scalar_t* s, const scalar_t* t, int64_t n, acc_t tempe
   return temperature * temperature * kl;
 }
 
+
+// ---- float and double rows: explicit vectors -------------------------------------------------
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline Vec<T> vec_exp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();  // ATen softmax's exp
+  } else {
+    return x.exp();
+  }
+}
+
+template <typename T>
+inline T reduce_sum(const Vec<T>& v) {
+  alignas(64) T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T total = 0;
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) total += lanes[i];
+  return total;
+}
+
+template <typename T>
+inline T reduce_max(const Vec<T>& v) {
+  alignas(64) T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) m = lanes[i] > m ? lanes[i] : m;
+  return m;
+}
+
+template <LossKind Kind, typename T>
+inline void vec_terms(const Vec<T>& s, const Vec<T>& t, Vec<T>& x, Vec<T>& y, Vec<T>& z) {
+  if constexpr (Kind == LossKind::kCosine) {
+    x = at::vec::fmadd(s, s, x);
+    y = at::vec::fmadd(t, t, y);
+    z = at::vec::fmadd(s, t, z);
+  } else if constexpr (Kind == LossKind::kL2Normalized) {
+    const Vec<T> d = s - t;
+    x = at::vec::fmadd(d, d, x);
+    y = at::vec::fmadd(t, t, y);
+  } else if constexpr (Kind == LossKind::kL1) {
+    x = x + (s - t).abs();
+  } else {
+    const Vec<T> d = s - t;
+    x = at::vec::fmadd(d, d, x);
+  }
+}
+
+template <LossKind Kind, typename T>
+RowSums<T> row_sums_vec(const T* s, const T* t, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> x0(T(0)), y0(T(0)), z0(T(0)), x1(T(0)), y1(T(0)), z1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {  // two independent chains
+    vec_terms<Kind, T>(Vec<T>::loadu(s + i), Vec<T>::loadu(t + i), x0, y0, z0);
+    vec_terms<Kind, T>(Vec<T>::loadu(s + i + W), Vec<T>::loadu(t + i + W), x1, y1, z1);
+  }
+  if (i < n) {  // the rest, zero-padded (every term of a zero pair is 0)
+    const int64_t rest = std::min<int64_t>(n - i, W);
+    vec_terms<Kind, T>(Vec<T>::loadu(s + i, rest), Vec<T>::loadu(t + i, rest), x0, y0, z0);
+    i += rest;
+    if (i < n) {
+      vec_terms<Kind, T>(Vec<T>::loadu(s + i, n - i), Vec<T>::loadu(t + i, n - i), x1, y1, z1);
+    }
+  }
+  return to_sums<Kind, T>(reduce_sum<T>(x0 + x1), reduce_sum<T>(y0 + y1), reduce_sum<T>(z0 + z1));
+}
+
+template <LossKind Kind, typename T>
+inline Vec<T> vec_difference_term(const Vec<T>& s, const Vec<T>& t) {
+  const Vec<T> d = s - t;
+  if constexpr (Kind == LossKind::kL1) {
+    const Vec<T> zero(T(0)), one(T(1));
+    return ((d > zero) & one) - ((d < zero) & one);  // sign, 0 at 0
+  } else {
+    return d;
+  }
+}
+
+template <LossKind Kind, typename T>
+inline Vec<T> vec_student_grad(const RowGrad<T>& g, const Vec<T>& s, const Vec<T>& t) {
+  if constexpr (Kind == LossKind::kCosine) {
+    return at::vec::fmadd(Vec<T>(g.gs_s), s, Vec<T>(g.gs_t) * t);
+  } else {
+    return Vec<T>(g.gs_d) * vec_difference_term<Kind, T>(s, t);
+  }
+}
+
+template <LossKind Kind, typename T>
+inline Vec<T> vec_teacher_grad(const RowGrad<T>& g, const Vec<T>& s, const Vec<T>& t) {
+  if constexpr (Kind == LossKind::kCosine) {
+    return at::vec::fmadd(Vec<T>(g.gt_s), s, Vec<T>(g.gt_t) * t);
+  } else if constexpr (Kind == LossKind::kL2Normalized) {
+    return at::vec::fmadd(Vec<T>(g.gt_d), s - t, Vec<T>(g.gt_t) * t);
+  } else {
+    return Vec<T>(g.gt_d) * vec_difference_term<Kind, T>(s, t);
+  }
+}
+
+// out = f(s_i, t_i) (or out += f when accumulate), vector by vector.
+template <typename T, typename VecFn, typename ScalarFn>
+inline void write_row(T* out, const T* s, const T* t, int64_t n, bool accumulate, const VecFn& vf,
+                      const ScalarFn& sf) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    Vec<T> v = vf(Vec<T>::loadu(s + i), Vec<T>::loadu(t + i));
+    if (accumulate) v = v + Vec<T>::loadu(out + i);
+    v.store(out + i);
+  }
+  for (; i < n; ++i) out[i] = accumulate ? out[i] + sf(s[i], t[i]) : sf(s[i], t[i]);
+}
+
+template <typename T>
+T row_max_vec(const T* x, int64_t n) {
+  constexpr int64_t W = Vec<T>::size();
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  Vec<T> m(neg_inf);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) m = at::vec::maximum(m, Vec<T>::loadu(x + i));
+  T result = reduce_max<T>(m);
+  for (; i < n; ++i) result = x[i] > result ? x[i] : result;
+  return result;
+}
+
+// exp((x - m) / T) into out; returns their sum.
+template <typename T>
+T shifted_exp_vec(const T* x, int64_t n, T m, T inv_t, T* out) {
+  constexpr int64_t W = Vec<T>::size();
+  const Vec<T> mv(m), iv(inv_t);
+  Vec<T> total(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const Vec<T> e = vec_exp<T>((Vec<T>::loadu(x + i) - mv) * iv);
+    e.store(out + i);
+    total = total + e;
+  }
+  T sum = reduce_sum<T>(total);
+  for (; i < n; ++i) {
+    out[i] = std::exp((x[i] - m) * inv_t);
+    sum += out[i];
+  }
+  return sum;
+}
+
+// kl_row_kernel for float and double rows.
+template <typename T>
+T kl_row_vec(const T* s, const T* t, int64_t n, T temperature, T coef, T* grad_s, bool accumulate,
+             T* grad_t, KlScratch<T>& scratch) {
+  constexpr int64_t W = Vec<T>::size();
+  const T inv_t = T(1) / temperature;
+  scratch.exp_s.resize(n);
+  scratch.exp_t.resize(n);
+  T* es = scratch.exp_s.data();
+  T* et = scratch.exp_t.data();
+  const T max_s = row_max_vec(s, n), max_t = row_max_vec(t, n);
+  const T sum_s = shifted_exp_vec(s, n, max_s, inv_t, es);
+  const T sum_t = shifted_exp_vec(t, n, max_t, inv_t, et);
+  const T shift = std::log(sum_s) - std::log(sum_t);
+  const T inv_sum_s = T(1) / sum_s, inv_sum_t = T(1) / sum_t;
+  const auto diff_of = [&](T sv, T tv) { return ((tv - max_t) - (sv - max_s)) * inv_t + shift; };
+  const Vec<T> ms(max_s), mt(max_t), iv(inv_t), sh(shift), izs(inv_sum_s), izt(inv_sum_t);
+  const auto vec_diff = [&](const Vec<T>& sv, const Vec<T>& tv) { return at::vec::fmadd((tv - mt) - (sv - ms), iv, sh); };
+  // KL = sum p_t (lt - ls)
+  Vec<T> acc(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    acc = at::vec::fmadd(Vec<T>::loadu(et + i) * izt, vec_diff(Vec<T>::loadu(s + i), Vec<T>::loadu(t + i)), acc);
+  }
+  T kl = reduce_sum<T>(acc);
+  for (; i < n; ++i) kl += et[i] * inv_sum_t * diff_of(s[i], t[i]);
+  const T scale = coef * temperature;
+  if (grad_s != nullptr) {
+    // d/ds = T (p_s - p_t), from the stored exponentials (the rows are not read again).
+    const Vec<T> sc(scale);
+    i = 0;
+    for (; i + W <= n; i += W) {
+      Vec<T> g = sc * (Vec<T>::loadu(es + i) * izs - Vec<T>::loadu(et + i) * izt);
+      if (accumulate) g = g + Vec<T>::loadu(grad_s + i);
+      g.store(grad_s + i);
+    }
+    for (; i < n; ++i) {
+      const T g = scale * (es[i] * inv_sum_s - et[i] * inv_sum_t);
+      grad_s[i] = accumulate ? grad_s[i] + g : g;
+    }
+  }
+  if (grad_t != nullptr) {
+    const Vec<T> sc(scale), klv(kl);
+    i = 0;
+    for (; i + W <= n; i += W) {
+      const Vec<T> d = vec_diff(Vec<T>::loadu(s + i), Vec<T>::loadu(t + i));
+      (sc * Vec<T>::loadu(et + i) * izt * (d - klv)).store(grad_t + i);
+    }
+    for (; i < n; ++i) grad_t[i] = scale * et[i] * inv_sum_t * (diff_of(s[i], t[i]) - kl);
+  }
+  return temperature * temperature * kl;
+}
+
+// One row of a non-KL kind, float or double: sums, then the gradients.
+template <LossKind Kind, typename T>
+T loss_row_vec(const T* s, const T* t, int64_t n, T coef, T* grad_s, bool accumulate, T* grad_t) {
+  const RowGrad<T> g = finalize<Kind, T>(row_sums_vec<Kind, T>(s, t, n), coef, n);
+  if (grad_s != nullptr) {
+    write_row<T>(grad_s, s, t, n, accumulate,
+                 [&](const Vec<T>& sv, const Vec<T>& tv) { return vec_student_grad<Kind, T>(g, sv, tv); },
+                 [&](T sv, T tv) { return student_grad<Kind, T>(g, sv, tv); });
+  }
+  if (grad_t != nullptr) {
+    write_row<T>(grad_t, s, t, n, false,
+                 [&](const Vec<T>& sv, const Vec<T>& tv) { return vec_teacher_grad<Kind, T>(g, sv, tv); },
+                 [&](T sv, T tv) { return teacher_grad<Kind, T>(g, sv, tv); });
+  }
+  return g.loss;
+}
+
 template <typename scalar_t, LossKind Kind>
 void loss_rows_cpu(const LossProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -192,8 +413,9 @@ void loss_rows_cpu(const LossProblem& p) {
   scalar_t* grad_student = p.grad_student.defined() ? p.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_teachers = p.grad_teachers.defined() ? p.grad_teachers.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t B = p.batch, K = p.teachers_count, D = p.dim;
-  // A shared student's gradient sums over K teachers: in acc_t, written once.
-  const bool sum_over_teachers = grad_student != nullptr && p.shared && K > 1;
+  // A shared half/bfloat16 student's gradient sums over K teachers in acc_t, written once.
+  const bool sum_over_teachers =
+      !std::is_same_v<scalar_t, acc_t> && grad_student != nullptr && p.shared && K > 1;
   const acc_t temperature = static_cast<acc_t>(p.temperature);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, K * D));
   at::parallel_for(0, B, grain, [&](int64_t first, int64_t last) {
@@ -207,7 +429,13 @@ void loss_rows_cpu(const LossProblem& p) {
         scalar_t* gt = grad_teachers != nullptr ? grad_teachers + (k * B + b) * D : nullptr;
         scalar_t* gs = grad_student == nullptr ? nullptr
                        : grad_student + (p.shared ? b * D : (b * K + k) * D);
-        if constexpr (Kind == LossKind::kKl) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {  // float, double: vectors
+          // A shared student's gradient sums in place over its teachers (it is acc_t already).
+          const acc_t loss = Kind == LossKind::kKl
+              ? kl_row_vec<acc_t>(s, t, D, temperature, c, gs, p.shared && k > 0, gt, scratch)
+              : loss_row_vec<Kind, acc_t>(s, t, D, c, gs, p.shared && k > 0, gt);
+          if (rows != nullptr) rows[b * K + k] = loss;
+        } else if constexpr (Kind == LossKind::kKl) {
           acc_t loss;
           if (sum_over_teachers) {
             loss = kl_row_kernel<scalar_t, acc_t, acc_t>(s, t, D, temperature, c, summed.data(), k > 0, gt, scratch);

@@ -147,8 +147,14 @@ def multi_teacher_loss(student: torch.Tensor, teachers: Teachers, *,
         student_grad = grad_on and student.requires_grad
         teacher_grad = teachers_need_grad
         if chosen == "cpp":
-            return torch.ops.robust_fast.multi_teacher_loss(
-                student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad)[0]
+            args = (student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad)
+            if (student_grad or teacher_grad or (grad_on and weights is not None and weights.requires_grad)) \
+                    and not torch.compiler.is_compiling():
+                # Eagerly, a plain autograd.Function around the op costs less per call than the
+                # op's registered autograd (the same setup_context and backward): that path is for
+                # torch.compile and direct torch.ops calls.
+                return _CppMultiTeacherLoss.apply(*args)[0]
+            return torch.ops.robust_fast.multi_teacher_loss(*args)[0]
         from robust_fast.kernels.multi_teacher_loss import TritonMultiTeacherLoss
         return TritonMultiTeacherLoss.apply(student, teachers, weights, kind, temperature, reduction,
                                             student_grad, teacher_grad)[0]
@@ -204,6 +210,22 @@ def backward(ctx, grad_loss, *unused, backward_rows: Callable):
             per_row = per_row.sum(0)
         out_weights = per_row.to(weights.dtype)
     return out_student, out_teachers, out_weights, None, None, None, None, None
+
+
+class _CppMultiTeacherLoss(torch.autograd.Function):
+    """torch.ops.robust_fast.multi_teacher_loss with its registered autograd, for eager calls."""
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.robust_fast.multi_teacher_loss(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        return backward(ctx, grad_loss, backward_rows=torch.ops.robust_fast._multi_teacher_loss_backward)
 
 
 def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
