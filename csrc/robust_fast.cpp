@@ -14,6 +14,20 @@ TORCH_LIBRARY(robust_fast, m) {
       "pgd_step_out(Tensor x_adv, Tensor grad, Tensor x_nat, float eps, float alpha, "
       "Tensor? eps_per_sample, Tensor? alpha_per_sample, str norm, float? clip_min, "
       "float? clip_max, bool targeted, Tensor(a!) out) -> ()");
+  // The multi-teacher loss and, in the same pass over each row, its gradient.
+  // student (B, D) or (B, K, D); teachers (K, B, D); weights None, (K,) or (B, K).
+  // Returns (loss, row_losses (B, K) unweighted in float32/float64, grad_student, grad_teachers):
+  // the gradients of the reduced loss when reduction is mean or sum and the flag asks for them,
+  // else empty tensors.
+  m.def(
+      "multi_teacher_loss(Tensor student, Tensor teachers, Tensor? weights, str kind, "
+      "float temperature, str reduction, bool student_grad, bool teacher_grad) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  // The gradients of sum_bk grad_rows[b, k] * loss_bk (reduction "none", or an upstream
+  // gradient on the rows): (grad_student, grad_teachers), empty where not asked for.
+  m.def(
+      "_multi_teacher_loss_backward(Tensor grad_rows, Tensor student, Tensor teachers, str kind, "
+      "float temperature, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
 }
 
 // A Python module entry so that `import robust_fast._C` loads the library and runs the

@@ -1,10 +1,11 @@
 """robust_fast: fused kernels for adversarial robustness and robustness transfer in PyTorch."""
 from robust_fast._backend import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
+from robust_fast.ops.multi_teacher_loss import multi_teacher_loss
 from robust_fast.ops.pgd import pgd_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "get_backend", "set_backend", "use_backend",
-    "pgd_step", "__version__",
+    "multi_teacher_loss", "pgd_step", "__version__",
 ]

@@ -10,6 +10,10 @@ from typing import List, Optional
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+# Short names of benchmarks whose file is named after the op family.
+ALIASES = {"loss": "multi_teacher_loss"}
+
+
 def _benchmarks_dir() -> Path:
     # The benchmarks live in the source tree, not in the installed package: next to the package
     # in an editable install, else the checkout the command is run from.
@@ -21,7 +25,7 @@ def _benchmarks_dir() -> Path:
 
 def _run_benchmark(name: str, argv: List[str]) -> int:
     benchmarks = _benchmarks_dir()
-    script = benchmarks / f"bench_{name}.py"
+    script = benchmarks / f"bench_{ALIASES.get(name, name)}.py"
     if not script.is_file():
         available = sorted(p.stem[len("bench_"):] for p in benchmarks.glob("bench_*.py"))
         where = f"available: {', '.join(available)}" if available else \
@@ -43,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, and which backend can run where")
     bench = commands.add_parser(
-        "bench", help="run a benchmark from benchmarks/ (e.g. pgd); results go to "
+        "bench", help="run a benchmark from benchmarks/ (pgd, loss); results go to "
                       "benchmarks/results/local/ unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")

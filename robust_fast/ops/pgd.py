@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from robust_fast import _backend, _build
+from robust_fast._checks import check_floating_tensor
 from robust_fast._layout import walks_as_it_lies
 from robust_fast._profiling import op_range
 from robust_fast.reference.pgd import pgd_step_reference
@@ -22,11 +23,7 @@ NORMS = ("linf", "l2")
 
 
 def _check_operand(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"pgd_step: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"pgd_step: {name} must have a floating-point dtype, got {value.dtype}")
-    return value
+    return check_floating_tensor(name, value, "pgd_step")
 
 
 def check_radius(name: str, value, batch: int, x: torch.Tensor,

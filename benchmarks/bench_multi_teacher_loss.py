@@ -1,0 +1,298 @@
+"""Benchmark of the multi-teacher loss (robust_fast.multi_teacher_loss), in one run, as ratios:
+
+forward + backward (the student's gradient, teachers frozen) and forward alone, for
+  cosine        (B=256, D=512, K=1, 3, 5)      RRM-like feature matching
+  l2_normalized (B=128, D=2048, K=3)           RRM's ImageNet setting
+  kl            (B=512, C=100, K=4)            DARHT: the student map's K slices vs K teachers
+  cosine        (B=1024, D=2048, K=3)          memory-bound
+each usable backend (cpp; Triton on CUDA only) against the eager loop as research code writes it
+(a Python loop over teachers of F.cosine_similarity / norms / F.kl_div), torch.compile of that
+loop, and the machine's memory limit (a copy moving the bytes the op must read and write).
+
+    python benchmarks/bench_multi_teacher_loss.py [--quick] [--device cpu|cuda] [--out DIR]
+                                                  [--no-compile] [--threads N]
+    robust-fast bench loss [same arguments]
+
+Results: benchmarks/results/multi_teacher_loss.json + .png (_cuda, _quick suffixes as for pgd).
+Speed-ups are "baseline median / this median" (> 1: this is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    import robust_fast  # noqa: F401
+except ImportError:  # run from a checkout without PYTHONPATH
+    sys.path.insert(0, os.path.dirname(_HERE))
+if __package__:
+    from . import harness
+else:
+    if _HERE not in sys.path:
+        sys.path.insert(0, _HERE)
+    import harness
+
+import robust_fast  # noqa: E402
+from robust_fast import _build  # noqa: E402
+
+# (kind, batch, dim, teachers, student sliced per teacher)
+CASES = [
+    ("cosine", 256, 512, 1, False),
+    ("cosine", 256, 512, 3, False),
+    ("cosine", 256, 512, 5, False),
+    ("l2_normalized", 128, 2048, 3, False),
+    ("kl", 512, 100, 4, True),
+    ("cosine", 1024, 2048, 3, False),
+]
+FULL = {"cases": CASES, "rounds": 3, "min_run_time": 1.0, "min_runs": 15}
+QUICK = {"cases": [("cosine", 16, 32, 3, False), ("kl", 16, 10, 2, True)],
+         "rounds": 1, "min_run_time": 0.02, "min_runs": 3}
+MODES = ("forward+backward", "forward")
+
+
+def log(message: str = "") -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop research code writes
+
+def eager_loop(kind: str):
+    """One teacher at a time, the way RRM / DARHT / LwF code computes the term."""
+    def cosine(student, teachers):
+        loss = 0.0
+        for t in teachers:
+            loss = loss + (1 - F.cosine_similarity(student, t, dim=1)).mean()
+        return loss
+
+    def l2_normalized(student, teachers):
+        loss = 0.0
+        for t in teachers:
+            loss = loss + (torch.norm(student - t, p=2, dim=1) / torch.norm(t, p=2, dim=1)).mean()
+        return loss
+
+    def kl(student, teachers):  # student (B, K, C): slice k imitates teacher k (T = 1)
+        loss = 0.0
+        for k, t in enumerate(teachers):
+            loss = loss + F.kl_div(F.log_softmax(student[:, k], dim=1), F.softmax(t, dim=1),
+                                   reduction="batchmean")
+        return loss
+    return {"cosine": cosine, "l2_normalized": l2_normalized, "kl": kl}[kind]
+
+
+def _inputs(kind, batch, dim, count, sliced, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = 3.0 if kind == "kl" else 1.0
+    student = (torch.randn((batch, count, dim) if sliced else (batch, dim), generator=g) * scale).to(device)
+    teachers = [(torch.randn(batch, dim, generator=g) * scale).to(device) for _ in range(count)]
+    return student.requires_grad_(), teachers
+
+
+def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, object]]:
+    kind, batch, dim, count, sliced = case
+    student, teachers = _inputs(kind, batch, dim, count, sliced, device)
+    loop = eager_loop(kind)
+    compiled = None
+    compile_s = None
+    if use_compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(loop, mode="default", dynamic=False)
+        start = time.perf_counter()
+        torch.autograd.grad(compiled(student, teachers), student)
+        with torch.no_grad():
+            compiled(student, teachers)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+    backends = []
+    if _build.cpp_unavailable_reason(device) is None:
+        backends.append("cpp")
+    if device != "cpu" and _build.triton_unavailable_reason(device) is None:
+        backends.append("triton")
+
+    def ours(backend):
+        return lambda s, ts: robust_fast.multi_teacher_loss(s, ts, kind=kind, backend=backend)
+
+    impls = {b: ours(b) for b in backends}
+    impls["eager loop"] = loop
+    if compiled is not None:
+        impls["torch.compile(eager loop)"] = compiled
+
+    elem = 4
+    student_bytes = student.numel() * elem
+    read_bytes = student_bytes + count * batch * dim * elem
+    rows = []
+    for mode in MODES:
+        op_bytes = read_bytes + (student_bytes if mode == "forward+backward" else 0)
+        src = torch.empty(max(1, op_bytes // (2 * elem)), device=device).uniform_()
+        dst = torch.empty_like(src)
+        candidates = {}
+        for name, fn in impls.items():
+            if mode == "forward+backward":
+                candidates[name] = (lambda fn=fn: torch.autograd.grad(fn(student, teachers), student)[0])
+            else:
+                def forward_only(fn=fn):
+                    with torch.no_grad():
+                        return fn(student, teachers)
+                candidates[name] = forward_only
+        candidates["copy (same bytes)"] = lambda: dst.copy_(src)
+        # Every implementation must agree with the eager loop before its time means anything.
+        expected = candidates["eager loop"]()
+        max_diff = {}
+        for name, fn in candidates.items():
+            if not name.startswith("copy"):
+                max_diff[name] = float((fn() - expected).abs().max())
+        stats = harness.compare(candidates, device=device, rounds=config["rounds"],
+                                min_run_time=config["min_run_time"], min_runs=config["min_runs"])
+        eager_ms = stats["eager loop"]["median_ms"]
+        compile_ms = stats.get("torch.compile(eager loop)", {}).get("median_ms")
+        copy_ms = stats["copy (same bytes)"]["median_ms"]
+        for name, s in stats.items():
+            ms = s["median_ms"]
+            rows.append({
+                "part": "multi_teacher_loss", "kind": kind, "batch": batch, "dim": dim, "teachers": count,
+                "student": "(B, K, D)" if sliced else "(B, D)", "mode": mode, "dtype": "float32",
+                "device": device, "impl": name, "median_ms": ms, "iqr_ms": s["iqr_ms"],
+                "min_ms": s["min_ms"], "samples": s["samples"], "bytes": op_bytes,
+                "gbps": op_bytes / (ms * 1e-3) / 1e9,
+                "vs_eager": harness.ratio(eager_ms, ms), "vs_compile": harness.ratio(compile_ms, ms),
+                "fraction_of_copy": harness.ratio(copy_ms, ms),
+                "max_abs_diff_vs_eager": max_diff.get(name),
+                "compile_s": compile_s if name.startswith("torch.compile") else None,
+            })
+        del src, dst
+    log(f"  {kind} B={batch} D={dim} K={count}: done")
+    return rows
+
+
+def _label(r) -> str:
+    return f"{r['kind']} {r['batch']}x{r['dim']} K={r['teachers']}"
+
+
+def _panels(rows) -> List[Dict[str, object]]:
+    panels = []
+    for mode in MODES:
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        labels = []
+        for r in mode_rows:
+            if _label(r) not in labels:
+                labels.append(_label(r))
+
+        def value(impl, key):
+            out = []
+            for label in labels:
+                match = [r for r in mode_rows if r["impl"] == impl and _label(r) == label]
+                out.append(match[0][key] if match else None)
+            return out
+        for impl in [i for i in ("cpp", "triton") if any(r["impl"] == i for r in mode_rows)]:
+            panels.append({"title": f"multi_teacher_loss {mode}, {impl}: speed-up (baseline time / {impl} time)",
+                           "ylabel": "speed-up", "groups": labels, "reference": 1.0,
+                           "series": {"vs eager loop": value(impl, "vs_eager"),
+                                      "vs torch.compile(loop)": value(impl, "vs_compile"),
+                                      "fraction of copy bandwidth": value(impl, "fraction_of_copy")}})
+    return panels
+
+
+def _summary(rows) -> Dict[str, object]:
+    out = {}
+    for r in rows:
+        if r["impl"] in ("cpp", "triton"):
+            out[f"{r['impl']} {r['mode']} {_label(r)}"] = {
+                k: r[k] for k in ("median_ms", "gbps", "vs_eager", "vs_compile", "fraction_of_copy")}
+    return out
+
+
+COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None),
+           ("median ms", "median_ms", ".3f"), ("iqr ms", "iqr_ms", ".3f"), ("GB/s", "gbps", ".1f"),
+           ("vs eager", "vs_eager", ".2f"), ("vs compile", "vs_compile", ".2f"),
+           ("of copy", "fraction_of_copy", ".2f"), ("max|diff|", "max_abs_diff_vs_eager", ".1e")]
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    parser = argparse.ArgumentParser(prog="bench_multi_teacher_loss", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes (not numbers to quote)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", default=None, help=f"results folder (default {harness.RESULTS_DIR})")
+    parser.add_argument("--name", default=None, help="results file stem (default multi_teacher_loss[_cuda][_quick])")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line (also `robust-fast bench loss ...`): runs the benchmark, returns 0."""
+    run(argv)
+    return 0
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> Dict[str, object]:
+    config = QUICK if args.quick else FULL
+    device = args.device
+    name = args.name or "multi_teacher_loss" + ("_cuda" if device == "cuda" else "") + ("_quick" if args.quick else "")
+    notes: List[str] = []
+    if args.quick:
+        notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
+    if device == "cpu":
+        notes.append("the Triton backend is not timed on CPU: there it runs only in Triton's "
+                     "interpreter; it is timed with --device cuda")
+    if args.no_compile:
+        notes.append("torch.compile baseline skipped (--no-compile)")
+    busy = harness.busy_note("when the run started")
+    if busy:
+        notes.append(busy)
+    begin = time.perf_counter()
+    log(f"bench_multi_teacher_loss on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{' (quick)' if args.quick else ''}")
+    rows: List[Dict[str, object]] = []
+    for case in config["cases"]:
+        rows += bench_case(case, config, device, not args.no_compile, notes)
+    torch._dynamo.reset()
+    for r in rows:
+        r["case"] = _label(r)
+    log(harness.format_table(rows, COLUMNS))
+    durations = {"total": time.perf_counter() - begin}
+    for note in notes:
+        log(f"note: {note}")
+    settings = {"quick": args.quick, "device": device, "compile": not args.no_compile, "dtype": "float32",
+                "cases": [dict(zip(("kind", "batch", "dim", "teachers", "sliced_student"), c))
+                          for c in config["cases"]],
+                **{k: v for k, v in config.items() if k != "cases"}}
+    paths = harness.write_results(
+        name, rows, settings=settings, out_dir=args.out, notes=notes,
+        extra={"durations_s": durations, "summary": _summary(rows),
+               "ratio_definition": "speed-up = baseline median time / this median time; "
+                                   "fraction_of_copy = time of a copy moving the op's bytes (reads of the "
+                                   "student and K teachers, plus the student gradient's write in "
+                                   "forward+backward) / this time"},
+        panels=_panels(rows), title=f"robust_fast multi_teacher_loss ({device}, torch {torch.__version__})")
+    log(f"results: {', '.join(paths.values())}  ({durations['total']:.0f} s in all)")
+    with open(paths["json"]) as f:
+        payload = json.load(f)
+    payload["paths"] = paths
+    return payload
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
