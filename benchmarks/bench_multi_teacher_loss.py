@@ -220,11 +220,12 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser = argparse.ArgumentParser(prog="bench_multi_teacher_loss", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes (not numbers to quote)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", default=None, help=f"results folder (default {harness.RESULTS_DIR})")
-    parser.add_argument("--name", default=None, help="results file stem (default multi_teacher_loss[_cuda][_quick])")
+    harness.add_output_arguments(parser, "multi_teacher_loss")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    if args.save_reference and args.quick:
+        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     return args
@@ -259,9 +260,10 @@ def _run(args) -> Dict[str, object]:
                      "interpreter; it is timed with --device cuda")
     if args.no_compile:
         notes.append("torch.compile baseline skipped (--no-compile)")
-    busy = harness.busy_note("when the run started")
+    busy = harness.busy_warning("when the run started")
     if busy:
         notes.append(busy)
+        harness.warn(busy)
     begin = time.perf_counter()
     log(f"bench_multi_teacher_loss on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
         f"{' (quick)' if args.quick else ''}")
@@ -273,6 +275,11 @@ def _run(args) -> Dict[str, object]:
         r["case"] = _label(r)
     log(harness.format_table(rows, COLUMNS))
     durations = {"total": time.perf_counter() - begin}
+    busy_at_end = harness.busy_warning("when the run ended", own_threads=torch.get_num_threads())
+    if busy_at_end:
+        notes.append(busy_at_end)
+        harness.warn(busy_at_end)
+    out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
     for note in notes:
         log(f"note: {note}")
     settings = {"quick": args.quick, "device": device, "compile": not args.no_compile, "dtype": "float32",
@@ -280,7 +287,7 @@ def _run(args) -> Dict[str, object]:
                           for c in config["cases"]],
                 **{k: v for k, v in config.items() if k != "cases"}}
     paths = harness.write_results(
-        name, rows, settings=settings, out_dir=args.out, notes=notes,
+        name, rows, settings=settings, out_dir=out_dir, notes=notes,
         extra={"durations_s": durations, "summary": _summary(rows),
                "ratio_definition": "speed-up = baseline median time / this median time; "
                                    "fraction_of_copy = time of a copy moving the op's bytes (reads of the "
@@ -288,6 +295,9 @@ def _run(args) -> Dict[str, object]:
                                    "forward+backward) / this time"},
         panels=_panels(rows), title=f"robust_fast multi_teacher_loss ({device}, torch {torch.__version__})")
     log(f"results: {', '.join(paths.values())}  ({durations['total']:.0f} s in all)")
+    if refused:
+        harness.warn(f"--save-reference refused: the machine was busy, so {harness.REFERENCE_DIR} "
+                     "was left as it was; rerun on a quiet machine")
     with open(paths["json"]) as f:
         payload = json.load(f)
     payload["paths"] = paths

@@ -92,10 +92,6 @@ def log(message: str = "") -> None:
     print(message, flush=True)
 
 
-def warn(message: str) -> None:
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------------------------
 # (a) the step
 
@@ -490,13 +486,7 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--parts", default="step,attack,early_stop",
                         help="comma-separated subset of step,attack,early_stop")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None,
-                       help=f"results folder (default {os.path.relpath(harness.LOCAL_RESULTS_DIR)}, ignored by git)")
-    where.add_argument("--save-reference", action="store_true",
-                       help=f"write the committed reference results ({os.path.relpath(harness.REFERENCE_DIR)}) "
-                            "that the README quotes; refused with --quick, kept local on a busy machine")
-    parser.add_argument("--name", default=None, help="results file stem (default pgd[_cuda][_quick])")
+    harness.add_output_arguments(parser, "pgd")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
@@ -541,7 +531,7 @@ def _run(args) -> Dict[str, object]:
     busy = harness.busy_warning("when the run started")
     if busy:
         notes.append(busy)
-        warn(busy)
+        harness.warn(busy)
     rows: List[Dict[str, object]] = []
     durations: Dict[str, float] = {}
     begin = time.perf_counter()
@@ -588,13 +578,8 @@ def _run(args) -> Dict[str, object]:
     busy_at_end = harness.busy_warning("when the run ended", own_threads=torch.get_num_threads())
     if busy_at_end:
         notes.append(busy_at_end)
-        warn(busy_at_end)
-    out_dir, refused = args.out, False
-    if args.save_reference:
-        refused = bool(busy or busy_at_end)
-        out_dir = None if refused else harness.REFERENCE_DIR  # None: the local folder
-        if refused:
-            notes.append("--save-reference refused: the machine was busy")
+        harness.warn(busy_at_end)
+    out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
     for note in notes:
         log(f"note: {note}")
     settings = {"quick": args.quick, "device": device, "parts": args.parts,
@@ -612,7 +597,7 @@ def _run(args) -> Dict[str, object]:
         panels=_panels(rows), title=f"robust_fast PGD benchmark ({device}, torch {torch.__version__})")
     log(f"results: {', '.join(paths.values())}  ({durations['total']:.0f} s in all)")
     if refused:
-        warn(f"--save-reference refused: the machine was busy, so {harness.REFERENCE_DIR} was left "
+        harness.warn(f"--save-reference refused: the machine was busy, so {harness.REFERENCE_DIR} was left "
              "as it was; rerun on a quiet machine")
     with open(paths["json"]) as f:
         payload = json.load(f)

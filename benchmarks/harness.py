@@ -221,6 +221,32 @@ def busy_warning(when: str, own_threads: int = 0) -> Optional[str]:
             "wait for scheduler ticks)")
 
 
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def add_output_arguments(parser, stem: str) -> None:
+    """--out DIR or --save-reference, the same for every benchmark."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help=f"results folder (default {os.path.relpath(LOCAL_RESULTS_DIR)}, ignored by git)")
+    where.add_argument("--save-reference", action="store_true",
+                       help=f"write the committed reference results ({os.path.relpath(REFERENCE_DIR)}) "
+                            "that the README quotes; refused with --quick, kept local on a busy machine")
+    parser.add_argument("--name", default=None, help=f"results file stem (default {stem}[_cuda][_quick])")
+
+
+def results_folder(args, busy_notes: Sequence[Optional[str]], notes: List[str]):
+    """(out_dir, refused): the reference folder only for --save-reference on a quiet machine;
+    None (the local folder) otherwise."""
+    if not getattr(args, "save_reference", False):
+        return args.out, False
+    refused = any(busy_notes)
+    if refused:
+        notes.append("--save-reference refused: the machine was busy")
+    return (None if refused else REFERENCE_DIR), refused
+
+
 def machine_info() -> Dict[str, object]:
     """What ran the benchmark (no hostname): CPU, cores, memory, GPU, versions, threads, the
     robust_fast backends usable here (or why not), and the date."""
