@@ -171,6 +171,8 @@ def setup_context(ctx, inputs, output) -> None:
     ctx.batch = teachers.shape[1]
     ctx.weights_shape = None if weights is None else tuple(weights.shape)
     ctx.mark_non_differentiable(row_losses, grad_student, grad_teachers)
+    # No zero tensors for the outputs nobody differentiates (grad_student alone is (B, D)).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(student, teachers, weights, row_losses, grad_student, grad_teachers)
 
 
