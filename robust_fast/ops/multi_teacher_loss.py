@@ -218,12 +218,10 @@ class _CppMultiTeacherLoss(torch.autograd.Function):
     """torch.ops.robust_fast.multi_teacher_loss with its registered autograd, for eager calls."""
 
     @staticmethod
-    def forward(*args):
-        return torch.ops.robust_fast.multi_teacher_loss(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
+    def forward(ctx, *args):  # (not a separate setup_context: apply then skips binding the arguments)
+        output = torch.ops.robust_fast.multi_teacher_loss(*args)
+        setup_context(ctx, args, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
