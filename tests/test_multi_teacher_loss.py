@@ -435,3 +435,16 @@ def call(**overrides):
 def test_bad_input_names_the_argument(overrides, error, words):
     with pytest.raises(error, match=words):
         call(**overrides)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_teachers(backend, kind):
+    """More teachers than the CPU kernel takes at once (groups of 4): the groups' gradients add up."""
+    count = 6 if backend == "triton" else 9
+    for dim in (37, 300):
+        student, teachers = make(3, count, dim, seed=dim)
+        weights = make_weights("per_sample", 3, count)
+        expected = run("reference", student, teachers, teacher_grad=True, kind=kind, weights=weights)
+        actual = run(backend, student, teachers, teacher_grad=True, kind=kind, weights=weights)
+        assert_same(actual, expected, torch.float32)

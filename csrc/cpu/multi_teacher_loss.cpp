@@ -403,6 +403,83 @@ T loss_row_vec(const T* s, const T* t, int64_t n, T coef, T* grad_s, bool accumu
   return g.loss;
 }
 
+
+// A shared (B, D) student row against up to kGroup teachers at once (float, double, non-KL):
+// pass 1 reads the student vector once per step with the G teachers' vectors beside it (G + 1
+// streams, as an elementwise op reads its inputs), pass 2 writes the student's gradient summed
+// over the G teachers once (added to the groups before when there are more than kGroup).
+constexpr int kGroup = 4;
+
+template <LossKind Kind, typename T, int G>
+void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T* rows, T* grad_s,
+                      bool accumulate, T* const* grad_t) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> x[G], y[G], z[G];
+  for (int j = 0; j < G; ++j) x[j] = y[j] = z[j] = Vec<T>(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const Vec<T> sv = Vec<T>::loadu(s + i);
+    for (int j = 0; j < G; ++j) vec_terms<Kind, T>(sv, Vec<T>::loadu(t[j] + i), x[j], y[j], z[j]);
+  }
+  if (i < n) {  // zero-padded rest: every term of a zero pair is 0
+    const Vec<T> sv = Vec<T>::loadu(s + i, n - i);
+    for (int j = 0; j < G; ++j) vec_terms<Kind, T>(sv, Vec<T>::loadu(t[j] + i, n - i), x[j], y[j], z[j]);
+  }
+  RowGrad<T> g[G];
+  for (int j = 0; j < G; ++j) {
+    g[j] = finalize<Kind, T>(to_sums<Kind, T>(reduce_sum<T>(x[j]), reduce_sum<T>(y[j]), reduce_sum<T>(z[j])),
+                             coef != nullptr ? coef[j] : T(0), n);
+    if (rows != nullptr) rows[j] = g[j].loss;
+  }
+  if (grad_s == nullptr && grad_t == nullptr) return;
+  for (i = 0; i + W <= n; i += W) {
+    const Vec<T> sv = Vec<T>::loadu(s + i);
+    Vec<T> sum = accumulate && grad_s != nullptr ? Vec<T>::loadu(grad_s + i) : Vec<T>(T(0));
+    for (int j = 0; j < G; ++j) {
+      const Vec<T> tv = Vec<T>::loadu(t[j] + i);
+      if (grad_s != nullptr) sum = sum + vec_student_grad<Kind, T>(g[j], sv, tv);
+      if (grad_t != nullptr) vec_teacher_grad<Kind, T>(g[j], sv, tv).store(grad_t[j] + i);
+    }
+    if (grad_s != nullptr) sum.store(grad_s + i);
+  }
+  for (; i < n; ++i) {
+    T sum = accumulate && grad_s != nullptr ? grad_s[i] : T(0);
+    for (int j = 0; j < G; ++j) {
+      sum += student_grad<Kind, T>(g[j], s[i], t[j][i]);
+      if (grad_t != nullptr) grad_t[j][i] = teacher_grad<Kind, T>(g[j], s[i], t[j][i]);
+    }
+    if (grad_s != nullptr) grad_s[i] = sum;
+  }
+}
+
+// All K teachers of one sample b, shared student, in groups of kGroup.
+template <LossKind Kind, typename T>
+void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const T* teachers,
+                       const T* coef, T* rows, T* grad_student, T* grad_teachers) {
+  const int64_t B = p.batch, K = p.teachers_count, D = p.dim;
+  const T* s = student + b * p.student_stride_b;
+  T* gs = grad_student != nullptr ? grad_student + b * D : nullptr;
+  for (int64_t k0 = 0; k0 < K; k0 += kGroup) {
+    const int group = static_cast<int>(std::min<int64_t>(kGroup, K - k0));
+    const T* t[kGroup];
+    T* gt[kGroup];
+    for (int j = 0; j < group; ++j) {
+      t[j] = teachers + (k0 + j) * p.teacher_stride_k + b * p.teacher_stride_b;
+      gt[j] = grad_teachers != nullptr ? grad_teachers + ((k0 + j) * B + b) * D : nullptr;
+    }
+    const T* c = coef != nullptr ? coef + b * K + k0 : nullptr;
+    T* r = rows != nullptr ? rows + b * K + k0 : nullptr;
+    T* const* gtp = grad_teachers != nullptr ? gt : nullptr;
+    const bool acc = k0 > 0;
+    switch (group) {
+      case 1: shared_group_vec<Kind, T, 1>(s, t, D, c, r, gs, acc, gtp); break;
+      case 2: shared_group_vec<Kind, T, 2>(s, t, D, c, r, gs, acc, gtp); break;
+      case 3: shared_group_vec<Kind, T, 3>(s, t, D, c, r, gs, acc, gtp); break;
+      default: shared_group_vec<Kind, T, 4>(s, t, D, c, r, gs, acc, gtp); break;
+    }
+  }
+}
+
 template <typename scalar_t, LossKind Kind>
 void loss_rows_cpu(const LossProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -422,6 +499,12 @@ void loss_rows_cpu(const LossProblem& p) {
     std::vector<acc_t> summed(sum_over_teachers ? D : 0);
     KlScratch<acc_t> scratch;
     for (int64_t b = first; b < last; ++b) {
+      if constexpr (std::is_same_v<scalar_t, acc_t> && Kind != LossKind::kKl) {
+        if (p.shared) {
+          shared_sample_vec<Kind, acc_t>(p, b, student, teachers, coef, rows, grad_student, grad_teachers);
+          continue;
+        }
+      }
       for (int64_t k = 0; k < K; ++k) {
         const scalar_t* s = student + b * p.student_stride_b + k * p.student_stride_k;
         const scalar_t* t = teachers + k * p.teacher_stride_k + b * p.teacher_stride_b;

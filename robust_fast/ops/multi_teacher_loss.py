@@ -171,6 +171,8 @@ def setup_context(ctx, inputs, output) -> None:
     ctx.batch = teachers.shape[1]
     ctx.weights_shape = None if weights is None else tuple(weights.shape)
     ctx.mark_non_differentiable(row_losses, grad_student, grad_teachers)
+    # No zero tensors for the outputs nobody differentiates (grad_student alone is (B, D)).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(student, teachers, weights, row_losses, grad_student, grad_teachers)
 
 
@@ -216,12 +218,10 @@ class _CppMultiTeacherLoss(torch.autograd.Function):
     """torch.ops.robust_fast.multi_teacher_loss with its registered autograd, for eager calls."""
 
     @staticmethod
-    def forward(*args):
-        return torch.ops.robust_fast.multi_teacher_loss(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
+    def forward(ctx, *args):  # (not a separate setup_context: apply then skips binding the arguments)
+        output = torch.ops.robust_fast.multi_teacher_loss(*args)
+        setup_context(ctx, args, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
