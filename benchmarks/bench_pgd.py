@@ -512,13 +512,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the benchmark; returns the stored payload plus "paths" (json, png)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return harness.run_with_threads(args.threads, lambda: _run(args))
 
 
 def _run(args) -> Dict[str, object]:

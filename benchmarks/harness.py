@@ -221,6 +221,17 @@ def busy_warning(when: str, own_threads: int = 0) -> Optional[str]:
             "wait for scheduler ticks)")
 
 
+def run_with_threads(threads: Optional[int], run: Callable[[], Dict[str, object]]) -> Dict[str, object]:
+    """run() with torch's thread count set to `threads` (when given), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
+
+
 def warn(message: str) -> None:
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
