@@ -287,6 +287,7 @@ class TritonMultiTeacherLoss(torch.autograd.Function):
         setup_context(ctx, inputs, output)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused):
         from robust_fast.ops.multi_teacher_loss import backward
         return backward(ctx, grad_loss, backward_rows=multi_teacher_loss_backward_triton)
