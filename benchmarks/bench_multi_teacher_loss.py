@@ -5,7 +5,8 @@ forward + backward (the student's gradient, teachers frozen) and forward alone, 
   l2_normalized (B=128, D=2048, K=3)           RRM's ImageNet setting
   kl            (B=512, C=100, K=4)            DARHT: the student map's K slices vs K teachers
   cosine        (B=1024, D=2048, K=3)          memory-bound
-each usable backend (cpp; Triton on CUDA only) against the eager loop as research code writes it
+each usable backend (cpp; Triton on CUDA only; teachers as one (K, B, D) tensor, and for cpp
+also as K separately allocated tensors, which the op stacks into one copy) against the eager loop as research code writes it
 (a Python loop over teachers of F.cosine_similarity / norms / F.kl_div), torch.compile of that
 loop, and the machine's memory limit (a copy moving the bytes the op must read and write).
 
@@ -92,13 +93,16 @@ def _inputs(kind, batch, dim, count, sliced, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     scale = 3.0 if kind == "kl" else 1.0
     student = (torch.randn((batch, count, dim) if sliced else (batch, dim), generator=g) * scale).to(device)
-    teachers = [(torch.randn(batch, dim, generator=g) * scale).to(device) for _ in range(count)]
-    return student.requires_grad_(), teachers
+    # One (K, B, D) tensor (iterating it gives the loop its K teacher views), and the same values
+    # as K separately allocated tensors, as K teacher models return them.
+    stacked = (torch.randn(count, batch, dim, generator=g) * scale).to(device)
+    separate = [t.clone() for t in stacked]
+    return student.requires_grad_(), stacked, separate
 
 
 def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, object]]:
     kind, batch, dim, count, sliced = case
-    student, teachers = _inputs(kind, batch, dim, count, sliced, device)
+    student, teachers, separate = _inputs(kind, batch, dim, count, sliced, device)
     loop = eager_loop(kind)
     compiled = None
     compile_s = None
@@ -122,6 +126,8 @@ def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, objec
         return lambda s, ts: robust_fast.multi_teacher_loss(s, ts, kind=kind, backend=backend)
 
     impls = {b: ours(b) for b in backends}
+    if "cpp" in backends:  # a list of separate tensors is stacked into one (K, B, D) copy first
+        impls["cpp (list of K tensors)"] = lambda s, ts: ours("cpp")(s, separate)
     impls["eager loop"] = loop
     if compiled is not None:
         impls["torch.compile(eager loop)"] = compiled

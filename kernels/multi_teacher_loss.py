@@ -14,6 +14,7 @@ Function in one file); its forward and backward are those of the C++ op
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -206,18 +207,30 @@ def _launch(student, teachers, coef, want_rows, student_grad, teacher_grad, kind
         temp = torch.tensor([temperature], dtype=acc, device=student.device)
         placeholder = temp
         block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(dim)))
-        _multi_teacher_loss_kernel[(batch,)](
-            student, teachers, coef if coef is not None else placeholder,
-            rows if rows is not None else placeholder, gs if gs is not None else placeholder,
-            gt if gt is not None else placeholder, temp,
-            batch, count, dim, student.stride(0), 0 if shared else student.stride(1),
-            teachers.stride(0), teachers.stride(1),
-            KIND=KIND_CODES[kind], SHARED=shared, HAS_ROWS=want_rows, STUDENT_GRAD=student_grad,
-            TEACHER_GRAD=teacher_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK=block)
+        with _on_device(student.device):
+            _launch_kernel(student, teachers, coef, rows, gs, gt, temp, placeholder, batch, count, dim,
+                           shared, want_rows, student_grad, teacher_grad, kind, acc, block)
     if gs is not None and gs.dtype != student.dtype:
         gs = gs.to(student.dtype)
     return rows, gs, gt
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, whichever is current (a no-op for CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_kernel(student, teachers, coef, rows, gs, gt, temp, placeholder, batch, count, dim,
+                   shared, want_rows, student_grad, teacher_grad, kind, acc, block):
+    _multi_teacher_loss_kernel[(batch,)](
+        student, teachers, coef if coef is not None else placeholder,
+        rows if rows is not None else placeholder, gs if gs is not None else placeholder,
+        gt if gt is not None else placeholder, temp,
+        batch, count, dim, student.stride(0), 0 if shared else student.stride(1),
+        teachers.stride(0), teachers.stride(1),
+        KIND=KIND_CODES[kind], SHARED=shared, HAS_ROWS=want_rows, STUDENT_GRAD=student_grad,
+        TEACHER_GRAD=teacher_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK=block)
 
 
 def multi_teacher_loss_triton(student: torch.Tensor, teachers: torch.Tensor,
@@ -274,6 +287,7 @@ class TritonMultiTeacherLoss(torch.autograd.Function):
         setup_context(ctx, inputs, output)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused):
         from robust_fast.ops.multi_teacher_loss import backward
         return backward(ctx, grad_loss, backward_rows=multi_teacher_loss_backward_triton)

@@ -448,3 +448,12 @@ def test_many_teachers(backend, kind):
         expected = run("reference", student, teachers, teacher_grad=True, kind=kind, weights=weights)
         actual = run(backend, student, teachers, teacher_grad=True, kind=kind, weights=weights)
         assert_same(actual, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    student, teachers = make(3, 2, 5)
+    s = student.requires_grad_()
+    (g,) = torch.autograd.grad(robust_fast.multi_teacher_loss(s, teachers, backend=backend), s, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), s)

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -408,11 +409,24 @@ T loss_row_vec(const T* s, const T* t, int64_t n, T coef, T* grad_s, bool accumu
 // pass 1 reads the student vector once per step with the G teachers' vectors beside it (G + 1
 // streams, as an elementwise op reads its inputs), pass 2 writes the student's gradient summed
 // over the G teachers once (added to the groups before when there are more than kGroup).
+template <typename T>
+inline void store_streaming(const Vec<T>& v, T* out, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) {
+      _mm512_stream_ps(out, static_cast<__m512>(v));
+      return;
+    }
+  }
+#endif
+  v.store(out);
+}
+
 constexpr int kGroup = 4;
 
 template <LossKind Kind, typename T, int G>
 void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T* rows, T* grad_s,
-                      bool accumulate, T* const* grad_t) {
+                      bool accumulate, bool accumulate_later, T* const* grad_t) {
   constexpr int64_t W = Vec<T>::size();
   Vec<T> x[G], y[G], z[G];
   for (int j = 0; j < G; ++j) x[j] = y[j] = z[j] = Vec<T>(T(0));
@@ -432,6 +446,10 @@ void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T
     if (rows != nullptr) rows[j] = g[j].loss;
   }
   if (grad_s == nullptr && grad_t == nullptr) return;
+  // The last group's write of the gradient row goes around the caches (no read for ownership):
+  // nothing reads it again in this call.
+  const bool stream_s = !accumulate_later && grad_s != nullptr &&
+                        reinterpret_cast<uintptr_t>(grad_s) % 64 == 0;
   for (i = 0; i + W <= n; i += W) {
     const Vec<T> sv = Vec<T>::loadu(s + i);
     Vec<T> sum = accumulate && grad_s != nullptr ? Vec<T>::loadu(grad_s + i) : Vec<T>(T(0));
@@ -440,7 +458,7 @@ void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T
       if (grad_s != nullptr) sum = sum + vec_student_grad<Kind, T>(g[j], sv, tv);
       if (grad_t != nullptr) vec_teacher_grad<Kind, T>(g[j], sv, tv).store(grad_t[j] + i);
     }
-    if (grad_s != nullptr) sum.store(grad_s + i);
+    if (grad_s != nullptr) store_streaming<T>(sum, grad_s + i, stream_s);
   }
   for (; i < n; ++i) {
     T sum = accumulate && grad_s != nullptr ? grad_s[i] : T(0);
@@ -472,10 +490,10 @@ void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const 
     T* const* gtp = grad_teachers != nullptr ? gt : nullptr;
     const bool acc = k0 > 0;
     switch (group) {
-      case 1: shared_group_vec<Kind, T, 1>(s, t, D, c, r, gs, acc, gtp); break;
-      case 2: shared_group_vec<Kind, T, 2>(s, t, D, c, r, gs, acc, gtp); break;
-      case 3: shared_group_vec<Kind, T, 3>(s, t, D, c, r, gs, acc, gtp); break;
-      default: shared_group_vec<Kind, T, 4>(s, t, D, c, r, gs, acc, gtp); break;
+      case 1: shared_group_vec<Kind, T, 1>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
+      case 2: shared_group_vec<Kind, T, 2>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
+      case 3: shared_group_vec<Kind, T, 3>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
+      default: shared_group_vec<Kind, T, 4>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
     }
   }
 }
@@ -498,6 +516,11 @@ void loss_rows_cpu(const LossProblem& p) {
   at::parallel_for(0, B, grain, [&](int64_t first, int64_t last) {
     std::vector<acc_t> summed(sum_over_teachers ? D : 0);
     KlScratch<acc_t> scratch;
+#if defined(CPU_CAPABILITY_AVX512)
+    struct Fence {  // streaming stores become visible before the task ends
+      ~Fence() { _mm_sfence(); }
+    } fence;
+#endif
     for (int64_t b = first; b < last; ++b) {
       if constexpr (std::is_same_v<scalar_t, acc_t> && Kind != LossKind::kKl) {
         if (p.shared) {

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from robust_fast import _backend, _build
 from robust_fast._checks import check_choice, check_floating_tensor, check_positive_finite
@@ -224,6 +225,7 @@ class _CppMultiTeacherLoss(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: a second derivative would be wrong
     def backward(ctx, grad_loss, *unused):
         return backward(ctx, grad_loss, backward_rows=torch.ops.robust_fast._multi_teacher_loss_backward)
 
