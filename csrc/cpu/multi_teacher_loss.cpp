@@ -426,7 +426,8 @@ constexpr int kGroup = 4;
 
 template <LossKind Kind, typename T, int G>
 void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T* rows, T* grad_s,
-                      bool accumulate, bool accumulate_later, T* const* grad_t) {
+                      bool accumulate, bool accumulate_later, T* const* grad_t,
+                      int64_t next_s, int64_t next_t) {
   constexpr int64_t W = Vec<T>::size();
   Vec<T> x[G], y[G], z[G];
   for (int j = 0; j < G; ++j) x[j] = y[j] = z[j] = Vec<T>(T(0));
@@ -451,6 +452,10 @@ void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T
   const bool stream_s = !accumulate_later && grad_s != nullptr &&
                         reinterpret_cast<uintptr_t>(grad_s) % 64 == 0;
   for (i = 0; i + W <= n; i += W) {
+    if (next_s != 0) {  // one cache line per row per step (W floats are 64 bytes on AVX-512)
+      __builtin_prefetch(s + next_s + i);
+      for (int j = 0; j < G; ++j) __builtin_prefetch(t[j] + next_t + i);
+    }
     const Vec<T> sv = Vec<T>::loadu(s + i);
     Vec<T> sum = accumulate && grad_s != nullptr ? Vec<T>::loadu(grad_s + i) : Vec<T>(T(0));
     for (int j = 0; j < G; ++j) {
@@ -489,11 +494,14 @@ void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const 
     T* r = rows != nullptr ? rows + b * K + k0 : nullptr;
     T* const* gtp = grad_teachers != nullptr ? gt : nullptr;
     const bool acc = k0 > 0;
+    // While pass 2 works from cache, the next sample's rows are fetched from memory.
+    const bool has_next = b + 1 < B;
+    const int64_t ns = has_next ? p.student_stride_b : 0, nt = has_next ? p.teacher_stride_b : 0;
     switch (group) {
-      case 1: shared_group_vec<Kind, T, 1>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
-      case 2: shared_group_vec<Kind, T, 2>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
-      case 3: shared_group_vec<Kind, T, 3>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
-      default: shared_group_vec<Kind, T, 4>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp); break;
+      case 1: shared_group_vec<Kind, T, 1>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
+      case 2: shared_group_vec<Kind, T, 2>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
+      case 3: shared_group_vec<Kind, T, 3>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
+      default: shared_group_vec<Kind, T, 4>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
     }
   }
 }
