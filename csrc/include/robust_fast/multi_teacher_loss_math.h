@@ -15,11 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define RF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RF_HOST_DEVICE inline
-#endif
+#include "robust_fast/host_device.h"
 
 namespace robust_fast {
 

@@ -4,11 +4,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define RF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RF_HOST_DEVICE inline
-#endif
+#include "robust_fast/host_device.h"
 
 namespace robust_fast {
 
