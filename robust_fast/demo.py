@@ -46,10 +46,10 @@ class DemoSettings:
     train_samples: int = 20000          # the first N training images (every run)
     test_samples: int = 1000            # the first N test images (final evaluation)
     seed: int = 0
-    teacher_model: Dict[str, Any] = field(default_factory=lambda: {"name": "wide_cnn", "kwargs": {"width": 24}})
+    teacher_model: Dict[str, Any] = field(default_factory=lambda: {"name": "wide_cnn", "kwargs": {"width": 16}})
     teacher_epochs: int = 4
     teacher_steps: int = 5
-    student_model: Dict[str, Any] = field(default_factory=lambda: {"name": "resnet_small", "kwargs": {}})
+    student_model: Dict[str, Any] = field(default_factory=lambda: {"name": "resnet_small", "kwargs": {"width": 8}})
     epochs: Dict[str, int] = field(default_factory=lambda: {"standard": 3, "pgd_at": 3, "fast_at": 3, "rrm": 5})
     pgd_at_steps: int = 7
     rrm_lambda_ce: float = 0.005
@@ -58,7 +58,7 @@ class DemoSettings:
     lr: float = 1e-3
     schedule: str = "cosine"
     batch_size: int = 128
-    curve_samples: int = 500            # held-out images of the per-epoch curve
+    curve_samples: int = 300            # held-out images of the per-epoch curve
     curve_steps: int = 10               # its PGD steps
     eval_steps: int = 20
     eval_restarts: int = 3

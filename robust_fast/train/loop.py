@@ -64,7 +64,8 @@ def _shard_batches(sampler: DistributedSampler, per_rank: int) -> List[torch.Ten
 
 def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[TrainConfig] = None, *,
         eval_data: Optional[Data] = None, out_dir: Optional[str] = None, resume: Optional[str] = None,
-        device: Optional[torch.device] = None, max_steps: Optional[int] = None) -> TrainResult:
+        device: Optional[torch.device] = None, max_steps: Optional[int] = None,
+        until_epoch: Optional[int] = None) -> TrainResult:
     """Trains `model` in place with `recipe` and returns a TrainResult.
 
     train_data / eval_data: (images in [0, 1], int64 labels) on the CPU; batches move to the
@@ -72,7 +73,8 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
     per-epoch record (its first config.eval_samples examples). out_dir: where rank 0 writes
     log.jsonl and checkpoint.pt (nothing is written without it). resume: a checkpoint path;
     the run continues from its epoch to config.epochs. max_steps: stop after this many batches
-    in all (a test's single step); the epoch is then not checkpointed.
+    in all (a test's single step); the epoch is then not checkpointed. until_epoch: stop, as an
+    interrupted run would, after this many epochs of the config.epochs schedule.
 
     Under torchrun (a process group initialised, see distributed.init_from_env) the trainable
     module is wrapped in DistributedDataParallel and each rank trains on its shard of every
@@ -134,7 +136,8 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
     from tqdm.auto import tqdm
 
     steps_done = 0
-    for epoch in range(start_epoch, config.epochs):
+    last_epoch = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
+    for epoch in range(start_epoch, last_epoch):
         sampler.set_epoch(epoch)
         shards = _shard_batches(sampler, per_rank)
         trainable.train()
