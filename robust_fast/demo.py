@@ -238,12 +238,25 @@ def add_demo_parser(commands) -> None:
     p.add_argument("--retrain-teacher", action="store_true", help="train the teacher even when cached")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default $ROBUST_FAST_DATA or Debian's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's, or 1 when the load average exceeds the core count: "
+                        "oversubscribed threads wait on each other)")
     p.add_argument("--rrm-epochs", type=int, default=None)
     p.add_argument("--rrm-lambda", type=float, default=None, help="RRM's cross-entropy weight")
     p.add_argument("--rrm-noise", type=float, default=None, help="RRM: match on x + N(0, std^2)")
 
 
+def choose_threads(requested: Optional[int]) -> int:
+    if requested is not None:
+        torch.set_num_threads(requested)
+    elif hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    threads = choose_threads(args.threads)
+    print(f"torch threads: {threads}")
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     settings.seed = args.seed
     if args.rrm_epochs is not None:
