@@ -223,3 +223,19 @@ def test_bad_arguments():
         PGDAT(eps=0)
     with pytest.raises(TypeError, match="RRM: teacher must be an nn.Module"):
         RRM("teacher.pt")
+
+
+def test_rrm_cached_teacher_features_equal_computed_ones():
+    data = toy_data(40)
+    t = teacher()
+    cached, direct = RRM(t, lambda_ce=0.05), RRM(t, lambda_ce=0.05, cache_teacher=False)
+    cached.prepare(data[0], torch.device("cpu"))
+    direct.prepare(data[0], torch.device("cpu"))
+    assert direct._cached is None
+    torch.testing.assert_close(cached._cached, t.features(data[0]))
+    a, b = student(), student()
+    fit(cached, a, data, config(epochs=2))
+    fit(direct, b, data, config(epochs=2))
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert not RRM(t, noise_std=0.1).cache_teacher  # noisy inputs are new every time

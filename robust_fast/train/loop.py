@@ -96,7 +96,9 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None and first.device.type != "cpu" else dist_util.default_device()
     model.to(device)
-    trainable = recipe.trainable(model).to(device)
+    with torch.random.fork_rng(devices=[]):  # extra trained parts start from the seed alone
+        torch.manual_seed(config.seed)
+        trainable = recipe.trainable(model).to(device)
     net = trainable
     if dist_util.is_distributed():
         net = DistributedDataParallel(trainable, device_ids=[device] if device.type == "cuda" else None)
@@ -135,6 +137,11 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
 
     from tqdm.auto import tqdm
 
+    if start_epoch < config.epochs:
+        prepare_start = time.perf_counter()
+        recipe.prepare(images, device)
+        train_time += time.perf_counter() - prepare_start
+
     steps_done = 0
     last_epoch = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
     for epoch in range(start_epoch, last_epoch):
@@ -149,7 +156,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
             x = images[index].to(device, non_blocking=True)
             y = labels[index].to(device, non_blocking=True)
             loss, logits = recipe.batch_loss(Batch(net=net, model=model, x=x, y=y, epoch=epoch,
-                                                   generator=generator, backend=config.backend))
+                                                   generator=generator, backend=config.backend, index=index))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -4,6 +4,8 @@ rest — data, optimiser, schedule, logging, evaluation, checkpoints, resume, da
 A recipe is an object with
     name                      the command's name (robust-fast train <name>)
     settings() -> dict        its own settings, stored in checkpoints (JSON-able)
+    prepare(images, device)   optional: called once before training (and again on resume) with
+                              the whole training set; its time counts as training time
     trainable(model) -> nn.Module
                               the module the optimiser trains and DistributedDataParallel wraps:
                               the model itself, or the model with extra trained parts (RRM's
@@ -41,6 +43,7 @@ class Batch:
     epoch: int                          # 0-based
     generator: torch.Generator          # for random starts and noise, on x's device
     backend: Optional[str] = None       # robust_fast backend for the fused ops
+    index: Optional[torch.Tensor] = None  # the rows of the training set x and y come from
 
 
 class Recipe:
@@ -48,6 +51,9 @@ class Recipe:
 
     def settings(self) -> Dict[str, Any]:
         return {}
+
+    def prepare(self, images: torch.Tensor, device: torch.device) -> None:
+        pass
 
     def trainable(self, model: nn.Module) -> nn.Module:
         return model
@@ -134,12 +140,19 @@ class RRM(_WithTeacher):
     a trained linear projection maps the student's features to the teacher's width.
 
     noise_std > 0: both match on x + N(0, noise_std²) (clipped to [0, 1]) instead of x.
+    cache_teacher: on clean inputs the frozen teacher's features of an image never change, so
+    prepare() computes them once for the whole training set (in fixed chunks, the same values
+    on every run and resume) and each batch looks its rows up: an epoch then costs one student
+    pass, like standard training. Not with noise (every draw is new).
     """
     name = "rrm"
+    _CHUNK = 512
 
     def __init__(self, teacher: nn.Module, lambda_ce: float = 0.005, kind: str = "cosine",
-                 noise_std: float = 0.0, teacher_path: Optional[str] = None):
+                 noise_std: float = 0.0, teacher_path: Optional[str] = None, cache_teacher: bool = True):
         super().__init__(teacher, teacher_path)
+        self.cache_teacher = bool(cache_teacher) and not noise_std
+        self._cached: Optional[torch.Tensor] = None
         if not hasattr(teacher, "features") or not hasattr(teacher, "feature_dim"):
             raise TypeError("RRM: teacher must expose features(x) and feature_dim (robust_fast.models)")
         if not noise_std >= 0:
@@ -149,7 +162,16 @@ class RRM(_WithTeacher):
 
     def settings(self):
         return {"lambda_ce": self.lambda_ce, "kind": self.kind, "noise_std": self.noise_std,
-                "teacher": self.teacher_path, "teacher_dim": self.teacher.feature_dim}
+                "cache_teacher": self.cache_teacher, "teacher": self.teacher_path,
+                "teacher_dim": self.teacher.feature_dim}
+
+    def prepare(self, images, device):
+        if not self.cache_teacher:
+            return
+        teacher = self._teacher_on(device)
+        with torch.no_grad():
+            self._cached = torch.cat([teacher.features(chunk.to(device))
+                                      for chunk in images.split(self._CHUNK)]) if images.shape[0] else None
 
     def trainable(self, model):
         student_dim = getattr(model, "feature_dim", None)
@@ -166,8 +188,11 @@ class RRM(_WithTeacher):
             noise = torch.randn(x.shape, generator=batch.generator, device=x.device, dtype=x.dtype)
             x = (x + self.noise_std * noise).clamp(0.0, 1.0)
         self.loss.backend = batch.backend
-        with torch.no_grad():
-            teacher_features = self._teacher_on(x.device).features(x)
+        if self._cached is not None and batch.index is not None and not self.noise_std:
+            teacher_features = self._cached[batch.index.to(self._cached.device)]
+        else:
+            with torch.no_grad():
+                teacher_features = self._teacher_on(x.device).features(x)
         features, logits = batch.net(x)
         return self.loss(logits, features, teacher_features, batch.y), logits
 
