@@ -74,7 +74,7 @@ def run_train(args: argparse.Namespace) -> int:
     from robust_fast.data import load_fashion_mnist
     from robust_fast.models import build_model
 
-    dist_util.init_from_env()
+    joined = dist_util.init_from_env()
     device = dist_util.default_device()
     teacher = model_from_checkpoint(args.teacher, map_location=device) if args.teacher else None
     recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=args.teacher,
@@ -93,6 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
     if dist_util.is_main():
         print(f"{args.recipe}: {result.train_time_s:.1f} s of training; checkpoint {result.checkpoint}, "
               f"per-epoch record {os.path.join(out, 'log.jsonl')}")
+    if joined:
+        torch.distributed.destroy_process_group()
     return 0
 
 
