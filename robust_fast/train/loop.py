@@ -121,6 +121,9 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         rng = state["rng"]
+        if len(rng["generators"]) != world:
+            raise ValueError(f"fit: resume= was written by {len(rng['generators'])} processes, this run has "
+                             f"{world}: resume with as many processes to continue the same run")
         torch.set_rng_state(rng["torch"].cpu())
         generator.set_state(rng["generators"][rank].to(generator.get_state().device))
         start_epoch, train_time = int(state["epoch"]), float(state["train_time_s"])
