@@ -228,8 +228,11 @@ def table(results: Dict[str, Any]) -> str:
                     f"{t['train_time_s']:.0f} s{', cached' if t['cached'] else ''}): clean {t['clean_acc']:.1%}, "
                     f"PGD-{s['eval_steps']} {t['robust_acc']:.1%}")
     r, f = results["rrm_vs_pgd_at"], results["rrm_vs_fast_at"]
-    summary = (f"RRM student: {r['robust']:.0%} of the PGD-AT student's robust accuracy in {r['time']:.0%} of its "
-               f"training time; {f['robust']:.0%} of Fast-AT's in {f['time']:.0%} of its time.")
+
+    def percent(value):  # None when the reference student has no robust accuracy at all
+        return "-" if value is None else f"{value:.0%}"
+    summary = (f"RRM student: {percent(r['robust'])} of the PGD-AT student's robust accuracy in {percent(r['time'])} "
+               f"of its training time; {percent(f['robust'])} of Fast-AT's in {percent(f['time'])} of its time.")
     header = (f"Fashion-MNIST, L-inf eps {s['eps']:g}, {s['train_samples']} training images, "
               f"{s['test_samples']} test images; student {s['student_model']['name']}")
     return "\n".join([header, teacher_line, "", format_table(results["students"], columns), "", summary])
@@ -260,6 +263,14 @@ def choose_threads(requested: Optional[int]) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    previous = torch.get_num_threads()
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(previous)  # main() may be called from a longer-lived process
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     threads = choose_threads(args.threads)
     print(f"torch threads: {threads}")
     settings = DemoSettings.quick() if args.quick else DemoSettings()
