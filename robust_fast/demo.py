@@ -133,8 +133,10 @@ def _evaluate(model, test, settings: DemoSettings) -> Dict[str, Any]:
     one = evaluate(model, *test, eps=settings.eps, steps=settings.eval_steps, seed=settings.seed)
     many = evaluate(model, *test, eps=settings.eps, steps=settings.eval_steps, restarts=settings.eval_restarts,
                     seed=settings.seed + 1)
+    # With restarts a sample counts as robust only if every restart fails on it (attacks.pgd keeps,
+    # per sample, the restart that succeeds).
     return {"clean_acc": one["clean_acc"], "robust_acc": one["robust_acc"],
-            "robust_acc_restarts": min(many["robust_acc"], one["robust_acc"]), "eval_time_s": one["time_s"] + many["time_s"]}
+            "robust_acc_restarts": many["robust_acc"], "eval_time_s": one["time_s"] + many["time_s"]}
 
 
 def _machine() -> Dict[str, Any]:
