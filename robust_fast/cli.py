@@ -1,4 +1,5 @@
-"""robust-fast info | bench <name> [args]  (also: python -m robust_fast ...)."""
+"""robust-fast info | demo | train <recipe> | eval <checkpoint> | bench <name> [args]
+(also: python -m robust_fast ...)."""
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "benchmarks/results/local/ unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
+    from robust_fast.demo import add_demo_parser
+    from robust_fast.train.commands import add_eval_parser, add_train_parser
+    add_demo_parser(commands)
+    add_train_parser(commands)
+    add_eval_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         from robust_fast.info import info_lines
         print("\n".join(info_lines()))
         return 0
+    if args.command == "demo":
+        from robust_fast.demo import run_demo
+        return run_demo(args)
+    if args.command == "train":
+        from robust_fast.train.commands import run_train
+        return run_train(args)
+    if args.command == "eval":
+        from robust_fast.train.commands import run_eval
+        return run_eval(args)
     return _run_benchmark(args.name, args.args)
 
 

@@ -1,11 +1,55 @@
-"""Models used by the recipes, the demo and the benchmarks."""
+"""Models for 28x28 inputs used by the recipes, the demo and the benchmarks.
+
+Every model here exposes its penultimate features the same way:
+
+    model(x)                          logits (B, num_classes)
+    model.features(x)                 penultimate features (B, model.feature_dim)
+    model.classifier                  the last Linear: logits = classifier(features)
+    model(x, return_features=True)    (features, logits) from one forward pass
+
+so a feature-matching loss (RRM) can take a student and a teacher of different families, and
+losses.FeatureExtractor(model) works on a model called with return_features=True (see
+WithFeatures). Inputs are images in [0, 1]: the models that normalise do it in their first
+layer, so attacks clip to [0, 1] whatever the model. None has batch norm or dropout, so the
+same function runs in train and eval mode and data-parallel ranks need no statistics synced.
+
+build_model(name, **kwargs) makes one from its registered name (checkpoints store the name).
+"""
 from __future__ import annotations
 
+from typing import Dict, Sequence, Tuple, Type
+
+import torch
 from torch import nn
+
+# Fashion-MNIST's pixel mean and standard deviation (training split).
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
 
 
 def _conv_out(size: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def _check_sizes(caller: str, **values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{caller}: {name} must be a positive int, got {value!r}")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel: the model takes images in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"Normalize: mean and std need one value per channel and std > 0, "
+                             f"got mean={tuple(mean)}, std={tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 class SmallCNN(nn.Sequential):
@@ -20,16 +64,16 @@ class SmallCNN(nn.Sequential):
     on it can be set next to published ones. It trains in minutes on a CPU, has no batch norm or
     dropout (the same function in train and eval mode; bounds are propagated through plain affine
     and ReLU layers), and is an nn.Sequential of plain layers, so IBP code can walk
-    `for layer in model` and meet only Conv2d, ReLU, Flatten and Linear.
+    `for layer in model` and meet only Conv2d, ReLU, Flatten and Linear. For that reason it has
+    no normalisation layer: it takes the [0, 1] images as they are.
 
     input_size: height = width of the input (28 for (Fashion-)MNIST, 32 for CIFAR-10).
     """
 
+    feature_dim = 100
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 28):
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                            ("input_size", input_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SmallCNN: {name} must be a positive int, got {value!r}")
+        _check_sizes("SmallCNN", in_channels=in_channels, num_classes=num_classes, input_size=input_size)
         if input_size < 4:
             raise ValueError(f"SmallCNN: input_size must be >= 4 (two stride-2 convolutions), got {input_size}")
         side = _conv_out(_conv_out(input_size))  # input_size // 4 when divisible by 4
@@ -58,3 +102,145 @@ class SmallCNN(nn.Sequential):
     @property
     def classifier(self) -> nn.Linear:
         return self[-1]
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = x
+        for layer in list(self)[:-1]:
+            features = layer(features)
+        logits = self[-1](features)
+        return (features, logits) if return_features else logits
+
+
+class _FeaturesThenClassifier(nn.Module):
+    """A body that ends in the penultimate features, then one Linear."""
+
+    feature_dim: int
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = self.features(x)
+        logits = self.classifier(features)
+        return (features, logits) if return_features else logits
+
+
+class WideCNN(_FeaturesThenClassifier):
+    """A wider CNN for teachers (about 0.87 M parameters at width=32, 4x SmallCNN's compute):
+
+    Normalize → Conv(in, w, 4, stride 2, pad 1) → ReLU → Conv(w, 2w, 4, stride 2, pad 1) → ReLU
+    → Flatten → Linear(2w·(input_size/4)², 256) → ReLU (the features, 256 wide) → Linear(256, classes).
+
+    Stride-2 convolutions as in SmallCNN (not 3x3 convolutions at full resolution, which cost
+    ten times more on a CPU), twice the channels and a wider feature layer.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32,
+                 feature_dim: int = 256, input_size: int = 28,
+                 mean: Sequence[float] = FASHION_MNIST_MEAN, std: Sequence[float] = FASHION_MNIST_STD):
+        super().__init__()
+        _check_sizes("WideCNN", in_channels=in_channels, num_classes=num_classes, width=width,
+                     feature_dim=feature_dim, input_size=input_size)
+        if input_size < 4:
+            raise ValueError(f"WideCNN: input_size must be >= 4 (two stride-2 convolutions), got {input_size}")
+        side = _conv_out(_conv_out(input_size))
+        self.normalize = Normalize(_per_channel(mean, in_channels), _per_channel(std, in_channels))
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * width * side * side, feature_dim), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+
+class _ResidualBlock(nn.Module):
+    """ReLU(x + Conv3x3(ReLU(Conv3x3(x)))). No batch norm: the residual branch's last
+    convolution starts at zero, so the block starts as the identity and trains without
+    normalisation layers."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class ResNetSmall(_FeaturesThenClassifier):
+    """A small residual CNN, another family than the plain CNNs (a student for transfer):
+
+    Normalize → Conv(in, w, 4, stride 2, pad 1) → ReLU → Conv(w, 2w, 4, stride 2, pad 1) → ReLU
+    → residual block (two 3x3 convolutions, 2w channels, at input_size/4) → Flatten
+    → Linear(2w·(input_size/4)², feature_dim) → ReLU (the features) → Linear(feature_dim, classes).
+
+    The residual block works at a quarter of the resolution, where 3x3 convolutions are cheap:
+    about 2.5x SmallCNN's compute at width=16.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, feature_dim: int = 128,
+                 input_size: int = 28,
+                 mean: Sequence[float] = FASHION_MNIST_MEAN, std: Sequence[float] = FASHION_MNIST_STD):
+        super().__init__()
+        _check_sizes("ResNetSmall", in_channels=in_channels, num_classes=num_classes, width=width,
+                     feature_dim=feature_dim, input_size=input_size)
+        if input_size < 4:
+            raise ValueError(f"ResNetSmall: input_size must be >= 4 (two stride-2 convolutions), got {input_size}")
+        side = _conv_out(_conv_out(input_size))
+        self.normalize = Normalize(_per_channel(mean, in_channels), _per_channel(std, in_channels))
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU(),
+            _ResidualBlock(2 * width),
+            nn.Flatten(),
+            nn.Linear(2 * width * side * side, feature_dim), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+
+def _per_channel(values: Sequence[float], channels: int) -> Tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    return values * channels if len(values) == 1 else values
+
+
+class WithFeatures(nn.Module):
+    """model(x) → (features, logits), as losses.FeatureExtractor(layer=None) expects; with a
+    projection, the features are mapped first (a student matched to a wider teacher)."""
+
+    def __init__(self, model: nn.Module, projection: nn.Module = None):
+        super().__init__()
+        self.model = model
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        features, logits = self.model(x, return_features=True)
+        if self.projection is not None:
+            features = self.projection(features)
+        return features, logits
+
+
+MODELS: Dict[str, Type[nn.Module]] = {"small_cnn": SmallCNN, "wide_cnn": WideCNN, "resnet_small": ResNetSmall}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A model by its registered name (see MODELS), with its constructor's keyword arguments."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    model = MODELS[name](**kwargs)
+    model.spec = {"name": name, "kwargs": dict(kwargs)}  # checkpoints store it to rebuild the model
+    return model
+
+
+__all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "MODELS", "Normalize", "ResNetSmall", "SmallCNN",
+           "WideCNN", "WithFeatures", "build_model"]

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything robust_fast needs (idempotent), then runs one job:
+#   bash scripts/run.sh demo  [args]   robustness transfer end to end (robust-fast demo; --quick
+#                                      for the same path on a subset); results in runs/demo-<time>/
 #   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd; results in
 #                                      benchmarks/results/local/, or --save-reference)
 #   bash scripts/run.sh test  [args]   the test suite (pytest tests/); on a machine with an NVIDIA
@@ -13,8 +15,8 @@ cd "$(dirname "$0")/.."
 job="${1:-}"
 shift || true
 case "$job" in
-  bench|test) ;;
-  *) echo "usage: bash scripts/run.sh bench|test [args]" >&2; exit 2 ;;
+  demo|bench|test) ;;
+  *) echo "usage: bash scripts/run.sh demo|bench|test [args]" >&2; exit 2 ;;
 esac
 
 cache="${ROBUST_FAST_CACHE:-$HOME/.cache/robust_fast}"
@@ -41,7 +43,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.robust_fast_deps"
-deps="$torch_spec numpy ninja nvtx triton scipy matplotlib pytest"
+deps="$torch_spec numpy ninja nvtx triton scipy matplotlib tqdm pytest"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ]; then
   echo "== installing $deps"
   "$py" -m pip install -q --upgrade pip >/dev/null
@@ -62,6 +64,7 @@ PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
 "$venv/bin/robust-fast" info
 
 case "$job" in
+  demo) exec "$venv/bin/robust-fast" demo "$@" ;;
   bench) exec "$venv/bin/robust-fast" bench pgd "$@" ;;
   test)
     if [ "$flavour" = gpu ]; then

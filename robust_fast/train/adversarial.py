@@ -3,6 +3,10 @@
 Each batch: the inner maximisation is robust_fast.attacks.pgd (uniform random start in the
 L-inf ball, `steps` steps of size alpha, the model in eval mode as torchattacks attacks it),
 then one optimiser step on the cross-entropy of the adversarial batch, the model in train mode.
+
+adversarial_train is the compact form the PGD benchmark uses (Adam, no schedule, no files);
+the same method with schedules, logs, checkpoints, resume and torchrun is the `pgd_at` recipe
+of robust_fast.train.fit (`robust-fast train pgd_at`).
 """
 from __future__ import annotations
 

@@ -1,0 +1,148 @@
+"""`robust-fast train <recipe>` and `robust-fast eval <checkpoint>`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from robust_fast.train import distributed as dist_util
+from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
+from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from robust_fast.train.evaluate import evaluate
+from robust_fast.train.loop import fit
+from robust_fast.train.recipes import ARD, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Standard
+
+
+def add_train_parser(commands) -> None:
+    p = commands.add_parser("train", help="train a model with one recipe on Fashion-MNIST "
+                                          "(under torchrun: data-parallel)")
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("--model", default="resnet_small", help="small_cnn, wide_cnn or resnet_small (default)")
+    p.add_argument("--width", type=int, default=None, help="the model's width (wide_cnn, resnet_small)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128, help="the global batch (split over ranks)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eps", type=float, default=0.1, help="L-inf radius of training attacks and of evaluation")
+    p.add_argument("--steps", type=int, default=7, help="PGD steps (pgd_at, ard)")
+    p.add_argument("--teacher", help="checkpoint of the frozen teacher (rrm, kd, ard)")
+    p.add_argument("--lambda-ce", type=float, default=0.005, help="rrm: weight of the cross-entropy")
+    p.add_argument("--kind", default="cosine", choices=("cosine", "l2_normalized"), help="rrm: feature distance")
+    p.add_argument("--noise-std", type=float, default=0.0, help="rrm: match on x + N(0, std^2)")
+    p.add_argument("--temperature", type=float, default=None, help="kd (4), ard (30)")
+    p.add_argument("--alpha", type=float, default=None, help="kd (0.9), ard (1.0): weight of the distillation term")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
+    p.add_argument("--eval-samples", type=int, default=500, help="held-out test images evaluated each epoch")
+    p.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the per-epoch robust accuracy (0: none)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST folder (default $ROBUST_FAST_DATA or Debian's)")
+    p.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    p.add_argument("--backend", default=None, help="robust_fast backend for the fused ops")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_recipe(name: str, *, eps: float = 0.1, steps: int = 7, teacher: Optional[torch.nn.Module] = None,
+                 teacher_path: Optional[str] = None, lambda_ce: float = 0.005, kind: str = "cosine",
+                 noise_std: float = 0.0, temperature: Optional[float] = None, alpha: Optional[float] = None):
+    """A recipe from command-line style settings (unused ones are ignored)."""
+    if name in TEACHER_RECIPES and teacher is None:
+        raise ValueError(f"recipe {name!r} needs a teacher (--teacher CHECKPOINT)")
+    extra = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
+    if name == "standard":
+        return Standard()
+    if name == "pgd_at":
+        return PGDAT(eps=eps, steps=steps)
+    if name == "fast_at":
+        return FastAT(eps=eps)
+    if name == "rrm":
+        return RRM(teacher, lambda_ce=lambda_ce, kind=kind, noise_std=noise_std, teacher_path=teacher_path)
+    if name == "kd":
+        return KD(teacher, teacher_path=teacher_path, **extra)
+    if name == "ard":
+        return ARD(teacher, eps=eps, steps=steps, teacher_path=teacher_path, **extra)
+    raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from robust_fast.data import load_fashion_mnist
+    from robust_fast.models import build_model
+
+    joined = dist_util.init_from_env()
+    device = dist_util.default_device()
+    teacher = model_from_checkpoint(args.teacher, map_location=device) if args.teacher else None
+    recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=args.teacher,
+                          lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
+                          temperature=args.temperature, alpha=args.alpha)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                         seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps,
+                         eval_eps=args.eps, progress=not args.no_progress, backend=args.backend)
+    train = load_fashion_mnist("train", root=args.data, limit=args.limit)
+    held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, **({"width": args.width} if args.width else {}))
+    out = args.out or os.path.join("runs", args.recipe)
+    result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
+    if dist_util.is_main():
+        print(f"{args.recipe}: {result.train_time_s:.1f} s of training; checkpoint {result.checkpoint}, "
+              f"per-epoch record {os.path.join(out, 'log.jsonl')}")
+    if joined:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def add_eval_parser(commands) -> None:
+    p = commands.add_parser("eval", help="clean and PGD-20 robust accuracy of a checkpoint on Fashion-MNIST's test set")
+    p.add_argument("checkpoint")
+    p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: the run's)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--no-early-stop", action="store_true")
+    p.add_argument("--samples", type=int, default=None, help="the first N test images (default all)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None)
+    p.add_argument("--json", default=None, help="write the numbers here (default: eval.json next to the checkpoint)")
+    p.add_argument("--backend", default=None)
+
+
+def format_table(rows: List[Dict[str, Any]], columns) -> str:
+    """A Markdown table: columns are (header, key, format) triples."""
+    def cell(row, key, fmt):
+        value = row.get(key)
+        return "-" if value is None else format(value, fmt) if fmt else str(value)
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from robust_fast.data import load_fashion_mnist
+
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state, map_location=dist_util.default_device())
+    eps = args.eps if args.eps is not None else float(state["config"].get("eval_eps", 0.1))
+    images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
+    numbers = evaluate(model, images, labels, eps=eps, steps=args.steps, alpha=args.alpha, restarts=args.restarts,
+                       early_stop=not args.no_early_stop, batch_size=args.batch_size, seed=args.seed,
+                       backend=args.backend)
+    row = {"checkpoint": args.checkpoint, "recipe": state["recipe"], "model": (state.get("model_spec") or {}).get("name"),
+           "epochs": state["epoch"], "train_time_s": state["train_time_s"], **numbers}
+    attack = f"PGD-{args.steps} acc (eps {eps:g}, {args.restarts} restart{'s' if args.restarts > 1 else ''})"
+    print(format_table([row], [("recipe", "recipe", ""), ("model", "model", ""), ("test images", "n", "d"),
+                               ("clean acc", "clean_acc", ".2%"), (attack, "robust_acc", ".2%"),
+                               ("training time s", "train_time_s", ".1f")]))
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(row, f, indent=2)
+    print(f"written: {path}")
+    return 0

@@ -1,0 +1,252 @@
+"""Recipes: how one batch's loss is computed. The loop (robust_fast.train.loop.fit) does the
+rest — data, optimiser, schedule, logging, evaluation, checkpoints, resume, data parallelism.
+
+A recipe is an object with
+    name                      the command's name (robust-fast train <name>)
+    settings() -> dict        its own settings, stored in checkpoints (JSON-able)
+    prepare(images, device)   optional: called once before training (and again on resume) with
+                              the whole training set; its time counts as training time
+    trainable(model) -> nn.Module
+                              the module the optimiser trains and DistributedDataParallel wraps:
+                              the model itself, or the model with extra trained parts (RRM's
+                              projection); its state_dict holds the model's under "model."
+                              when it is not the model
+    batch_loss(batch) -> (loss, logits)
+                              a scalar loss to minimise and the logits whose accuracy the
+                              progress bar shows; batch is a Batch (below)
+
+Forward passes that train go through batch.net (DDP's wrapper under torchrun, so gradients
+are averaged); attacks and frozen teachers use batch.model / their own module directly (no
+gradient sync for an input gradient). Random draws come from batch.generator, whose state
+checkpoints keep, so a resumed run draws what the uninterrupted one would have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_fast.attacks import pgd
+from robust_fast.losses import ARDLoss, FeatureProjection, KDLoss, RRMLoss
+from robust_fast.models import WithFeatures
+
+
+@dataclass
+class Batch:
+    net: nn.Module                      # the trainable, possibly wrapped by DDP: train through it
+    model: nn.Module                    # the bare model: attack it
+    x: torch.Tensor                     # this rank's images in [0, 1]
+    y: torch.Tensor                     # their labels
+    epoch: int                          # 0-based
+    generator: torch.Generator          # for random starts and noise, on x's device
+    backend: Optional[str] = None       # robust_fast backend for the fused ops
+    index: Optional[torch.Tensor] = None  # the rows of the training set x and y come from
+
+
+class Recipe:
+    name = "recipe"
+
+    def settings(self) -> Dict[str, Any]:
+        return {}
+
+    def prepare(self, images: torch.Tensor, device: torch.device) -> None:
+        pass
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def batch_loss(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _check_eps(caller: str, eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{caller}: eps must be a float > 0, got {eps!r}")
+    return float(eps)
+
+
+class Standard(Recipe):
+    """Cross-entropy on clean inputs."""
+    name = "standard"
+
+    def batch_loss(self, batch):
+        logits = batch.net(batch.x)
+        return F.cross_entropy(logits, batch.y), logits
+
+
+class PGDAT(Recipe):
+    """PGD adversarial training (Madry et al.): cross-entropy on L-inf PGD examples (uniform
+    random start, `steps` steps of size alpha = eps/4 unless given, the model in eval mode)."""
+    name = "pgd_at"
+
+    def __init__(self, eps: float = 0.1, steps: int = 7, alpha: Optional[float] = None):
+        self.eps = _check_eps("PGDAT", eps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"PGDAT: steps must be an int >= 1, got {steps!r}")
+        self.steps = steps
+        self.alpha = float(alpha) if alpha is not None else self.eps / 4
+
+    def settings(self):
+        return {"eps": self.eps, "steps": self.steps, "alpha": self.alpha}
+
+    def batch_loss(self, batch):
+        x_adv = pgd(batch.model, batch.x, batch.y, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                    random_start=True, generator=batch.generator, backend=batch.backend)
+        logits = batch.net(x_adv)
+        return F.cross_entropy(logits, batch.y), logits
+
+
+class FastAT(PGDAT):
+    """Fast adversarial training (Wong et al. 2020): one FGSM step of size 1.25·eps from a
+    uniform random start in the ball, projected back to it."""
+    name = "fast_at"
+
+    def __init__(self, eps: float = 0.1, alpha: Optional[float] = None):
+        eps = _check_eps("FastAT", eps)
+        super().__init__(eps=eps, steps=1, alpha=1.25 * eps if alpha is None else alpha)
+
+    def settings(self):
+        return {"eps": self.eps, "alpha": self.alpha}
+
+
+def _frozen(teacher: nn.Module, caller: str) -> nn.Module:
+    """The teacher in eval mode with requires_grad off: it never changes and gets no gradient."""
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"{caller}: teacher must be an nn.Module, got {type(teacher).__name__}")
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+class _WithTeacher(Recipe):
+    def __init__(self, teacher: nn.Module, teacher_path: Optional[str] = None):
+        self.teacher = _frozen(teacher, type(self).__name__)
+        self.teacher_path = teacher_path
+
+    def _teacher_on(self, device: torch.device) -> nn.Module:
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        return self.teacher
+
+
+class RRM(_WithTeacher):
+    """Robust representation matching (Vaishnavi et al. 2022): the student on clean inputs,
+    lambda_ce·CE(student logits, y) − mean cos(student features, teacher features) (or the
+    normalised L2 distance, kind="l2_normalized"), the teacher frozen. When the widths differ
+    a trained linear projection maps the student's features to the teacher's width.
+
+    noise_std > 0: both match on x + N(0, noise_std²) (clipped to [0, 1]) instead of x.
+    cache_teacher: on clean inputs the frozen teacher's features of an image never change, so
+    prepare() computes them once for the whole training set (in fixed chunks, the same values
+    on every run and resume) and each batch looks its rows up: an epoch then costs one student
+    pass, like standard training. Not with noise (every draw is new).
+    """
+    name = "rrm"
+    _CHUNK = 512
+
+    def __init__(self, teacher: nn.Module, lambda_ce: float = 0.005, kind: str = "cosine",
+                 noise_std: float = 0.0, teacher_path: Optional[str] = None, cache_teacher: bool = True):
+        super().__init__(teacher, teacher_path)
+        self.cache_teacher = bool(cache_teacher) and not noise_std
+        self._cached: Optional[torch.Tensor] = None
+        if not hasattr(teacher, "features") or not hasattr(teacher, "feature_dim"):
+            raise TypeError("RRM: teacher must expose features(x) and feature_dim (robust_fast.models)")
+        if not noise_std >= 0:
+            raise ValueError(f"RRM: noise_std must be >= 0, got {noise_std!r}")
+        self.loss = RRMLoss(lambda_ce=lambda_ce, kind=kind)
+        self.lambda_ce, self.kind, self.noise_std = lambda_ce, kind, float(noise_std)
+
+    def settings(self):
+        return {"lambda_ce": self.lambda_ce, "kind": self.kind, "noise_std": self.noise_std,
+                "cache_teacher": self.cache_teacher, "teacher": self.teacher_path,
+                "teacher_dim": self.teacher.feature_dim}
+
+    def prepare(self, images, device):
+        if not self.cache_teacher:
+            return
+        teacher = self._teacher_on(device)
+        with torch.no_grad():
+            self._cached = torch.cat([teacher.features(chunk.to(device))
+                                      for chunk in images.split(self._CHUNK)]) if images.shape[0] else None
+
+    def trainable(self, model):
+        student_dim = getattr(model, "feature_dim", None)
+        if student_dim is None:
+            raise TypeError("RRM: the student must expose feature_dim and return_features= (robust_fast.models)")
+        projection = None
+        if student_dim != self.teacher.feature_dim:
+            projection = FeatureProjection(student_dim, self.teacher.feature_dim)
+        return WithFeatures(model, projection)
+
+    def batch_loss(self, batch):
+        x = batch.x
+        if self.noise_std:
+            noise = torch.randn(x.shape, generator=batch.generator, device=x.device, dtype=x.dtype)
+            x = (x + self.noise_std * noise).clamp(0.0, 1.0)
+        self.loss.backend = batch.backend
+        if self._cached is not None and batch.index is not None and not self.noise_std:
+            teacher_features = self._cached[batch.index.to(self._cached.device)]
+        else:
+            with torch.no_grad():
+                teacher_features = self._teacher_on(x.device).features(x)
+        features, logits = batch.net(x)
+        return self.loss(logits, features, teacher_features, batch.y), logits
+
+
+class KD(_WithTeacher):
+    """Hinton distillation from a frozen teacher on clean inputs (losses.KDLoss)."""
+    name = "kd"
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9,
+                 teacher_path: Optional[str] = None):
+        super().__init__(teacher, teacher_path)
+        self.loss = KDLoss(temperature=temperature, alpha=alpha)
+
+    def settings(self):
+        return {"temperature": self.loss.temperature, "alpha": self.loss.alpha, "teacher": self.teacher_path}
+
+    def batch_loss(self, batch):
+        self.loss.backend = batch.backend
+        with torch.no_grad():
+            teacher_logits = self._teacher_on(batch.x.device)(batch.x)
+        logits = batch.net(batch.x)
+        return self.loss(logits, teacher_logits, batch.y), logits
+
+
+class ARD(_WithTeacher):
+    """Adversarially robust distillation (Goldblum et al. 2020): the student on its own PGD
+    examples matches the frozen teacher on clean inputs (losses.ARDLoss), plus (1 − alpha) of
+    the student's clean cross-entropy."""
+    name = "ard"
+
+    def __init__(self, teacher: nn.Module, eps: float = 0.1, steps: int = 7, step_size: Optional[float] = None,
+                 temperature: float = 30.0, alpha: float = 1.0, teacher_path: Optional[str] = None):
+        super().__init__(teacher, teacher_path)
+        self.attack = PGDAT(eps=eps, steps=steps, alpha=step_size)
+        self.loss = ARDLoss(temperature=temperature, alpha=alpha)
+
+    def settings(self):
+        return {**self.attack.settings(), "temperature": self.loss.temperature, "alpha": self.loss.alpha,
+                "teacher": self.teacher_path}
+
+    def batch_loss(self, batch):
+        self.loss.backend = batch.backend
+        a = self.attack
+        x_adv = pgd(batch.model, batch.x, batch.y, eps=a.eps, alpha=a.alpha, steps=a.steps,
+                    random_start=True, generator=batch.generator, backend=batch.backend)
+        with torch.no_grad():
+            teacher_logits = self._teacher_on(batch.x.device)(batch.x)
+        if self.loss.alpha != 1.0:
+            both = batch.net(torch.cat([x_adv, batch.x]))
+            logits_adv, logits_clean = both.split(batch.x.shape[0])
+            return self.loss(logits_adv, teacher_logits, logits_clean, batch.y), logits_adv
+        logits_adv = batch.net(x_adv)
+        return self.loss(logits_adv, teacher_logits), logits_adv
+
+
+RECIPES = {cls.name: cls for cls in (Standard, PGDAT, FastAT, RRM, KD, ARD)}
+TEACHER_RECIPES = ("rrm", "kd", "ard")

@@ -1,0 +1,92 @@
+"""robust-fast train / eval / demo on a slice of Fashion-MNIST."""
+import json
+import os
+
+import pytest
+import torch
+
+from robust_fast import cli, data
+from robust_fast.demo import DemoSettings, robust_teacher
+from robust_fast.train import evaluate, load_checkpoint, model_from_checkpoint
+
+pytestmark = pytest.mark.skipif(not data.available(), reason="Fashion-MNIST is not installed "
+                                "(apt-get install dataset-fashion-mnist, or set ROBUST_FAST_DATA)")
+
+
+def test_train_resume_and_eval_commands(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--model", "small_cnn", "--limit", "256", "--batch-size", "64", "--eval-samples", "64",
+              "--eval-steps", "2", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert cli.main(["train", "pgd_at", "--epochs", "1"] + common) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert cli.main(["train", "pgd_at", "--epochs", "2", "--resume", str(out / "checkpoint.pt")] + common) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["model_spec"]["name"] == "small_cnn"
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", str(out / "checkpoint.pt"), "--samples", "100", "--steps", "5", "--restarts", "2",
+                     "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "| pgd_at | small_cnn | 100 |" in printed and "PGD-5 acc (eps 0.1, 2 restarts)" in printed
+    numbers = json.loads(report.read_text())
+    images, labels = data.load_fashion_mnist("test", limit=100)
+    expected = evaluate(model_from_checkpoint(out / "checkpoint.pt"), images, labels, eps=0.1, steps=5,
+                        restarts=2)
+    assert numbers["clean_acc"] == expected["clean_acc"] and numbers["robust_acc"] == expected["robust_acc"]
+
+
+def test_train_needs_a_teacher_for_transfer_recipes(tmp_path):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        cli.main(["train", "rrm", "--limit", "64", "--out", str(tmp_path)])
+
+
+def test_train_rrm_from_a_teacher_checkpoint(tmp_path):
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    assert cli.main(["train", "standard", "--model", "wide_cnn", "--width", "4", "--limit", "128", "--epochs", "1",
+                     "--eval-samples", "0", "--out", str(teacher_dir), "--no-progress"]) == 0
+    teacher_path = str(teacher_dir / "checkpoint.pt")
+    before = load_checkpoint(teacher_path)["model_state"]
+    assert cli.main(["train", "rrm", "--teacher", teacher_path, "--model", "resnet_small", "--width", "4",
+                     "--limit", "128", "--epochs", "1", "--eval-samples", "32", "--eval-steps", "2",
+                     "--out", str(student_dir), "--no-progress"]) == 0
+    state = load_checkpoint(student_dir / "checkpoint.pt")
+    assert state["recipe"] == "rrm" and state["recipe_settings"]["teacher"] == teacher_path
+    assert any(k.startswith("projection.") for k in state["trainable_state"])  # 32 -> 256 features
+    after = load_checkpoint(teacher_path)["model_state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_demo_teacher_is_trained_once_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUST_FAST_CACHE", str(tmp_path))
+    settings = DemoSettings(train_samples=64, teacher_epochs=1, teacher_steps=1, curve_samples=0,
+                            teacher_model={"name": "wide_cnn", "kwargs": {"width": 4}})
+    train = data.load_fashion_mnist("train", limit=64)
+    first, info = robust_teacher(settings, train, None, log=lambda line: None)
+    again, cached = robust_teacher(settings, train, None, log=lambda line: None)
+    assert not info["cached"] and cached["cached"] and info["path"] == cached["path"]
+    assert info["path"].startswith(str(tmp_path / "models"))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    other = DemoSettings(**{**settings.__dict__, "teacher_epochs": 2})
+    assert robust_teacher(other, train, None, log=lambda line: None)[1]["path"] != info["path"]
+
+
+def test_demo_quick_writes_table_json_curves_and_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ROBUST_FAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for word in ("| standard |", "| PGD-AT |", "| Fast-AT |", "| RRM |", "RRM student:", "time / PGD-AT"):
+        assert word in printed, word
+    results = json.loads((out / "results.json").read_text())
+    assert [row["recipe"] for row in results["students"]] == ["standard", "pgd_at", "fast_at", "rrm"]
+    for row in results["students"]:
+        # (a misclassified image can land on a correct point of its ball: a little slack)
+        assert 0 <= row["robust_acc"] <= row["clean_acc"] + 0.02 and row["clean_acc"] <= 1
+        assert 0 <= row["robust_acc_restarts"] <= row["clean_acc"] + 0.02 and row["train_time_s"] > 0
+    by_name = {row["recipe"]: row for row in results["students"]}
+    assert results["rrm_vs_pgd_at"]["time"] == by_name["rrm"]["train_time_s"] / by_name["pgd_at"]["train_time_s"]
+    curves = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    assert {c["recipe"] for c in curves} == {"standard", "pgd_at", "fast_at", "rrm"}
+    assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "table.md").is_file() and os.path.isfile(out / "rrm" / "checkpoint.pt")
