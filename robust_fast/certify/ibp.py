@@ -128,6 +128,9 @@ def _batch_norm(layer, center, radius, relu_follows, backend):
         shift = shift + layer.bias
     sample_dims = center.dim() - 2  # without E and B
     channel_dim = -3 if isinstance(layer, nn.BatchNorm2d) else (-1 if sample_dims == 1 else -2)
+    if sample_dims < -channel_dim or center.shape[channel_dim] != layer.num_features:
+        raise ValueError(f"interval_bounds: {name}({layer.num_features}) does not fit its input of shape "
+                         f"{tuple(center.shape[1:])}")
     s = _per_channel(scale, center, channel_dim)
     return center * s + _per_channel(shift, center, channel_dim), radius * s.abs(), False
 
@@ -144,6 +147,10 @@ def _avg_pool(layer: nn.AvgPool2d, center, radius, relu_follows, backend):
 @layer_rule(Normalize)
 def _normalize(layer: Normalize, center, radius, relu_follows, backend):
     dims = center.dim() - 1  # the dimensions the module sees: (B, C, ...)
+    channels = center.shape[2] if dims >= 2 else 1
+    if layer.mean.numel() not in (1, channels):
+        raise ValueError(f"interval_bounds: Normalize has {layer.mean.numel()} channels, its input "
+                         f"{tuple(center.shape[1:])} has {channels}")
     mean = layer.per_channel(layer.mean, dims).to(center.dtype)
     std = layer.per_channel(layer.std, dims).to(center.dtype)
     return (center - mean) / std, radius / std, False
