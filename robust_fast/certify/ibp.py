@@ -280,7 +280,8 @@ def interval_bounds(model: nn.Module, x: torch.Tensor, eps: Eps, *, clip: Clip =
     layers, x, eps_t, stacked, clip = _prepare("interval_bounds", model, x, eps, clip)
     center, radius = propagate(layers, *input_box(x, eps_t, clip), backend=backend)
     lower, upper = center - radius, center + radius
-    return (lower, upper) if stacked else (lower[0], upper[0])
+    # squeeze, not [0]: a view, whose backward is a reshape rather than a zero-filled scatter
+    return (lower, upper) if stacked else (lower.squeeze(0), upper.squeeze(0))
 
 
 def _check_labels(caller: str, y, batch: int, classes: int, device) -> torch.Tensor:
@@ -336,7 +337,7 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, 
         if head.bias is not None:
             b = head.bias.to(center.dtype)
             margin = margin + (b[y].unsqueeze(1) - b.unsqueeze(0))
-    return margin if stacked else margin[0]
+    return margin if stacked else margin.squeeze(0)
 
 
 def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, *, clip: Clip = (0.0, 1.0),
