@@ -19,6 +19,7 @@ import torch
 
 from robust_fast import _backend, _build
 from robust_fast._abs_weight import cached_abs_weight
+from robust_fast._abs_weight import clear as clear_abs_weight_cache  # noqa: F401  (public: after .data writes)
 from robust_fast._checks import check_floating_tensor
 from robust_fast._layout import is_non_overlapping_and_dense
 from robust_fast._profiling import op_range
