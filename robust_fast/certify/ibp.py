@@ -256,8 +256,6 @@ def _prepare(caller: str, model, x, eps, clip):
     x = _check_input(caller, x)
     eps_t, stacked = _check_eps(caller, eps, x)
     clip = check_clip(clip, caller)
-    if clip[0] is not None and clip[1] is not None and clip[0] > clip[1]:  # pragma: no cover (check_clip)
-        raise ValueError(f"{caller}: clip low must be <= high")
     return layers, x, eps_t, stacked, clip
 
 
