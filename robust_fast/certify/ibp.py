@@ -244,10 +244,15 @@ def input_box(x: torch.Tensor, eps: torch.Tensor, clip: Tuple[Optional[float], O
     e = eps.view(tuple(eps.shape) + (1,) * (x.dim() - 1))
     lower, upper = x.unsqueeze(0) - e, x.unsqueeze(0) + e
     low, high = clip
-    if low is not None:
-        lower, upper = lower.clamp_min(low), upper.clamp_min(low)
-    if high is not None:
-        lower, upper = lower.clamp_max(high), upper.clamp_max(high)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # Nothing to differentiate: clamp and combine in place, two fresh tensors in all.
+        if low is not None or high is not None:
+            lower.clamp_(low, high)
+            upper.clamp_(low, high)
+        center = torch.add(upper, lower).mul_(0.5)
+        return center, upper.sub_(lower).mul_(0.5)
+    if low is not None or high is not None:
+        lower, upper = lower.clamp(low, high), upper.clamp(low, high)
     return (upper + lower) * 0.5, (upper - lower) * 0.5
 
 
