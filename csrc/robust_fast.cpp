@@ -28,6 +28,31 @@ TORCH_LIBRARY(robust_fast, m) {
   m.def(
       "_multi_teacher_loss_backward(Tensor grad_rows, Tensor student, Tensor teachers, str kind, "
       "float temperature, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+  // Interval bound propagation in center/radius form: the box [center - radius, center + radius]
+  // through a layer. Linear and conv2d: center' = layer(center) (with the bias), radius' =
+  // |layer|(radius) with |W| in place of W; abs_weight: |weight| when the caller has it cached,
+  // else None (computed here). relu: apply ibp_relu to the result in the same call. Any leading
+  // dimensions (E boxes, B samples) are one batch.
+  m.def(
+      "ibp_linear(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? abs_weight, "
+      "bool relu) -> (Tensor, Tensor)");
+  m.def(
+      "ibp_conv2d(Tensor center, Tensor radius, Tensor weight, Tensor? bias, Tensor? abs_weight, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> (Tensor, Tensor)");
+  // [relu(center - radius), relu(center + radius)] back in center/radius form.
+  m.def("ibp_relu(Tensor center, Tensor radius) -> (Tensor, Tensor)");
+  // Backwards (of relu=False): gradients of (center, radius), weight and bias;
+  // output_mask = (center and radius, weight, bias), an empty tensor where not asked for.
+  m.def(
+      "_ibp_linear_backward(Tensor grad_center, Tensor grad_radius, Tensor center, Tensor radius, "
+      "Tensor weight, Tensor? abs_weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_ibp_conv2d_backward(Tensor grad_center, Tensor grad_radius, Tensor center, Tensor radius, "
+      "Tensor weight, Tensor? abs_weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_ibp_relu_backward(Tensor grad_center, Tensor grad_radius, Tensor center, Tensor radius) -> "
+      "(Tensor, Tensor)");
 }
 
 // A Python module entry so that `import robust_fast._C` loads the library and runs the

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -30,3 +31,27 @@ def check_positive_finite(name: str, value, caller: str) -> float:
     if math.isnan(value) or value <= 0 or math.isinf(value):
         raise ValueError(f"{caller}: {name} must be > 0 and finite, got {value}")
     return value
+
+
+def check_clip(clip, caller: str = "pgd_step") -> Tuple[Optional[float], Optional[float]]:
+    """(low, high) of a box, either side None for open; None for no box. Bounds are numbers
+    (not NaN) with low <= high; a ValueError or TypeError naming the caller otherwise."""
+    if clip is None:
+        return None, None
+    if (type(clip) is tuple and len(clip) == 2 and type(clip[0]) is float and type(clip[1]) is float
+            and clip[0] <= clip[1]):  # the common case, fast (NaN fails the comparison)
+        return clip
+    if not isinstance(clip, Sequence) or isinstance(clip, str) or len(clip) != 2:
+        raise TypeError(f"{caller}: clip must be None or a pair (low, high), got {clip!r}")
+    bounds = []
+    for side, bound in zip(("low", "high"), clip):
+        if bound is None:
+            bounds.append(None)
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or math.isnan(float(bound)):
+            raise ValueError(f"{caller}: clip {side} must be a number or None, got {bound!r}")
+        bounds.append(float(bound))
+    low, high = bounds
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{caller}: clip low must be <= high, got ({low}, {high})")
+    return low, high

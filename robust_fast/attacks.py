@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust_fast._checks import check_clip
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.ops.pgd import apply_pgd_step, check_clip, prepare_radius, split_radius
+from robust_fast.ops.pgd import apply_pgd_step, prepare_radius, split_radius
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Radius = Union[float, torch.Tensor]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
 from robust_fast import _backend, _build
-from robust_fast._checks import check_floating_tensor
+from robust_fast._checks import check_clip, check_floating_tensor
 from robust_fast._layout import walks_as_it_lies
 from robust_fast._profiling import op_range
 from robust_fast.reference.pgd import pgd_step_reference
@@ -86,28 +86,6 @@ def prepare_radius(name: str, value, batch: int, x: torch.Tensor, caller: str) -
     if x.device.type != "cpu":
         _check_radius_values(name, per_sample, caller, read_back=True)
     return per_sample
-
-
-def check_clip(clip, caller: str = "pgd_step") -> Tuple[Optional[float], Optional[float]]:
-    if clip is None:
-        return None, None
-    if (type(clip) is tuple and len(clip) == 2 and type(clip[0]) is float and type(clip[1]) is float
-            and clip[0] <= clip[1]):  # the common case, fast (NaN fails the comparison)
-        return clip
-    if not isinstance(clip, Sequence) or isinstance(clip, str) or len(clip) != 2:
-        raise TypeError(f"{caller}: clip must be None or a pair (low, high), got {clip!r}")
-    bounds = []
-    for side, bound in zip(("low", "high"), clip):
-        if bound is None:
-            bounds.append(None)
-            continue
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or math.isnan(float(bound)):
-            raise ValueError(f"{caller}: clip {side} must be a number or None, got {bound!r}")
-        bounds.append(float(bound))
-    low, high = bounds
-    if low is not None and high is not None and low > high:
-        raise ValueError(f"{caller}: clip low must be <= high, got ({low}, {high})")
-    return low, high
 
 
 def _check_norm(norm) -> str:
