@@ -9,31 +9,15 @@
 #include <algorithm>
 #include <vector>
 
+#include "robust_fast/cpu_sample_loops.h"
 #include "robust_fast/pgd_math.h"
 #include "robust_fast/pgd_problem.h"
 
 namespace robust_fast {
 namespace {
 
-constexpr int64_t kGrainSize = 1 << 15;      // elements per task: big enough to pay for a thread
+constexpr int64_t kGrainSize = kCpuGrainSize;
 constexpr int64_t kAccumulateBlock = 1 << 10;  // fp32 lane sums are flushed to double this often
-
-// Calls fn(sample, begin, end) on pieces of [0, numel) that never cross a sample boundary.
-template <typename Fn>
-void for_each_sample_piece(int64_t numel, int64_t sample_numel, const Fn& fn) {
-  at::parallel_for(0, numel, kGrainSize, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t sample = i / sample_numel;
-      const int64_t piece_end = std::min(end, (sample + 1) * sample_numel);
-      fn(sample, i, piece_end);
-      i = piece_end;
-    }
-  });
-}
-
-double value_for_sample(const at::Tensor& per_sample, double scalar, int64_t sample) {
-  return per_sample.defined() ? per_sample.const_data_ptr<double>()[sample] : scalar;
-}
 
 // Plain loops that the compiler vectorizes (masked selects for the ternaries of pgd_math.h);
 // ivdep: out may alias x_adv, but element i is read before it is written, never later.
