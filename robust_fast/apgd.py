@@ -7,9 +7,10 @@ p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), for each sample where
   or (2) its step size was not halved at the last checkpoint and its best loss has not grown
       since then;
 such a sample continues from its best point (highest loss so far). Every sample's bookkeeping
-lives in tensors on the device: the loop reads nothing back from the device between
+lives in tensors on the device: on an accelerator the loop reads nothing back between
 checkpoints, and at a checkpoint only whether some sample was fooled (to let it leave, with
-early_stop).
+early_stop). On CPU, where reading a value costs no synchronisation, fooled samples leave
+after every step.
 
 Returned, per sample: the first point that fooled the model (misclassified), else the point of
 highest loss. A sample the model already misclassifies is returned as it is and not attacked.
@@ -137,6 +138,11 @@ def random_start(x: torch.Tensor, eps: float, norm: str, clip, generator) -> tor
     return start if low is None and high is None else start.clamp(min=low, max=high)
 
 
+def reads_back_for_free(device: torch.device) -> bool:
+    """Whether reading a value of a tensor on `device` costs no synchronisation (CPU tensors)."""
+    return device.type == "cpu"
+
+
 class _Run(NamedTuple):
     x: torch.Tensor        # the first fooling point, else the point of highest loss
     fooled: torch.Tensor   # bool (B,)
@@ -169,6 +175,7 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
     halved_last = torch.zeros(n, dtype=torch.bool, device=x_nat.device)
     loss_best_last = loss_best.clone()
     schedule, previous_checkpoint = checkpoints(steps), 0
+    reads_back_freely = reads_back_for_free(x_nat.device)
 
     def leave(gone: torch.Tensor) -> None:
         out_x[rows[gone]] = _where(fooled[gone], x_fool[gone], x_best[gone])
@@ -189,19 +196,21 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
             wrong = logits.argmax(dim=1) != y
             x_fool = _where(wrong & ~fooled, x, x_fool)
             fooled = fooled | wrong
-            if i + 1 not in schedule:
-                continue
-            # A checkpoint: halve eta and go back to the best point where the loss stalled.
-            interval = i + 1 - previous_checkpoint
-            previous_checkpoint = i + 1
-            halve = halving_mask(increases, interval, rho, halved_last, loss_best, loss_best_last)
-            eta = torch.where(halve, eta / 2, eta)
-            x = _where(halve, x_best, x)
-            grad = _where(halve, grad_best, grad)
-            loss_now = torch.where(halve, loss_best, loss_now)
-            halved_last, loss_best_last = halve, loss_best.clone()
-            increases.zero_()
-            if early_stop and bool(fooled.any()):  # the only read back: at checkpoints
+            at_checkpoint = i + 1 in schedule
+            if at_checkpoint:
+                # Halve eta and go back to the best point where the loss stalled.
+                interval = i + 1 - previous_checkpoint
+                previous_checkpoint = i + 1
+                halve = halving_mask(increases, interval, rho, halved_last, loss_best, loss_best_last)
+                eta = torch.where(halve, eta / 2, eta)
+                x = _where(halve, x_best, x)
+                grad = _where(halve, grad_best, grad)
+                loss_now = torch.where(halve, loss_best, loss_now)
+                halved_last, loss_best_last = halve, loss_best.clone()
+                increases.zero_()
+            # Fooled samples leave: at checkpoints (the only reads back from an accelerator),
+            # or after every step where reading back costs nothing.
+            if early_stop and (at_checkpoint or reads_back_freely) and bool(fooled.any()):
                 leave(fooled)
                 keep = ~fooled
                 rows, x, x_prev, grad, x_nat, y = rows[keep], x[keep], x_prev[keep], grad[keep], x_nat[keep], y[keep]
@@ -275,8 +284,8 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm:
     Per sample: the first point that fools the model, else the point of highest loss over all
     restarts. Samples the model already misclassifies are returned unchanged. Each restart
     attacks only the samples no earlier one fooled, from a new random start (drawn from
-    `generator`). early_stop: fooled samples leave at the next checkpoint (the result is the
-    same). batch_size: at most this many samples go through the model at once. The model runs
+    `generator`). early_stop: fooled samples stop (on CPU after the step that fooled them, on
+    a GPU at the next checkpoint); the result is the same. batch_size: at most this many samples go through the model at once. The model runs
     in eval mode; every module's mode and the parameters' .grad are left as they were.
     """
     eps, norm, clip = _check_common(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgd")
