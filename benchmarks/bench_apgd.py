@@ -7,7 +7,9 @@
     robust_fast.attacks.apgd (CE) against torchattacks.APGD, and robust_fast.attacks.apgdt
     against torchattacks.APGDT (9 target classes), timed in interleaved rounds, with each
     one's robust accuracy, the images the model saw (sample-steps: where the time goes) and
-    PGD-20's robust accuracy on the same images.
+    PGD-20's robust accuracy on the same images. Besides the wall-clock medians, the process's
+    CPU time per call: on a machine shared with other work it is the figure the neighbours
+    do not move.
 (c) auto_attack (APGD-CE, APGD-T, Square) of 1000 test images: its time, each attack's time
     and how many samples each fooled.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -131,16 +134,20 @@ class ImageCounter:
             self.images += inputs[0].shape[0]
 
 
-def _counted(counter: ImageCounter, seen: Dict[str, int], name: str, fn):
-    """fn, counting the images of its first call only (the untimed warm-up that gives the result)."""
+def _counted(counter: ImageCounter, seen: Dict[str, int], cpu_s: Dict[str, List[float]], name: str, fn):
+    """fn, counting the images of its first call only (the untimed warm-up that gives the
+    result), and recording the CPU time of every later call in cpu_s[name]."""
     def run():
         first = name not in seen
         counter.on, counter.images = first, 0
+        start = time.process_time()
         try:
             return fn()
         finally:
             if first:
                 seen[name] = counter.images
+            else:
+                cpu_s.setdefault(name, []).append(time.process_time() - start)
             counter.on = False
     return run
 
@@ -180,7 +187,8 @@ def bench_attacks(config, notes, durations) -> List[Dict[str, object]]:
                                                steps=settings["pgd_steps"],
                                                generator=torch.Generator().manual_seed(seed)))
     clean = robust_accuracy(x)
-    timed = {name: _counted(counter, seen, name, fn) for name, fn in candidates.items()}
+    cpu_s: Dict[str, List[float]] = {}
+    timed = {name: _counted(counter, seen, cpu_s, name, fn) for name, fn in candidates.items()}
     start = time.perf_counter()
     stats = harness.compare(timed, **config["attack_timing"])
     durations["attacks"] = time.perf_counter() - start
@@ -188,22 +196,36 @@ def bench_attacks(config, notes, durations) -> List[Dict[str, object]]:
     # floor of an attack's time is about sample-steps times this.
     counter.on = False
     grad_batch = x[: max(1, int(x.shape[0] * clean))]
-    per_image = harness.compare({"forward+backward": lambda: attacks.input_gradient(model, grad_batch, y[:grad_batch.shape[0]])},
-                                rounds=1, min_run_time=0.5, min_runs=5)["forward+backward"]["median_ms"] / grad_batch.shape[0]
+    def forward_backward():
+        return attacks.input_gradient(model, grad_batch, y[:grad_batch.shape[0]])
+    per_image = harness.compare({"forward+backward": forward_backward}, rounds=1, min_run_time=0.5,
+                                min_runs=5)["forward+backward"]["median_ms"] / grad_batch.shape[0]
+    cpu_times = []
+    for _ in range(5):
+        start = time.process_time()
+        forward_backward()
+        cpu_times.append(time.process_time() - start)
+    per_image_cpu = statistics.median(cpu_times) * 1e3 / grad_batch.shape[0]
     pairs = {"robust_fast apgd (CE)": "torchattacks.APGD", "robust_fast apgdt": "torchattacks.APGDT",
              "torchattacks.APGD": "torchattacks.APGD", "torchattacks.APGDT": "torchattacks.APGDT"}
+    # CPU time of the process (all its threads): what a call costs, whatever else runs on the
+    # machine. On a busy machine the wall-clock medians carry the neighbours' noise.
+    cpu_ms = {name: statistics.median(times) * 1e3 for name, times in cpu_s.items() if times}
     rows = []
     for name, s in stats.items():
         peer = stats.get(pairs[name], {})
         rows.append({
+            "cpu_ms": cpu_ms.get(name), "vs_torchattacks_cpu": harness.ratio(cpu_ms.get(pairs[name]), cpu_ms.get(name)),
             "part": "attacks", "impl": name, "n_images": x.shape[0], "eps": eps, "steps": steps,
             "median_ms": s["median_ms"], "iqr_ms": s["iqr_ms"], "min_ms": s["min_ms"], "samples": s["samples"],
             "vs_torchattacks": harness.ratio(peer.get("median_ms"), s["median_ms"]),
             "robust_accuracy": s["result"], "torchattacks_robust_accuracy": peer.get("result"),
             "pgd20_robust_accuracy": pgd_accuracy, "clean_accuracy": clean,
             "images_seen": seen.get(name),
-            "forward_backward_ms_per_image": per_image,
+            "forward_backward_ms_per_image": per_image, "forward_backward_cpu_ms_per_image": per_image_cpu,
             "model_share": None if seen.get(name) is None else seen[name] * per_image / s["median_ms"],
+            "model_share_cpu": None if seen.get(name) is None or name not in cpu_ms
+            else seen[name] * per_image_cpu / cpu_ms[name],
             "model": {"settings": config["train"], "cache": info["path"], "cached": info["cached"]},
         })
     return rows
@@ -240,8 +262,9 @@ def bench_auto(config, notes, durations) -> List[Dict[str, object]]:
 STEP_COLUMNS = [("norm", "norm", None), ("impl", "impl", None), ("median ms", "median_ms", ".3f"),
                 ("vs eager", "vs_eager", ".2f")]
 ATTACK_COLUMNS = [("impl", "impl", None), ("median ms", "median_ms", ".0f"), ("iqr ms", "iqr_ms", ".0f"),
-                  ("vs torchattacks", "vs_torchattacks", ".2f"), ("robust acc", "robust_accuracy", ".2%"),
-                  ("images seen", "images_seen", None), ("model share", "model_share", ".0%")]
+                  ("vs torchattacks", "vs_torchattacks", ".2f"), ("cpu ms", "cpu_ms", ".0f"),
+                  ("vs torchattacks (cpu)", "vs_torchattacks_cpu", ".2f"), ("robust acc", "robust_accuracy", ".2%"),
+                  ("images seen", "images_seen", None), ("model share (cpu)", "model_share_cpu", ".0%")]
 
 
 def _panels(rows) -> List[Dict[str, object]]:

@@ -7,12 +7,16 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "robust_fast/apgd_problem.h"
 #include "robust_fast/cpu_sample_loops.h"
 #include "robust_fast/pgd_math.h"
 
 namespace robust_fast {
 namespace {
+
+using namespace cpu_loops;  // shared loops and sums
 
 template <typename scalar_t>
 struct Rows {
@@ -62,21 +66,41 @@ void linf_kernel(const ApgdProblem& p, at::Tensor& x_out, at::Tensor& prev_out) 
   });
 }
 
+// The sum of squares of value(i) for i in [begin, begin + n), n <= kAccumulateBlock: lanes in
+// opmath_t (the compiler keeps them in vector registers), then double.
+template <typename opmath_t, typename ValueFn>
+double block_square_sum(int64_t begin, int64_t n, const ValueFn& value) {
+  constexpr int kLanes = 64 / sizeof(opmath_t);
+  opmath_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const opmath_t v = value(begin + i + lane);
+      lanes[lane] += v * v;
+    }
+  }
+  for (int lane = 0; i < n; ++i, ++lane) {
+    const opmath_t v = value(begin + i);
+    lanes[lane] += v * v;
+  }
+  double total = 0;
+  for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
+  return total;
+}
+
 // One sample of the L2 step, elements [first, first + n).
 template <typename scalar_t>
 void l2_sample(const Rows<scalar_t>& r, int64_t first, int64_t n, double eps, double eta,
                const ApgdProblem& p) {
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t *x = r.x + first, *xp = r.x_prev + first, *g = r.grad + first, *xn = r.x_nat + first;
-  // Pass 1: <g,g>, <d,g>, <d,d> with d = x - x_nat; products in opmath_t, sums in double.
-  double grad_sq = 0, delta_dot_grad = 0, delta_sq = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const opmath_t gi = g[i];
-    const opmath_t di = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) - static_cast<opmath_t>(xn[i]));
-    grad_sq += static_cast<double>(gi * gi);
-    delta_dot_grad += static_cast<double>(di * gi);
-    delta_sq += static_cast<double>(di * di);
+  // Pass 1: <g,g>, <d,g>, <d,d> with d = x - x_nat, as pgd_step sums them (lanes in opmath_t,
+  // flushed to double every kAccumulateBlock elements).
+  L2Sums sums;
+  for (int64_t b = 0; b < n; b += kAccumulateBlock) {
+    sums += l2_block_sums(x + b, g + b, xn + b, std::min(kAccumulateBlock, n - b));
   }
+  const double grad_sq = sums.grad_sq, delta_dot_grad = sums.delta_dot_grad, delta_sq = sums.delta_sq;
   const L2Coefficients<double> c =
       l2_coefficients<double>(grad_sq, delta_dot_grad, delta_sq, eps, eta, p.min_grad_sq);
   const auto step_scale = static_cast<opmath_t>(c.step_scale), factor = static_cast<opmath_t>(c.factor);
@@ -89,16 +113,19 @@ void l2_sample(const Rows<scalar_t>& r, int64_t first, int64_t n, double eps, do
     // Rounded to the input dtype, as the reference holds it.
     return static_cast<opmath_t>(static_cast<scalar_t>(momentum_point<opmath_t>(xi, z, xp[i], a, one_minus_a)));
   };
-  // Pass 2: the squared norm of the momentum point's distance from x_nat.
+  // Pass 2: the squared norm of the momentum point's distance from x_nat, summed the same way.
+  const auto distance_at = [&](int64_t i) {
+    return static_cast<opmath_t>(static_cast<scalar_t>(momentum_point_at(i) - static_cast<opmath_t>(xn[i])));
+  };
   double moved_sq = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const opmath_t d = static_cast<scalar_t>(momentum_point_at(i) - static_cast<opmath_t>(xn[i]));
-    moved_sq += static_cast<double>(d * d);
+  for (int64_t b = 0; b < n; b += kAccumulateBlock) {
+    moved_sq += block_square_sum<opmath_t>(b, std::min(kAccumulateBlock, n - b), distance_at);
   }
   const auto projection = static_cast<opmath_t>(l2_projection_factor<double>(moved_sq, eps));
   // Pass 3: project and write; x (and x_prev) are read before they are written.
   scalar_t* out = r.out + first;
   scalar_t* prev = r.prev == nullptr ? nullptr : r.prev + first;
+#pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t xi = x[i];
     const opmath_t w = momentum_point_at(i);

@@ -22,6 +22,8 @@
 namespace robust_fast {
 namespace {
 
+using namespace cuda_reduce;  // the shared block sums
+
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 

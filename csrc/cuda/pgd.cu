@@ -24,6 +24,8 @@
 namespace robust_fast {
 namespace {
 
+using namespace cuda_reduce;  // the shared block sums
+
 constexpr int kThreads = 256;
 // The smallest piece of a sample one block of the L2 kernels takes: 16 elements per thread,
 // so splitting pays for its partial sums.

@@ -3,6 +3,7 @@
 #pragma once
 
 namespace robust_fast {
+namespace cuda_reduce {
 
 constexpr int kWarpSize = 32;
 
@@ -41,4 +42,5 @@ __device__ inline L2Sums block_sum(L2Sums sums) {
   return sums;
 }
 
+}  // namespace cuda_reduce
 }  // namespace robust_fast
