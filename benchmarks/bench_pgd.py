@@ -239,16 +239,25 @@ def cache_dir() -> str:
                                                                 "robust_fast")
 
 
+def _model_key_fields(settings: Dict[str, object]) -> Dict[str, object]:
+    return dict(settings, model="SmallCNN(1,10,28)", data="fashion-mnist train[:n_train]",
+                recipe="robust_fast.train.adversarial_train v1")
+
+
+def model_cache_path(settings: Dict[str, object]) -> str:
+    """Where trained_model keeps the model of `settings` (it may not exist yet)."""
+    key = hashlib.sha256(json.dumps(_model_key_fields(settings), sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), "models", f"smallcnn_fmnist_pgdat_{key}.pt")
+
+
 def trained_model(settings: Dict[str, object], device: str):
     """A SmallCNN adversarially trained with `settings`, from the cache when it is there.
 
     Returns (model, info) with info = {"path", "cached", "train_s", "log"}.
     """
-    key_fields = dict(settings, model="SmallCNN(1,10,28)", data="fashion-mnist train[:n_train]",
-                      recipe="robust_fast.train.adversarial_train v1")
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir(), "models")
-    path = os.path.join(folder, f"smallcnn_fmnist_pgdat_{key}.pt")
+    key_fields = _model_key_fields(settings)
+    path = model_cache_path(settings)
+    folder = os.path.dirname(path)
     model = SmallCNN()
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,5 +1,6 @@
 """robust_fast: fused kernels for adversarial robustness and robustness transfer in PyTorch."""
 from robust_fast._backend import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
+from robust_fast.ops.apgd import apgd_step
 from robust_fast.ops.ibp import ibp_conv2d, ibp_linear, ibp_relu
 from robust_fast.ops.multi_teacher_loss import multi_teacher_loss
 from robust_fast.ops.pgd import pgd_step
@@ -8,5 +9,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "get_backend", "set_backend", "use_backend",
-    "ibp_conv2d", "ibp_linear", "ibp_relu", "multi_teacher_loss", "pgd_step", "__version__",
+    "apgd_step", "ibp_conv2d", "ibp_linear", "ibp_relu", "multi_teacher_loss", "pgd_step", "__version__",
 ]

@@ -1,5 +1,7 @@
 """Gradient attacks on the fused PGD step: fgsm, pgd (L-inf and L2; random start, restarts,
-targeted, early stop) and torchattacks-style classes FGSM, PGD and PGDL2.
+targeted, early stop) and torchattacks-style classes FGSM, PGD and PGDL2. Also exported here:
+apgd, apgdt (robust_fast.apgd, on the fused APGD step), square (robust_fast.square),
+auto_attack (robust_fast.autoattack), and the classes APGD, APGDT and Square.
 
 Gradients are taken with respect to the input only (torch.autograd.grad): parameters' .grad
 stay as they were, and no graph outlives a step. The model runs in eval mode during the attack,
@@ -18,6 +20,9 @@ from torch import nn
 from robust_fast._checks import check_clip
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
+from robust_fast.apgd import apgd, apgdt
+from robust_fast.autoattack import AutoAttackResult, auto_attack
+from robust_fast.square import square
 from robust_fast.ops.pgd import apply_pgd_step, prepare_radius, split_radius
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -517,3 +522,93 @@ class PGDL2(PGD):
 
     def _options(self):
         return dict(super()._options(), eps_for_division=self.eps_for_division)
+
+
+# APGD, APGD-T and Square with torchattacks' arguments and defaults. Differences: the random
+# draws come from a generator seeded with `seed` on every call (torchattacks seeds torch's
+# global generator); eot_iter must be 1; verbose prints nothing.
+
+def _torchattacks_norm(norm) -> str:
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    return norm.lower()
+
+
+def _check_eot(eot_iter) -> None:
+    if eot_iter != 1:
+        raise ValueError(f"eot_iter must be 1 (expectation over transformation is not implemented), got {eot_iter!r}")
+
+
+class _SeededAttack(_Attack):
+    def _generator(self, x: torch.Tensor) -> torch.Generator:
+        return torch.Generator(device=x.device).manual_seed(int(self.seed))
+
+    def _untargeted(self):
+        if self.targeted:
+            raise ValueError(f"{type(self).__name__} supports the default (untargeted) mode only")
+
+
+class APGD(_SeededAttack):
+    """APGD with torchattacks.APGD's arguments and defaults (plus early_stop, batch_size)."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, seed: int = 0, loss: str = "ce", eot_iter: int = 1,
+                 rho: float = 0.75, verbose: bool = False, *, early_stop: bool = True,
+                 batch_size: Optional[int] = None):
+        super().__init__(model)
+        _check_eot(eot_iter)
+        self.norm, self.eps, self.steps, self.n_restarts, self.seed = norm, eps, steps, n_restarts, seed
+        self.loss, self.eot_iter, self.rho, self.verbose = loss, eot_iter, rho, verbose
+        self.early_stop, self.batch_size = early_stop, batch_size
+        _torchattacks_norm(norm)
+
+    def forward(self, x, y):
+        self._untargeted()
+        return apgd(self.get_logits, x, y, eps=self.eps, norm=_torchattacks_norm(self.norm),
+                    steps=self.steps, loss=self.loss, restarts=self.n_restarts, rho=self.rho,
+                    early_stop=self.early_stop, generator=self._generator(x),
+                    batch_size=self.batch_size)
+
+
+class APGDT(_SeededAttack):
+    """APGD-T with torchattacks.APGDT's arguments and defaults (n_classes - 1 target classes)."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, seed: int = 0, eot_iter: int = 1, rho: float = 0.75,
+                 verbose: bool = False, n_classes: int = 10, *, early_stop: bool = True,
+                 batch_size: Optional[int] = None):
+        super().__init__(model)
+        _check_eot(eot_iter)
+        self.norm, self.eps, self.steps, self.n_restarts, self.seed = norm, eps, steps, n_restarts, seed
+        self.eot_iter, self.rho, self.verbose, self.n_classes = eot_iter, rho, verbose, n_classes
+        self.early_stop, self.batch_size = early_stop, batch_size
+        _torchattacks_norm(norm)
+
+    def forward(self, x, y):
+        self._untargeted()
+        return apgdt(self.get_logits, x, y, eps=self.eps, norm=_torchattacks_norm(self.norm),
+                     steps=self.steps, n_target_classes=self.n_classes - 1,
+                     restarts=self.n_restarts, rho=self.rho, early_stop=self.early_stop,
+                     generator=self._generator(x), batch_size=self.batch_size)
+
+
+class Square(_SeededAttack):
+    """L-inf Square with torchattacks.Square's arguments and defaults."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, n_queries: int = 5000,
+                 n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
+                 resc_schedule: bool = True, seed: int = 0, verbose: bool = False, *,
+                 batch_size: Optional[int] = None):
+        super().__init__(model)
+        if norm != "Linf":
+            raise ValueError(f"Square: only norm='Linf' is implemented, got {norm!r}")
+        self.norm, self.eps, self.n_queries, self.n_restarts = norm, eps, n_queries, n_restarts
+        self.p_init, self.loss, self.resc_schedule, self.seed = p_init, loss, resc_schedule, seed
+        self.verbose, self.batch_size = verbose, batch_size
+
+    def forward(self, x, y):
+        self._untargeted()
+        return square(self.get_logits, x, y, eps=self.eps, n_queries=self.n_queries,
+                      p_init=self.p_init, loss=self.loss, restarts=self.n_restarts,
+                      rescale_schedule=self.resc_schedule, generator=self._generator(x),
+                      batch_size=self.batch_size)

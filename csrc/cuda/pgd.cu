@@ -17,14 +17,16 @@
 #include <cstdint>
 #include <limits>
 
+#include "robust_fast/cuda_block_sum.cuh"
 #include "robust_fast/pgd_math.h"
 #include "robust_fast/pgd_problem.h"
 
 namespace robust_fast {
 namespace {
 
+using namespace cuda_reduce;  // the shared block sums
+
 constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
 // The smallest piece of a sample one block of the L2 kernels takes: 16 elements per thread,
 // so splitting pays for its partial sums.
 constexpr int64_t kMinPieceElements = kThreads * 16;
@@ -147,41 +149,6 @@ void launch_elementwise(const Operands<scalar_t>& op, int64_t numel, int64_t sam
         op, numel, sample_numel, step);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// <g,g>, <d,g>, <d,d> of a piece of a sample, d = x_adv - x_nat.
-struct L2Sums {
-  double grad_sq, delta_dot_grad, delta_sq;
-};
-
-__device__ __forceinline__ double warp_sum(double value) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
-
-__device__ __forceinline__ L2Sums warp_sum(L2Sums sums) {
-  return {warp_sum(sums.grad_sq), warp_sum(sums.delta_dot_grad), warp_sum(sums.delta_sq)};
-}
-
-// Sum over the block in a fixed order, so results do not vary from run to run. The total is
-// valid in thread 0. blockDim.x must be a multiple of the warp size.
-__device__ L2Sums block_sum(L2Sums sums) {
-  __shared__ L2Sums warp_totals[1024 / kWarpSize];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  sums = warp_sum(sums);
-  if (lane == 0) warp_totals[warp] = sums;
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = static_cast<int>(blockDim.x) / kWarpSize;
-    sums = lane < warps ? warp_totals[lane] : L2Sums{0.0, 0.0, 0.0};
-    sums = warp_sum(sums);
-  }
-  __syncthreads();  // warp_totals is free for the next call
-  return sums;
 }
 
 // The per-sample scalars of an L2 step.

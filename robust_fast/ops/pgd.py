@@ -20,6 +20,7 @@ from robust_fast.reference.pgd import pgd_step_reference
 
 Radius = Union[float, torch.Tensor]
 NORMS = ("linf", "l2")
+STEP_SIZES = ("alpha", "eta")  # radii that must also be finite
 
 
 def _check_operand(name: str, value) -> torch.Tensor:
@@ -56,8 +57,8 @@ def check_radius(name: str, value, batch: int, x: torch.Tensor,
     value = float(value)
     if math.isnan(value) or value < 0:
         raise ValueError(f"{caller}: {name} must be >= 0 and not NaN, got {value}")
-    if name == "alpha" and math.isinf(value):
-        raise ValueError(f"{caller}: alpha must be finite, got inf")
+    if name in STEP_SIZES and math.isinf(value):
+        raise ValueError(f"{caller}: {name} must be finite, got inf")
     return value, None
 
 
@@ -65,10 +66,10 @@ def _check_radius_values(name: str, per_sample: torch.Tensor, caller: str, read_
     """>= 0 and not NaN (alpha also finite) in every sample: a ValueError when read_back,
     else an asynchronous device-side assertion that costs no host synchronisation."""
     valid = per_sample >= 0  # False for NaN
-    if name == "alpha":
+    if name in STEP_SIZES:
         valid &= torch.isfinite(per_sample)
     message = (f"{caller}: {name} must be >= 0 and not NaN in every sample"
-               + (", and finite" if name == "alpha" else ""))
+               + (", and finite" if name in STEP_SIZES else ""))
     if read_back:
         if not bool(valid.all()):
             raise ValueError(message)
@@ -185,9 +186,9 @@ def split_radius(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
     return (0.0, radius) if isinstance(radius, torch.Tensor) else (radius, None)
 
 
-def output_layout_like(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor) -> torch.Tensor:
-    """An empty result with the strides the C++ kernels give theirs (for the fake kernel)."""
-    if walks_as_it_lies(x_adv, grad, x_nat):
+def output_layout_like(x_adv: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """An empty result with the strides the C++ kernels give theirs (for the fake kernels)."""
+    if walks_as_it_lies(x_adv, *others):
         return torch.empty_like(x_adv)
     return torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
 

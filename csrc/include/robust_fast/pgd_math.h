@@ -21,13 +21,25 @@ RF_HOST_DEVICE T sign_or_zero(T g) {
   return g > T(0) ? T(1) : (g < T(0) ? T(-1) : T(0));
 }
 
+// The L-inf projection of one element: onto [x_nat - eps, x_nat + eps], then into the box.
+template <typename T>
+RF_HOST_DEVICE T linf_project(T point, T x_nat, T eps, T clip_lo, T clip_hi) {
+  const T delta = clamp_like_torch(point - x_nat, -eps, eps);
+  return clamp_like_torch(x_nat + delta, clip_lo, clip_hi);
+}
+
 // One L-inf step for one element. `alpha` carries the sign of the step (negated for targeted).
 // Every operation rounds to T, exactly as the eager expression does in T.
 template <typename T>
 RF_HOST_DEVICE T linf_step(T x_adv, T grad, T x_nat, T eps, T alpha, T clip_lo, T clip_hi) {
-  const T stepped = x_adv + alpha * sign_or_zero(grad);
-  const T delta = clamp_like_torch(stepped - x_nat, -eps, eps);
-  return clamp_like_torch(x_nat + delta, clip_lo, clip_hi);
+  return linf_project(x_adv + alpha * sign_or_zero(grad), x_nat, eps, clip_lo, clip_hi);
+}
+
+// min(1, eps / norm) from a squared norm: the factor of l2_project (1 inside the ball).
+template <typename acc_t>
+RF_HOST_DEVICE acc_t l2_projection_factor(acc_t squared_norm, acc_t eps) {
+  const acc_t norm = std::sqrt(squared_norm > acc_t(0) ? squared_norm : acc_t(0));
+  return norm > eps ? eps / norm : acc_t(1);
 }
 
 // Per-sample coefficients of the L2 step, from the sums of one pass over the sample:
@@ -63,16 +75,32 @@ RF_HOST_DEVICE L2Coefficients<acc_t> l2_coefficients(acc_t grad_sq, acc_t delta_
   if (moves) {
     stepped_sq += acc_t(2) * step_scale * delta_dot_grad + step_scale * step_scale * grad_sq;
   }
-  const acc_t stepped_norm = std::sqrt(stepped_sq > acc_t(0) ? stepped_sq : acc_t(0));
-  const acc_t factor = stepped_norm > eps ? eps / stepped_norm : acc_t(1);
-  return {step_scale, factor};
+  return {step_scale, l2_projection_factor(stepped_sq, eps)};
+}
+
+// The L2 projection of one element, given its sample's factor min(1, eps / ||point - x_nat||):
+// scale the difference, then clamp into the box.
+template <typename T>
+RF_HOST_DEVICE T l2_project(T point, T x_nat, T factor, T clip_lo, T clip_hi) {
+  return clamp_like_torch(x_nat + (point - x_nat) * factor, clip_lo, clip_hi);
 }
 
 // One L2 step for one element, given its sample's coefficients.
 template <typename T>
 RF_HOST_DEVICE T l2_step(T x_adv, T grad, T x_nat, T step_scale, T factor, T clip_lo, T clip_hi) {
   const T stepped = step_scale != T(0) ? x_adv + step_scale * grad : x_adv;
-  return clamp_like_torch(x_nat + (stepped - x_nat) * factor, clip_lo, clip_hi);
+  return l2_project(stepped, x_nat, factor, clip_lo, clip_hi);
+}
+
+// APGD's momentum combination of one element (Croce & Hein 2020): from x towards the projected
+// step z with weight a, plus (1 - a) of the last move x - x_prev, in this order:
+// (x + a*(z - x)) + (1 - a)*(x - x_prev). `one_minus_a` is 1 - a rounded once, as the reference
+// computes it. The result is projected again by the caller.
+template <typename T>
+RF_HOST_DEVICE T momentum_point(T x, T z, T x_prev, T a, T one_minus_a) {
+  const T towards = x + a * (z - x);
+  const T last_move = one_minus_a * (x - x_prev);
+  return towards + last_move;
 }
 
 }  // namespace robust_fast
