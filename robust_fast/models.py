@@ -103,6 +103,10 @@ class SmallCNN(nn.Sequential):
     def classifier(self) -> nn.Linear:
         return self[-1]
 
+    # forward(x) runs the layers in order, as nn.Sequential's does: interval bound propagation
+    # (robust_fast.certify) walks them.
+    forward_is_sequential = True
+
     def forward(self, x: torch.Tensor, return_features: bool = False):
         features = x
         for layer in list(self)[:-1]:

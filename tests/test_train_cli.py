@@ -76,7 +76,8 @@ def test_demo_quick_writes_table_json_curves_and_figure(tmp_path, monkeypatch, c
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for word in ("| standard |", "| PGD-AT |", "| Fast-AT |", "| RRM |", "RRM student:", "time / PGD-AT"):
+    for word in ("| standard |", "| PGD-AT |", "| Fast-AT |", "| RRM |", "RRM student:", "time / PGD-AT",
+                 "AutoAttack-style (APGD-CE + APGD-T"):
         assert word in printed, word
     results = json.loads((out / "results.json").read_text())
     assert [row["recipe"] for row in results["students"]] == ["standard", "pgd_at", "fast_at", "rrm"]
@@ -84,9 +85,38 @@ def test_demo_quick_writes_table_json_curves_and_figure(tmp_path, monkeypatch, c
         # (a misclassified image can land on a correct point of its ball: a little slack)
         assert 0 <= row["robust_acc"] <= row["clean_acc"] + 0.02 and row["clean_acc"] <= 1
         assert 0 <= row["robust_acc_restarts"] <= row["clean_acc"] + 0.02 and row["train_time_s"] > 0
+        assert 0 <= row["robust_acc_auto"] <= row["clean_acc"] + 0.02
     by_name = {row["recipe"]: row for row in results["students"]}
     assert results["rrm_vs_pgd_at"]["time"] == by_name["rrm"]["train_time_s"] / by_name["pgd_at"]["train_time_s"]
     curves = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
     assert {c["recipe"] for c in curves} == {"standard", "pgd_at", "fast_at", "rrm"}
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "table.md").is_file() and os.path.isfile(out / "rrm" / "checkpoint.pt")
+
+
+def test_train_ibp_then_eval_by_apgd_with_ibp_certificates(tmp_path, capsys):
+    out = tmp_path / "ibp"
+    assert cli.main(["train", "ibp", "--limit", "256", "--batch-size", "64", "--epochs", "2", "--warmup-epochs", "0.5",
+                     "--ramp-epochs", "1", "--eval-samples", "32", "--eval-steps", "1", "--out", str(out),
+                     "--no-progress"]) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["model_spec"]["name"] == "small_cnn" and state["config"]["max_grad_norm"] == 10.0
+    assert "certified_acc" in json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", str(out / "checkpoint.pt"), "--samples", "50", "--steps", "5", "--attack", "apgd",
+                     "--certify", "ibp", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "APGD-CE-5 acc (eps 0.1, 1 restart)" in printed and "IBP-certified acc (eps 0.1)" in printed
+    numbers = json.loads(report.read_text())
+    images, labels = data.load_fashion_mnist("test", limit=50)
+    expected = evaluate(model_from_checkpoint(out / "checkpoint.pt"), images, labels, eps=0.1, steps=5,
+                        attack="apgd", certify="ibp")
+    assert numbers["robust_acc"] == expected["robust_acc"] and numbers["certified_acc"] == expected["certified_acc"]
+
+
+def test_eval_certify_refuses_a_model_bounds_cannot_go_through(tmp_path, capsys):
+    out = tmp_path / "resnet"
+    assert cli.main(["train", "standard", "--model", "resnet_small", "--width", "4", "--limit", "64", "--epochs", "1",
+                     "--eval-samples", "0", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["eval", str(out / "checkpoint.pt"), "--samples", "10", "--certify", "ibp"]) == 2
+    assert "not supported" in capsys.readouterr().err

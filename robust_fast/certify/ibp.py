@@ -161,10 +161,12 @@ def _normalize(layer: Normalize, center, radius, relu_follows, backend):
 
 def layers_of(model: nn.Module) -> List[nn.Module]:
     """The layers bounds go through, in order: nested nn.Sequential (and subclasses that keep its
-    forward, like this library's models) walked through. TypeError for anything unsupported."""
+    forward, or say with forward_is_sequential = True that theirs computes the same, like
+    SmallCNN) walked through. TypeError for anything unsupported."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"interval_bounds: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+    if isinstance(model, nn.Sequential) and (type(model).forward is nn.Sequential.forward
+                                             or getattr(type(model), "forward_is_sequential", False)):
         found = []
         for child in model:
             found.extend(layers_of(child))

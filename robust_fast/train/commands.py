@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -11,16 +12,17 @@ import torch
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from robust_fast.train.evaluate import evaluate
+from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, evaluate
 from robust_fast.train.loop import fit
-from robust_fast.train.recipes import ARD, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Standard
+from robust_fast.train.recipes import ARD, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Standard
 
 
 def add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train a model with one recipe on Fashion-MNIST "
                                           "(under torchrun: data-parallel)")
     p.add_argument("recipe", choices=sorted(RECIPES))
-    p.add_argument("--model", default="resnet_small", help="small_cnn, wide_cnn or resnet_small (default)")
+    p.add_argument("--model", default=None,
+                   help="small_cnn, wide_cnn or resnet_small (default; small_cnn for ibp)")
     p.add_argument("--width", type=int, default=None, help="the model's width (wide_cnn, resnet_small)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128, help="the global batch (split over ranks)")
@@ -38,6 +40,12 @@ def add_train_parser(commands) -> None:
     p.add_argument("--noise-std", type=float, default=0.0, help="rrm: match on x + N(0, std^2)")
     p.add_argument("--temperature", type=float, default=None, help="kd (4), ard (30)")
     p.add_argument("--alpha", type=float, default=None, help="kd (0.9), ard (1.0): weight of the distillation term")
+    p.add_argument("--warmup-epochs", type=float, default=0.5, help="ibp: epochs on clean inputs first")
+    p.add_argument("--ramp-epochs", type=float, default=3.0, help="ibp: epochs over which eps and kappa ramp")
+    p.add_argument("--kappa-end", type=float, default=0.5, help="ibp: final weight of the clean loss")
+    p.add_argument("--ramp", choices=("smoothed", "linear"), default="smoothed", help="ibp: the eps ramp")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradient's norm (default: 10 for ibp, none otherwise)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
     p.add_argument("--eval-samples", type=int, default=500, help="held-out test images evaluated each epoch")
     p.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the per-epoch robust accuracy (0: none)")
@@ -50,7 +58,9 @@ def add_train_parser(commands) -> None:
 
 def build_recipe(name: str, *, eps: float = 0.1, steps: int = 7, teacher: Optional[torch.nn.Module] = None,
                  teacher_path: Optional[str] = None, lambda_ce: float = 0.005, kind: str = "cosine",
-                 noise_std: float = 0.0, temperature: Optional[float] = None, alpha: Optional[float] = None):
+                 noise_std: float = 0.0, temperature: Optional[float] = None, alpha: Optional[float] = None,
+                 warmup_epochs: float = 0.5, ramp_epochs: float = 3.0, kappa_end: float = 0.5,
+                 ramp: str = "smoothed"):
     """A recipe from command-line style settings (unused ones are ignored)."""
     if name in TEACHER_RECIPES and teacher is None:
         raise ValueError(f"recipe {name!r} needs a teacher (--teacher CHECKPOINT)")
@@ -67,6 +77,8 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: int = 7, teacher: Option
         return KD(teacher, teacher_path=teacher_path, **extra)
     if name == "ard":
         return ARD(teacher, eps=eps, steps=steps, teacher_path=teacher_path, **extra)
+    if name == "ibp":
+        return IBP(eps=eps, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, kappa_end=kappa_end, ramp=ramp)
     raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
 
 
@@ -79,15 +91,20 @@ def run_train(args: argparse.Namespace) -> int:
     teacher = model_from_checkpoint(args.teacher, map_location=device) if args.teacher else None
     recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=args.teacher,
                           lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
-                          temperature=args.temperature, alpha=args.alpha)
+                          temperature=args.temperature, alpha=args.alpha, warmup_epochs=args.warmup_epochs,
+                          ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end, ramp=args.ramp)
+    max_grad_norm = args.max_grad_norm if args.max_grad_norm is not None else \
+        (10.0 if args.recipe == "ibp" else None)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                          seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps,
-                         eval_eps=args.eps, progress=not args.no_progress, backend=args.backend)
+                         eval_eps=args.eps, progress=not args.no_progress, backend=args.backend,
+                         max_grad_norm=max_grad_norm)
     train = load_fashion_mnist("train", root=args.data, limit=args.limit)
     held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, **({"width": args.width} if args.width else {}))
+    model_name = args.model or ("small_cnn" if args.recipe == "ibp" else "resnet_small")
+    model = build_model(model_name, **({"width": args.width} if args.width else {}))
     out = args.out or os.path.join("runs", args.recipe)
     result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
     if dist_util.is_main():
@@ -99,8 +116,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_eval_parser(commands) -> None:
-    p = commands.add_parser("eval", help="clean and PGD-20 robust accuracy of a checkpoint on Fashion-MNIST's test set")
+    p = commands.add_parser("eval", help="clean and robust accuracy (PGD-20 by default, APGD or AutoAttack-style) "
+                                         "and optionally IBP-certified accuracy of a checkpoint on Fashion-MNIST's test set")
     p.add_argument("checkpoint")
+    p.add_argument("--attack", choices=ATTACKS, default="pgd",
+                   help="pgd (default), apgd (APGD-CE) or auto (APGD-CE, APGD-T, Square in turn)")
+    p.add_argument("--certify", choices=CERTIFIERS, default=None, help="also the IBP-certified accuracy")
     p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: the run's)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
@@ -125,6 +146,9 @@ def format_table(rows: List[Dict[str, Any]], columns) -> str:
     return "\n".join(lines)
 
 
+ATTACK_NAMES = {"pgd": "PGD", "apgd": "APGD-CE", "auto": "AutoAttack-style"}
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from robust_fast.data import load_fashion_mnist
 
@@ -132,15 +156,22 @@ def run_eval(args: argparse.Namespace) -> int:
     model = model_from_checkpoint(state, map_location=dist_util.default_device())
     eps = args.eps if args.eps is not None else float(state["config"].get("eval_eps", 0.1))
     images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
-    numbers = evaluate(model, images, labels, eps=eps, steps=args.steps, alpha=args.alpha, restarts=args.restarts,
-                       early_stop=not args.no_early_stop, batch_size=args.batch_size, seed=args.seed,
-                       backend=args.backend)
+    try:
+        numbers = evaluate(model, images, labels, eps=eps, steps=args.steps, alpha=args.alpha,
+                           restarts=args.restarts, early_stop=not args.no_early_stop, batch_size=args.batch_size,
+                           seed=args.seed, attack=args.attack, certify=args.certify, backend=args.backend)
+    except TypeError as error:  # a layer interval bound propagation does not support
+        print(f"robust-fast eval: {error}", file=sys.stderr)
+        return 2
     row = {"checkpoint": args.checkpoint, "recipe": state["recipe"], "model": (state.get("model_spec") or {}).get("name"),
            "epochs": state["epoch"], "train_time_s": state["train_time_s"], **numbers}
-    attack = f"PGD-{args.steps} acc (eps {eps:g}, {args.restarts} restart{'s' if args.restarts > 1 else ''})"
-    print(format_table([row], [("recipe", "recipe", ""), ("model", "model", ""), ("test images", "n", "d"),
-                               ("clean acc", "clean_acc", ".2%"), (attack, "robust_acc", ".2%"),
-                               ("training time s", "train_time_s", ".1f")]))
+    restarts = f", {args.restarts} restart{'s' if args.restarts > 1 else ''}" if args.attack != "auto" else ""
+    attack = f"{ATTACK_NAMES[args.attack]}-{args.steps} acc (eps {eps:g}{restarts})"
+    columns = [("recipe", "recipe", ""), ("model", "model", ""), ("test images", "n", "d"),
+               ("clean acc", "clean_acc", ".2%"), (attack, "robust_acc", ".2%")]
+    if args.certify:
+        columns.append((f"IBP-certified acc (eps {eps:g})", "certified_acc", ".2%"))
+    print(format_table([row], columns + [("training time s", "train_time_s", ".1f")]))
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(row, f, indent=2)

@@ -36,6 +36,7 @@ class TrainConfig:
     eval_eps: float = 0.1
     progress: bool = True
     backend: Optional[str] = None
+    max_grad_norm: Optional[float] = None  # clip the gradient's norm to this (IBP's first ramp steps)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "seed", "eval_samples", "eval_steps"):
@@ -49,6 +50,11 @@ class TrainConfig:
                     or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"TrainConfig: {name} must be a finite float "
                                  f"{'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if self.max_grad_norm is not None and (
+                isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, numbers.Real)
+                or not self.max_grad_norm > 0 or not math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"TrainConfig: max_grad_norm must be None or a finite float > 0, "
+                             f"got {self.max_grad_norm!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:

@@ -155,13 +155,17 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         bar = tqdm(total=len(shards), desc=f"{recipe.name} {epoch + 1}/{config.epochs}", unit="batch",
                    disable=not (config.progress and main), leave=False, dynamic_ncols=True)
         epoch_start = time.perf_counter()
-        for index in shards:
+        for position, index in enumerate(shards):
             x = images[index].to(device, non_blocking=True)
             y = labels[index].to(device, non_blocking=True)
             loss, logits = recipe.batch_loss(Batch(net=net, model=model, x=x, y=y, epoch=epoch,
-                                                   generator=generator, backend=config.backend, index=index))
+                                                   generator=generator, backend=config.backend, index=index,
+                                                   step=epoch * steps_per_epoch + position,
+                                                   steps_per_epoch=steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.max_grad_norm is not None:  # after DDP's all-reduce: every rank clips alike
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             n = y.shape[0]
@@ -193,8 +197,9 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
             numbers = evaluate(model, *held_out, eps=config.eval_eps, steps=config.eval_steps,
                                seed=config.seed + epoch, backend=config.backend, robust=config.eval_steps > 0)
             record.update(clean_acc=numbers["clean_acc"], robust_acc=numbers.get("robust_acc"),
-                          eval_steps=config.eval_steps, eval_eps=config.eval_eps,
-                          eval_time_s=time.perf_counter() - eval_start)
+                          eval_steps=config.eval_steps, eval_eps=config.eval_eps)
+            record.update(recipe.held_out_metrics(model, *held_out, config.eval_eps, config.backend))
+            record["eval_time_s"] = time.perf_counter() - eval_start
         history.append(record)
         generator_states = dist_util.all_gather_objects(generator.get_state().cpu())
         if main and log_path is not None:

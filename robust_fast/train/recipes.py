@@ -14,6 +14,9 @@ A recipe is an object with
     batch_loss(batch) -> (loss, logits)
                               a scalar loss to minimise and the logits whose accuracy the
                               progress bar shows; batch is a Batch (below)
+    held_out_metrics(model, images, labels, eps, backend) -> dict
+                              optional: extra numbers of the per-epoch record on the held-out
+                              slice (IBP's certified accuracy)
 
 Forward passes that train go through batch.net (DDP's wrapper under torchrun, so gradients
 are averaged); attacks and frozen teachers use batch.model / their own module directly (no
@@ -30,6 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_fast.attacks import pgd
+from robust_fast.certify import certified_accuracy, margin_bounds
+from robust_fast.certify.ibp import layers_of
+from robust_fast.certify.schedules import eps_schedule, kappa_schedule, training_eps
 from robust_fast.losses import ARDLoss, FeatureProjection, KDLoss, RRMLoss
 from robust_fast.models import WithFeatures
 
@@ -44,6 +50,8 @@ class Batch:
     generator: torch.Generator          # for random starts and noise, on x's device
     backend: Optional[str] = None       # robust_fast backend for the fused ops
     index: Optional[torch.Tensor] = None  # the rows of the training set x and y come from
+    step: int = 0                       # 0-based count of batches since the run began (schedules)
+    steps_per_epoch: int = 1
 
 
 class Recipe:
@@ -60,6 +68,10 @@ class Recipe:
 
     def batch_loss(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def held_out_metrics(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                         eps: float, backend: Optional[str]) -> Dict[str, Any]:
+        return {}
 
 
 def _check_eps(caller: str, eps: float) -> float:
@@ -248,5 +260,69 @@ class ARD(_WithTeacher):
         return self.loss(logits_adv, teacher_logits), logits_adv
 
 
-RECIPES = {cls.name: cls for cls in (Standard, PGDAT, FastAT, RRM, KD, ARD)}
+class _IBPObjective(nn.Module):
+    """The IBP training loss as a module's forward, so that DistributedDataParallel averages its
+    gradients like any other training pass: returns (loss, clean logits)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, eps: float, kappa: float, backend: Optional[str] = None):
+        logits = self.model(x)
+        natural = F.cross_entropy(logits, y)
+        if kappa >= 1.0:
+            return natural, logits
+        margins = margin_bounds(self.model, x, y, eps, backend=backend)
+        return kappa * natural + (1.0 - kappa) * F.cross_entropy(-margins, y), logits
+
+
+class IBP(Recipe):
+    """IBP certified training (Gowal et al. 2018): kappa·CE(f(x), y) + (1 − kappa)·CE(−m, y),
+    m the lower bounds of the margins f_y − f_j over the L-inf box of radius eps around x
+    (robust_fast.certify.margin_bounds). Per batch: a warm-up of warmup_epochs on clean inputs
+    (eps 0, kappa 1), then over ramp_epochs eps grows to train_eps_factor·eps (the smoothed
+    or linear ramp) while kappa falls to kappa_end, and both stay there. The model must be one
+    interval_bounds supports (SmallCNN, or an nn.Sequential of supported layers)."""
+    name = "ibp"
+
+    def __init__(self, eps: float = 0.1, warmup_epochs: float = 0.5, ramp_epochs: float = 3.0,
+                 kappa_end: float = 0.5, ramp: str = "smoothed", train_eps_factor: float = 1.1):
+        self.eps = _check_eps("IBP", eps)
+        for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"IBP: {name} must be a number >= 0, got {value!r}")
+        if isinstance(kappa_end, bool) or not isinstance(kappa_end, (int, float)) or not 0 <= kappa_end <= 1:
+            raise ValueError(f"IBP: kappa_end must be a number in [0, 1], got {kappa_end!r}")
+        if ramp not in ("smoothed", "linear"):
+            raise ValueError(f"IBP: ramp must be 'smoothed' or 'linear', got {ramp!r}")
+        self.warmup_epochs, self.ramp_epochs = float(warmup_epochs), float(ramp_epochs)
+        self.kappa_end, self.ramp = float(kappa_end), ramp
+        self.train_eps = training_eps(self.eps, train_eps_factor)
+        self.train_eps_factor = float(train_eps_factor)
+
+    def settings(self):
+        return {"eps": self.eps, "warmup_epochs": self.warmup_epochs, "ramp_epochs": self.ramp_epochs,
+                "kappa_end": self.kappa_end, "ramp": self.ramp, "train_eps_factor": self.train_eps_factor}
+
+    def trainable(self, model):
+        layers_of(model)  # a layer bounds cannot go through fails here, before any training
+        return _IBPObjective(model)
+
+    def eps_and_kappa(self, step: int, steps_per_epoch: int) -> Tuple[float, float]:
+        warmup = int(self.warmup_epochs * steps_per_epoch)
+        ramp = int(self.ramp_epochs * steps_per_epoch)
+        eps = eps_schedule(step, eps_train=self.train_eps, warmup_steps=warmup, ramp_steps=ramp, kind=self.ramp)
+        kappa = kappa_schedule(step, warmup_steps=warmup, ramp_steps=ramp, kappa_end=self.kappa_end)
+        return eps, kappa
+
+    def batch_loss(self, batch):
+        eps, kappa = self.eps_and_kappa(batch.step, batch.steps_per_epoch)
+        return batch.net(batch.x, batch.y, eps, kappa, batch.backend)
+
+    def held_out_metrics(self, model, images, labels, eps, backend):
+        return {"certified_acc": certified_accuracy(model, (images, labels), self.eps, backend=backend)}
+
+
+RECIPES = {cls.name: cls for cls in (Standard, PGDAT, FastAT, RRM, KD, ARD, IBP)}
 TEACHER_RECIPES = ("rrm", "kd", "ard")
