@@ -16,12 +16,15 @@ _ibp_relu_kernel / _ibp_relu_backward_kernel: elementwise over one flat dense la
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from robust_fast._layout import is_non_overlapping_and_dense
 
 BLOCK_M = 32
 BLOCK_N = 32
@@ -110,7 +113,7 @@ def _dual_products(x_c: torch.Tensor, x_r: torch.Tensor, w: torch.Tensor, w_stri
     if m == 0 or n == 0:
         return c_out, r_out
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    with torch.cuda.device(x_c.device) if x_c.device.type == "cuda" else _no_context():
+    with _on_device_of(x_c):
         _ibp_linear_kernel[grid](
             x_c, x_r, w, bias if bias is not None else x_c, c_out, r_out, m, n, k,
             x_c.stride(0), x_c.stride(1), x_r.stride(0), x_r.stride(1), w_stride_n, w_stride_k,
@@ -119,17 +122,13 @@ def _dual_products(x_c: torch.Tensor, x_r: torch.Tensor, w: torch.Tensor, w_stri
     return c_out, r_out
 
 
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _on_device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU, whichever device is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _elementwise_inputs(*tensors: torch.Tensor):
     first = tensors[0]
-    from robust_fast._layout import is_non_overlapping_and_dense
     if is_non_overlapping_and_dense(first) and all(t.stride() == first.stride() for t in tensors):
         return tensors
     return tuple(t.contiguous() for t in tensors)
@@ -140,7 +139,7 @@ def _relu_forward(center: torch.Tensor, radius: torch.Tensor):
     c_out, r_out = torch.empty_like(center), torch.empty_like(center)
     n = center.numel()
     if n:
-        with torch.cuda.device(center.device) if center.device.type == "cuda" else _no_context():
+        with _on_device_of(center):
             _ibp_relu_kernel[(triton.cdiv(n, BLOCK_ELEMENTS),)](
                 center, radius, c_out, r_out, n, ACC=_acc(center.dtype), BLOCK=BLOCK_ELEMENTS)
     return c_out, r_out
@@ -151,7 +150,7 @@ def _relu_backward(grad_center, grad_radius, center, radius):
     gc, gr = torch.empty_like(center), torch.empty_like(center)
     n = center.numel()
     if n:
-        with torch.cuda.device(center.device) if center.device.type == "cuda" else _no_context():
+        with _on_device_of(center):
             _ibp_relu_backward_kernel[(triton.cdiv(n, BLOCK_ELEMENTS),)](
                 grad_center, grad_radius, center, radius, gc, gr, n, ACC=_acc(center.dtype),
                 BLOCK=BLOCK_ELEMENTS)

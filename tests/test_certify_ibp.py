@@ -147,6 +147,21 @@ def test_several_radii_at_once_equal_separate_calls(backend):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_blocks_of_boxes_give_the_same_bounds(monkeypatch):
+    """Without autograd on CPU the E x B boxes go through the network in blocks."""
+    net = random_network(13)
+    x = torch.rand(5, 2, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    radii = [0.01, 0.05, 0.1]
+    with torch.no_grad():
+        whole = cert.interval_bounds(net, x, radii), cert.margin_bounds(net, x, y, radii)
+        monkeypatch.setattr(ibp_module, "CPU_BLOCK_BOXES", 4)         # 15 boxes: blocks of 4, 4, 4, 3
+        blocked = cert.interval_bounds(net, x, radii), cert.margin_bounds(net, x, y, radii)
+        single = cert.interval_bounds(net, x, 0.05)
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(single, (whole[0][0][1], whole[0][1][1]), rtol=1e-5, atol=1e-5)
+
+
 def test_per_sample_radii():
     net = random_network(8)
     x = torch.rand(3, 2, 8, 8)

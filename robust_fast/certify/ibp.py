@@ -199,6 +199,35 @@ def propagate(layers: Sequence[nn.Module], center: torch.Tensor, radius: torch.T
     return center, radius
 
 
+# Boxes per pass through the whole network on CPU when nothing is differentiated: the
+# activations of a block stay in the cache from one layer to the next, those of E x B boxes at
+# once may not (4 x 128 boxes through the IBP small CNN ran at 0.6-0.7x the speed of 4 calls).
+CPU_BLOCK_BOXES = 128
+
+
+def _differentiated(layers: Sequence[nn.Module], center: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (center.requires_grad or any(
+        p.requires_grad for layer in layers for p in layer.parameters()))
+
+
+def propagate_blocked(layers: Sequence[nn.Module], center: torch.Tensor, radius: torch.Tensor,
+                      backend: Optional[str] = None) -> Box:
+    """propagate, on CPU without autograd in blocks of CPU_BLOCK_BOXES boxes (the E x B boxes
+    taken as one batch), each block through every layer before the next; else in one pass."""
+    boxes = center.shape[0] * center.shape[1]
+    if (center.device.type != "cpu" or boxes <= CPU_BLOCK_BOXES or _differentiated(layers, center)):
+        return propagate(layers, center, radius, backend=backend)
+    leading = tuple(center.shape[:2])
+    c_all = center.reshape((1, boxes) + tuple(center.shape[2:]))
+    r_all = radius.reshape((1, boxes) + tuple(radius.shape[2:]))
+    pieces = [propagate(layers, c_all.narrow(1, start, min(CPU_BLOCK_BOXES, boxes - start)),
+                        r_all.narrow(1, start, min(CPU_BLOCK_BOXES, boxes - start)), backend=backend)
+              for start in range(0, boxes, CPU_BLOCK_BOXES)]
+    c_out = torch.cat([c for c, _ in pieces], dim=1)
+    r_out = torch.cat([r for _, r in pieces], dim=1)
+    return c_out.reshape(leading + tuple(c_out.shape[2:])), r_out.reshape(leading + tuple(r_out.shape[2:]))
+
+
 # --------------------------------------------------------------------------------------------
 # arguments
 
@@ -283,7 +312,7 @@ def interval_bounds(model: nn.Module, x: torch.Tensor, eps: Eps, *, clip: Clip =
     backend: passed on to the ops (see robust_fast.use_backend).
     """
     layers, x, eps_t, stacked, clip = _prepare("interval_bounds", model, x, eps, clip)
-    center, radius = propagate(layers, *input_box(x, eps_t, clip), backend=backend)
+    center, radius = propagate_blocked(layers, *input_box(x, eps_t, clip), backend=backend)
     lower, upper = center - radius, center + radius
     # squeeze, not [0]: a view, whose backward is a reshape rather than a zero-filled scatter
     return (lower, upper) if stacked else (lower.squeeze(0), upper.squeeze(0))
@@ -324,7 +353,7 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, 
     last = _last_linear(layers)
     center, radius = input_box(x, eps_t, clip)
     if last is None:
-        center, radius = propagate(layers, center, radius, backend=backend)
+        center, radius = propagate_blocked(layers, center, radius, backend=backend)
         classes = center.shape[-1]
         y = _check_labels(caller, y, x.shape[0], classes, x.device)
         index = y.view(1, -1, 1).expand(center.shape[0], -1, 1)
@@ -332,7 +361,7 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, 
         margin = lower_true - (center + radius)
         margin = margin.scatter(-1, index, 0.0)
     else:
-        center, radius = propagate(layers[:last], center, radius, backend=backend)
+        center, radius = propagate_blocked(layers[:last], center, radius, backend=backend)
         head = layers[last]
         classes = head.out_features
         y = _check_labels(caller, y, x.shape[0], classes, x.device)
