@@ -266,7 +266,7 @@ def test_classes_take_torchattacks_arguments():
     (lambda m, x, y: attacks.apgd(m, x, y.float()), TypeError, "y must be an int64 tensor"),
     (lambda m, x, y: attacks.apgd(m, x, y[:3]), ValueError, r"y must have shape \(4,\)"),
     (lambda m, x, y: attacks.apgdt(m, x, y, n_target_classes=0), ValueError, "n_target_classes"),
-    (lambda m, x, y: attacks.square(m, x, y, norm="l2"), ValueError, "only norm='linf'"),
+    (lambda m, x, y: attacks.square(m, x, y, norm="l2", eps=0.0), ValueError, "eps must be > 0"),
     (lambda m, x, y: attacks.square(m, x, y, n_queries=0), ValueError, "n_queries must be"),
     (lambda m, x, y: attacks.square(m, x, y, p_init=0.0), ValueError, "p_init must be"),
     (lambda m, x, y: attacks.square(m, x.flatten(1), y), ValueError, r"images \(B, C, H, W\)"),
