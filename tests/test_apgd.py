@@ -271,7 +271,7 @@ def test_classes_take_torchattacks_arguments():
     (lambda m, x, y: attacks.square(m, x, y, p_init=0.0), ValueError, "p_init must be"),
     (lambda m, x, y: attacks.square(m, x.flatten(1), y), ValueError, r"images \(B, C, H, W\)"),
     (lambda m, x, y: attacks.auto_attack(m, x, y, attacks=("fab-t",)), ValueError, "attacks must be"),
-    (lambda m, x, y: attacks.auto_attack(m, x, y, norm="l2"), ValueError, "square is implemented"),
+    (lambda m, x, y: attacks.auto_attack(m, x, y, norm="l2", eps=0.0), ValueError, "eps must be > 0"),
     (lambda m, x, y: attacks.APGD(m, eot_iter=2), ValueError, "eot_iter must be 1"),
     (lambda m, x, y: attacks.APGD(m, norm="linf"), ValueError, "norm must be 'Linf' or 'L2'"),
 ])

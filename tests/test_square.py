@@ -1,6 +1,6 @@
 """The L2 Square attack: the paper's pattern and update against their formulas, the invariants
 of an attack (ball, box, never weaker than the clean point or the start), reproducibility,
-side effects, bad input."""
+side effects, bad input, and auto_attack with norm="l2"."""
 import math
 
 import pytest
@@ -200,3 +200,24 @@ def test_bad_arguments(kwargs, words):
     y = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(ValueError, match=words):
         attacks.square(model, x, y, **dict(dict(eps=0.5, norm="l2"), **kwargs))
+
+
+# --- auto_attack --------------------------------------------------------------------------------
+
+def test_auto_attack_l2_runs_and_is_at_least_as_strong_as_apgd_alone():
+    model, x = conv_model(1, 16, 16, seed=4), images(30, (1, 16, 16), seed=5)
+    y = predictions(model, x)
+    y[:5] = (y[:5] + 1) % 10
+    eps = 0.3
+    result = attacks.auto_attack(model, x, y, eps=eps, norm="l2", steps=5, n_target_classes=2,
+                                 n_queries=40, generator=gen())
+    assert result.attacks == ("apgd-ce", "apgd-t", "square")
+    assert (l2_sizes(result.x_adv, x) <= eps * (1 + 1e-5)).all()
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    wrong_adv = predictions(model, result.x_adv) != y
+    assert torch.equal(result.fooled_by != -1, wrong_adv)
+    alone = attacks.apgd(model, x, y, eps=eps, norm="l2", steps=5, generator=gen())
+    robust_alone = float((predictions(model, alone) == y).float().mean())
+    assert result.robust_accuracy() <= robust_alone
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        attacks.auto_attack(model, x, y, eps=0.0, norm="l2")
