@@ -593,22 +593,22 @@ class APGDT(_SeededAttack):
 
 
 class Square(_SeededAttack):
-    """L-inf Square with torchattacks.Square's arguments and defaults."""
+    """Square (L-inf or L2) with torchattacks.Square's arguments and defaults."""
 
     def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, n_queries: int = 5000,
                  n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
                  resc_schedule: bool = True, seed: int = 0, verbose: bool = False, *,
                  batch_size: Optional[int] = None):
         super().__init__(model)
-        if norm != "Linf":
-            raise ValueError(f"Square: only norm='Linf' is implemented, got {norm!r}")
+        _torchattacks_norm(norm)
         self.norm, self.eps, self.n_queries, self.n_restarts = norm, eps, n_queries, n_restarts
         self.p_init, self.loss, self.resc_schedule, self.seed = p_init, loss, resc_schedule, seed
         self.verbose, self.batch_size = verbose, batch_size
 
     def forward(self, x, y):
         self._untargeted()
-        return square(self.get_logits, x, y, eps=self.eps, n_queries=self.n_queries,
+        return square(self.get_logits, x, y, eps=self.eps, norm=_torchattacks_norm(self.norm),
+                      n_queries=self.n_queries,
                       p_init=self.p_init, loss=self.loss, restarts=self.n_restarts,
                       rescale_schedule=self.resc_schedule, generator=self._generator(x),
                       batch_size=self.batch_size)

@@ -52,14 +52,15 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
     the sample stayed robust), fooled_by (which attack fooled each sample), the attacks and
     their wall times; result.robust_accuracy() is the AutoAttack-style robust accuracy.
 
-    steps: APGD's iterations; n_target_classes: APGD-T's targets; n_queries: Square's budget.
+    norm: "linf" or "l2", for every attack. steps: APGD's iterations; n_target_classes:
+    APGD-T's targets; n_queries: Square's budget.
     FAB-T, one of the standard AutoAttack's four attacks, is not included.
     """
     eps, norm, clip = _check_common(model, x, y, eps, norm, steps, 1, 0.75, batch_size, clip, "auto_attack")
     if isinstance(attacks, str) or not all(a in ATTACKS for a in attacks):
         raise ValueError(f"auto_attack: attacks must be a sequence of names from {ATTACKS}, got {attacks!r}")
-    if norm != "linf" and "square" in attacks:
-        raise ValueError("auto_attack: square is implemented for norm='linf' only; leave it out of attacks")
+    if norm == "l2" and eps <= 0 and "square" in attacks:
+        raise ValueError(f"auto_attack: eps must be > 0 for square with norm='l2', got {eps!r}")
     attacks = tuple(attacks)
     x = x.detach()
     seconds: Dict[str, float] = {}

@@ -1,12 +1,26 @@
-"""The L-inf Square attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020): a random
-search that needs only the model's outputs, no gradient. AutoAttack runs it to catch a model
-whose gradients are masked.
+"""The Square attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), L-inf and L2: a
+random search that needs only the model's outputs, no gradient. AutoAttack runs it to catch a
+model whose gradients are masked.
 
-Start: vertical stripes, each column of each channel at x - eps or x + eps. Query i: a square
+L-inf. Start: vertical stripes, each column of each channel at x - eps or x + eps. Query i: a square
 window of side s_i, at a random place, is set to x +- eps (one random sign per channel) in one
 candidate per sample; the candidate is kept where it lowers the margin z_y - max_{j != y} z_j
 (or raises the cross-entropy). The window's area shrinks as the queries go: p_i of the image,
 p_init halved at fixed fractions of the budget (rescaled to n_queries out of 10000).
+
+L2. Start: the image tiled with h x h squares (h = min(H, W) // 5, the grid centred), each
+holding the paper's centred pattern eta with a random sign per channel, the whole rescaled to
+L2 norm eps (then clipped into the box). The pattern eta^(h1,h2) (h1 >= h2) is
+  eta_rs = sum_{k=0}^{M(r,s)} 1 / (n + 1 - k)^2,  n = floor(h1/2),
+  M(r,s) = n - max(|r - floor(h1/2) - 1|, |s - floor(h2/2) - 1|)   (r, s from 1),
+and an update is eta = [eta^(h,k), -eta^(h,h-k)], k = floor(h/2), of unit norm and turned by 90
+degrees with probability 1/2. Query i (Algorithm 3 of the paper): two windows W1, W2 of side s_i
+(the same schedule as L-inf); with nu the current perturbation and e^2 = eps^2 - ||nu||^2 the
+unused budget, per channel c' of C: nu_W1 <- (rho eta + nu_W1 / ||nu_W1||) rescaled to norm
+sqrt(||nu_{W1 u W2}||^2 + e^2 / C), nu_W2 <- 0 outside W1, rho a random sign (where the two
+unit vectors cancel, as for a one-pixel window half the time, rho eta alone). The total norm is
+then eps again; the candidate x + nu is clipped into the box (for x inside the box, clipping
+only shrinks |nu|, so the candidate stays in the ball).
 
 All samples still robust are queried together, their random draws made on the device; the
 samples already fooled are dropped every few queries (the only reads back from the device).
@@ -45,7 +59,7 @@ def p_selection(p_init: float, query: int, n_queries: int, rescale: bool = True)
 
 def window_side(p: float, channels: int, height: int, width: int) -> int:
     side = max(int(round(math.sqrt(p * channels * height * width / channels))), 1)
-    return min(side, height - 1)
+    return min(side, height - 1, width)
 
 
 def _objective(model, x, y, loss: str):
@@ -61,7 +75,7 @@ def _random_signs(shape, generator, device, dtype):
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
 
 
-def _candidate(x, x_best, eps, side, clip, generator):
+def _linf_candidate(x, x_best, eps, side, clip, generator):
     """x_best with one random window per sample set to x +- eps (per channel)."""
     n, c, h, w = x.shape
     device = x.device
@@ -78,14 +92,122 @@ def _candidate(x, x_best, eps, side, clip, generator):
     return candidate if low is None and high is None else candidate.clamp(min=low, max=high)
 
 
-def _square_run(model, x, y, *, eps, n_queries, p_init, rescale, loss, clip, generator):
+# --- L2 ---------------------------------------------------------------------------------------
+
+def centred_pattern(h1: int, h2: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """The paper's eta^(h1,h2) (h1 rows >= h2 columns): sum_{k=0}^{M(r,s)} 1/(n+1-k)^2 with
+    n = floor(h1/2), M(r,s) = n - max(|r - floor(h1/2) - 1|, |s - floor(h2/2) - 1|), r, s from 1;
+    largest at the centre, decreasing towards the border (0 where M < 0)."""
+    n = h1 // 2
+    r = torch.arange(1, h1 + 1, device=device)[:, None]
+    s = torch.arange(1, h2 + 1, device=device)[None, :]
+    m = n - torch.maximum((r - h1 // 2 - 1).abs(), (s - h2 // 2 - 1).abs())  # (h1, h2)
+    k = torch.arange(0, n + 1, device=device, dtype=dtype)
+    terms = 1.0 / (n + 1 - k) ** 2                                           # (n + 1,)
+    cumulative = torch.cat([torch.zeros(1, dtype=dtype, device=device), terms.cumsum(0)])
+    return cumulative[(m + 1).clamp(min=0)]  # sum over k = 0..M: cumulative[M + 1]
+
+
+def update_pattern(h: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """The update's two orientations (2, h, h): [eta^(h,k), -eta^(h,h-k)] side by side
+    (k = floor(h/2)), of unit L2 norm, and the same turned by 90 degrees."""
+    k = h // 2
+    eta = torch.cat([centred_pattern(h, k, dtype, device), -centred_pattern(h, h - k, dtype, device)], dim=1)
+    eta = eta / eta.norm()
+    return torch.stack([eta, eta.t()])
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+def _into_ball_and_box(x, delta, eps, clip):
+    """x + delta with delta scaled into the L2 ball (against rounding), then clipped."""
+    norms = _per_sample_norm(delta)
+    scale = torch.where(norms > eps, eps / norms.clamp(min=1e-30), torch.ones_like(norms))
+    candidate = x + delta * scale[:, None, None, None]
+    low, high = clip
+    return candidate if low is None and high is None else candidate.clamp(min=low, max=high)
+
+
+def _l2_start(x, eps, clip, generator):
+    """A centred grid of h x h tiles, h = min(H, W) // 5, each with the update pattern (random
+    orientation, random sign per channel), rescaled to norm eps."""
+    n, c, height, width = x.shape
+    device, dtype = x.device, x.dtype
+    side = max(min(height, width) // 5, 1)
+    tiles_r, tiles_c = height // side, width // side
+    patterns = update_pattern(side, dtype, device)                                 # (2, s, s)
+    turned = torch.randint(0, 2, (n, 1, tiles_r, tiles_c), generator=generator, device=device)
+    signs = _random_signs((n, c, tiles_r, tiles_c), generator, device, dtype)
+    tiles = patterns[turned] * signs[..., None, None]                              # (n, c, R, C, s, s)
+    grid = tiles.permute(0, 1, 2, 4, 3, 5).reshape(n, c, tiles_r * side, tiles_c * side)
+    top, left = (height - tiles_r * side) // 2, (width - tiles_c * side) // 2
+    delta = torch.zeros_like(x)
+    delta[:, :, top:top + tiles_r * side, left:left + tiles_c * side] = grid
+    delta = delta * (eps / _per_sample_norm(delta))[:, None, None, None]
+    return _into_ball_and_box(x, delta, eps, clip)
+
+
+def _window(n, height, width, side, generator, device):
+    """A random side x side window per sample: its mask (n, 1, H, W) and top-left corner."""
+    top = torch.randint(0, height - side + 1, (n, 1), generator=generator, device=device)
+    left = torch.randint(0, width - side + 1, (n, 1), generator=generator, device=device)
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_rows = (rows >= top) & (rows < top + side)
+    in_cols = (cols >= left) & (cols < left + side)
+    return in_rows[:, None, :, None] & in_cols[:, None, None, :], top, left
+
+
+def _l2_candidate(x, x_best, eps, side, clip, generator):
+    """Algorithm 3 of the paper: the perturbation's mass in W1 and W2 moved into W1, along
+    rho * eta + nu_W1 / ||nu_W1|| per channel, plus the unused budget; norm eps again."""
+    n, c, height, width = x.shape
+    device, dtype = x.device, x.dtype
+    tiny = torch.finfo(dtype).tiny
+    in_1, top, left = _window(n, height, width, side, generator, device)
+    in_2, _, _ = _window(n, height, width, side, generator, device)
+    turned = torch.randint(0, 2, (n,), generator=generator, device=device)
+    signs = _random_signs((n, c, 1, 1), generator, device, dtype)
+    # eta placed in W1: each pixel reads the pattern at its offset from the window's corner.
+    patterns = update_pattern(side, dtype, device)[turned]                          # (n, s, s)
+    offset_r = (torch.arange(height, device=device) - top).clamp(0, side - 1)        # (n, H)
+    offset_c = (torch.arange(width, device=device) - left).clamp(0, side - 1)        # (n, W)
+    picks = torch.arange(n, device=device)[:, None, None]
+    eta = patterns[picks, offset_r[:, :, None], offset_c[:, None, :]][:, None] * in_1  # (n, 1, H, W)
+
+    nu = x_best - x
+    unused = (eps ** 2 - nu.flatten(1).pow(2).sum(dim=1)).clamp(min=0)               # (n,)
+    nu_1 = nu * in_1
+    norm_1 = nu_1.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()                         # (n, c, 1, 1)
+    mass_12 = (nu * (in_1 | in_2)).pow(2).sum(dim=(2, 3), keepdim=True)              # (n, c, 1, 1)
+    direction = signs * eta + nu_1 / norm_1.clamp(min=tiny)
+    length = direction.pow(2).sum(dim=(2, 3), keepdim=True).sqrt()
+    # Two unit vectors that cancel (rho * eta = -nu_W1 / ||nu_W1||, half the time for a window
+    # of one pixel) leave no direction: then the new mass goes along rho * eta alone.
+    cancelled = length < 1e-4
+    direction = torch.where(cancelled, signs * eta, direction)
+    length = torch.where(cancelled, torch.ones_like(length), length)
+    available = (mass_12 + unused[:, None, None, None] / c).sqrt()
+    new = direction / length.clamp(min=tiny) * available
+    delta = torch.where(in_1, new, torch.where(in_2, torch.zeros_like(nu), nu))
+    return _into_ball_and_box(x, delta, eps, clip)
+
+
+# --- the search --------------------------------------------------------------------------------
+
+def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, clip, generator):
     """One run over samples all still robust; returns the best point of each."""
     n, c, h, w = x.shape
     low, high = clip
-    stripes = _random_signs((n, c, 1, w), generator, x.device, x.dtype)
-    x_best = x + eps * stripes
-    if low is not None or high is not None:
-        x_best = x_best.clamp(min=low, max=high)
+    if norm == "l2":
+        x_best = _l2_start(x, eps, clip, generator)
+    else:
+        stripes = _random_signs((n, c, 1, w), generator, x.device, x.dtype)
+        x_best = x + eps * stripes
+        if low is not None or high is not None:
+            x_best = x_best.clamp(min=low, max=high)
     margin_best, objective_best = _objective(model, x_best, y, loss)
     out = x_best.clone()
     rows = torch.arange(n, device=x.device)
@@ -99,10 +221,14 @@ def _square_run(model, x, y, *, eps, n_queries, p_init, rescale, loss, clip, gen
                 if rows.numel() == 0:
                     return out
         side = window_side(p_selection(p_init, query, n_queries, rescale), c, h, w)
-        candidate = _candidate(x, x_best, eps, side, clip, generator)
-        for _ in range(REDRAWS):  # a window already at those signs changes nothing: draw again
+        if norm == "l2":
+            candidate = _l2_candidate(x, x_best, eps, side, clip, generator)
+        else:
+            candidate = _linf_candidate(x, x_best, eps, side, clip, generator)
+        # L-inf: a window already at those signs changes nothing: draw again.
+        for _ in range(REDRAWS if norm == "linf" else 0):
             unchanged = ((candidate - x_best).abs() < 1e-7).flatten(1).all(dim=1)
-            redrawn = _candidate(x, x_best, eps, side, clip, generator)
+            redrawn = _linf_candidate(x, x_best, eps, side, clip, generator)
             candidate = torch.where(unchanged[:, None, None, None], redrawn, candidate)
         margin_new, objective_new = _objective(model, candidate, y, loss)
         # Fooled samples stay where they are until they are dropped.
@@ -118,18 +244,18 @@ def square(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, nor
            n_queries: int = 5000, p_init: float = 0.8, loss: str = "margin", restarts: int = 1,
            rescale_schedule: bool = True, generator: Optional[torch.Generator] = None,
            batch_size: Optional[int] = None, clip=(0.0, 1.0)) -> torch.Tensor:
-    """The Square attack (L-inf) on images x (B, C, H, W): returns x_adv.
+    """The Square attack (norm "linf" or "l2") on images x (B, C, H, W): returns x_adv.
 
     Per sample: the first point found that fools the model, else the point of lowest margin
     (loss="margin") or highest cross-entropy (loss="ce"). Samples the model already
     misclassifies are returned unchanged; each restart queries only the samples still robust.
     n_queries: queries per sample and restart. rescale_schedule: the window schedule stretched
-    to n_queries (else that of 10000 queries). generator: every random draw. L2 is not
-    implemented.
+    to n_queries (else that of 10000 queries). generator: every random draw. For x inside the
+    clip box every candidate is inside the box and the eps-ball (L-inf or L2) around x.
     """
     eps, norm, clip = _check_common(model, x, y, eps, norm, 0, restarts, 0.5, batch_size, clip, "square")
-    if norm != "linf":
-        raise ValueError("square: only norm='linf' is implemented")
+    if norm == "l2" and eps <= 0:
+        raise ValueError(f"square: eps must be > 0 for norm='l2', got {eps!r}")
     if x.dim() != 4:
         raise ValueError(f"square: x must be images (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[2] < 2:
@@ -151,7 +277,8 @@ def square(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, nor
                 index = robust.nonzero().squeeze(1)
                 if index.numel() == 0:
                     break
-                found = _square_run(model, xc[index], yc[index], eps=eps, n_queries=int(n_queries),
+                found = _square_run(model, xc[index], yc[index], eps=eps, norm=norm,
+                                    n_queries=int(n_queries),
                                     p_init=float(p_init), rescale=bool(rescale_schedule), loss=loss,
                                     clip=clip, generator=generator)
                 result[index] = found
