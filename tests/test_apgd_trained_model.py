@@ -1,7 +1,7 @@
 """APGD and APGD-T on a PGD-trained SmallCNN (Fashion-MNIST, eps 0.1), against PGD-20 and
 torchattacks at the same steps on the same 256 test images. The model is the one the PGD and
-APGD benchmarks train and cache (robust-fast bench pgd / apgd); without it the test skips
-rather than train for minutes."""
+APGD benchmarks train and cache (robust-fast bench pgd / apgd); without it the test trains
+it once (about a minute on 2 cores) and caches it."""
 import importlib.util
 import os
 
@@ -27,8 +27,6 @@ def trained():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     bench_pgd = load_module("bench_pgd")
     settings = load_module("bench_apgd").MODEL
-    if not os.path.isfile(bench_pgd.model_cache_path(settings)):
-        pytest.skip("no cached PGD-trained SmallCNN: run `robust-fast bench apgd` once to train it")
     model, _ = bench_pgd.trained_model(settings, "cpu")
     x, y = data.load_fashion_mnist("test", limit=256)
     return model.eval(), x, y
