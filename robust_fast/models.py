@@ -17,7 +17,7 @@ build_model(name, **kwargs) makes one from its registered name (checkpoints stor
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -116,12 +116,31 @@ class SmallCNN(nn.Sequential):
 
 
 class _FeaturesThenClassifier(nn.Module):
-    """A body that ends in the penultimate features, then one Linear."""
+    """Normalize → two stride-2 convolutions (w, then 2w channels) → `middle` (layers at a
+    quarter of the resolution, 2w channels) → Flatten → Linear → ReLU (the penultimate
+    features) → one Linear: the shape WideCNN and ResNetSmall share."""
 
-    feature_dim: int
+    def __init__(self, name: str, in_channels: int, num_classes: int, width: int, feature_dim: int,
+                 input_size: int, mean: Sequence[float], std: Sequence[float],
+                 middle: Callable[[int], List[nn.Module]] = lambda channels: []):
+        super().__init__()
+        _check_sizes(name, in_channels=in_channels, num_classes=num_classes, width=width,
+                     feature_dim=feature_dim, input_size=input_size)
+        if input_size < 4:
+            raise ValueError(f"{name}: input_size must be >= 4 (two stride-2 convolutions), got {input_size}")
+        side = _conv_out(_conv_out(input_size))
+        self.normalize = Normalize(_per_channel(mean, in_channels), _per_channel(std, in_channels))
+        # (modules are made in the order of the layers: the same seed gives the same weights)
+        stem = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU()]
+        stem += middle(2 * width)
+        self.body = nn.Sequential(*stem, nn.Flatten(),
+                                  nn.Linear(2 * width * side * side, feature_dim), nn.ReLU())
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.body(self.normalize(x))
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         features = self.features(x)
@@ -142,24 +161,7 @@ class WideCNN(_FeaturesThenClassifier):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32,
                  feature_dim: int = 256, input_size: int = 28,
                  mean: Sequence[float] = FASHION_MNIST_MEAN, std: Sequence[float] = FASHION_MNIST_STD):
-        super().__init__()
-        _check_sizes("WideCNN", in_channels=in_channels, num_classes=num_classes, width=width,
-                     feature_dim=feature_dim, input_size=input_size)
-        if input_size < 4:
-            raise ValueError(f"WideCNN: input_size must be >= 4 (two stride-2 convolutions), got {input_size}")
-        side = _conv_out(_conv_out(input_size))
-        self.normalize = Normalize(_per_channel(mean, in_channels), _per_channel(std, in_channels))
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(2 * width * side * side, feature_dim), nn.ReLU(),
-        )
-        self.classifier = nn.Linear(feature_dim, num_classes)
-        self.feature_dim = feature_dim
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+        super().__init__("WideCNN", in_channels, num_classes, width, feature_dim, input_size, mean, std)
 
 
 class _ResidualBlock(nn.Module):
@@ -192,25 +194,8 @@ class ResNetSmall(_FeaturesThenClassifier):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, feature_dim: int = 128,
                  input_size: int = 28,
                  mean: Sequence[float] = FASHION_MNIST_MEAN, std: Sequence[float] = FASHION_MNIST_STD):
-        super().__init__()
-        _check_sizes("ResNetSmall", in_channels=in_channels, num_classes=num_classes, width=width,
-                     feature_dim=feature_dim, input_size=input_size)
-        if input_size < 4:
-            raise ValueError(f"ResNetSmall: input_size must be >= 4 (two stride-2 convolutions), got {input_size}")
-        side = _conv_out(_conv_out(input_size))
-        self.normalize = Normalize(_per_channel(mean, in_channels), _per_channel(std, in_channels))
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.ReLU(),
-            _ResidualBlock(2 * width),
-            nn.Flatten(),
-            nn.Linear(2 * width * side * side, feature_dim), nn.ReLU(),
-        )
-        self.classifier = nn.Linear(feature_dim, num_classes)
-        self.feature_dim = feature_dim
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+        super().__init__("ResNetSmall", in_channels, num_classes, width, feature_dim, input_size, mean, std,
+                         middle=lambda channels: [_ResidualBlock(channels)])
 
 
 def _per_channel(values: Sequence[float], channels: int) -> Tuple[float, ...]:
