@@ -260,10 +260,7 @@ def _run(args) -> Dict[str, object]:
                      "interpreter; it is timed with --device cuda")
     if args.no_compile:
         notes.append("torch.compile baseline skipped (--no-compile)")
-    busy = harness.busy_warning("when the run started")
-    if busy:
-        notes.append(busy)
-        harness.warn(busy)
+    busy = harness.note_if_busy("when the run started", notes)
     begin = time.perf_counter()
     log(f"bench_multi_teacher_loss on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
         f"{' (quick)' if args.quick else ''}")
@@ -275,10 +272,7 @@ def _run(args) -> Dict[str, object]:
         r["case"] = _label(r)
     log(harness.format_table(rows, COLUMNS))
     durations = {"total": time.perf_counter() - begin}
-    busy_at_end = harness.busy_warning("when the run ended", own_threads=torch.get_num_threads())
-    if busy_at_end:
-        notes.append(busy_at_end)
-        harness.warn(busy_at_end)
+    busy_at_end = harness.note_if_busy("when the run ended", notes, own_threads=torch.get_num_threads())
     out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
     for note in notes:
         log(f"note: {note}")

@@ -531,10 +531,7 @@ def _run(args) -> Dict[str, object]:
     notes: List[str] = []
     if args.quick:
         notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
-    busy = harness.busy_warning("when the run started")
-    if busy:
-        notes.append(busy)
-        harness.warn(busy)
+    busy = harness.note_if_busy("when the run started", notes)
     rows: List[Dict[str, object]] = []
     durations: Dict[str, float] = {}
     begin = time.perf_counter()
@@ -578,10 +575,7 @@ def _run(args) -> Dict[str, object]:
             log(harness.format_table(eval_rows, EVAL_COLUMNS))
         log(f"    ({durations['early_stop']:.0f} s)")
     durations["total"] = time.perf_counter() - begin
-    busy_at_end = harness.busy_warning("when the run ended", own_threads=torch.get_num_threads())
-    if busy_at_end:
-        notes.append(busy_at_end)
-        harness.warn(busy_at_end)
+    busy_at_end = harness.note_if_busy("when the run ended", notes, own_threads=torch.get_num_threads())
     out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
     for note in notes:
         log(f"note: {note}")

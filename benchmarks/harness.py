@@ -221,6 +221,15 @@ def busy_warning(when: str, own_threads: int = 0) -> Optional[str]:
             "wait for scheduler ticks)")
 
 
+
+def note_if_busy(when: str, notes: List[str], own_threads: int = 0) -> Optional[str]:
+    """busy_warning(when, own_threads), added to the run's notes and printed when there is one."""
+    busy = busy_warning(when, own_threads=own_threads)
+    if busy:
+        notes.append(busy)
+        warn(busy)
+    return busy
+
 def run_with_threads(threads: Optional[int], run: Callable[[], Dict[str, object]]) -> Dict[str, object]:
     """run() with torch's thread count set to `threads` (when given), restored afterwards."""
     before = torch.get_num_threads()
