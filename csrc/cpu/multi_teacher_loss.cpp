@@ -406,72 +406,114 @@ T loss_row_vec(const T* s, const T* t, int64_t n, T coef, T* grad_s, bool accumu
 
 
 // A shared (B, D) student row against up to kGroup teachers at once (float, double, non-KL):
-// pass 1 reads the student vector once per step with the G teachers' vectors beside it (G + 1
-// streams, as an elementwise op reads its inputs), pass 2 writes the student's gradient summed
-// over the G teachers once (added to the groups before when there are more than kGroup).
+// pass 1 reads the student vector once per step with the G teachers' vectors beside it, pass 2
+// writes the student's gradient summed over the G teachers once (added to the groups before
+// when there are more than kGroup).
 template <typename T>
-inline void store_streaming(const Vec<T>& v, T* out, bool stream) {
+inline void store_streaming(const Vec<T>& v, T* out) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    if (stream) {
-      _mm512_stream_ps(out, static_cast<__m512>(v));
-      return;
-    }
+    _mm512_stream_ps(out, static_cast<__m512>(v));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(out, static_cast<__m256>(v));
+    return;
   }
 #endif
   v.store(out);
 }
 
-constexpr int kGroup = 4;
-
-template <LossKind Kind, typename T, int G>
-void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T* rows, T* grad_s,
-                      bool accumulate, bool accumulate_later, T* const* grad_t,
-                      int64_t next_s, int64_t next_t) {
+// Pass 2 of a group: grad_s (and, when TeacherGrads, each grad_t[j]) from the rows, which are in
+// cache after pass 1. A separate instance per TeacherGrads keeps the usual case (frozen
+// teachers) free of branches in the loop.
+template <LossKind Kind, typename T, int G, bool TeacherGrads>
+void write_group_grads(const T* s, const T* const* t, int64_t n, const RowGrad<T>* g, T* grad_s,
+                       bool accumulate, bool stream_s, T* const* grad_t) {
   constexpr int64_t W = Vec<T>::size();
-  Vec<T> x[G], y[G], z[G];
-  for (int j = 0; j < G; ++j) x[j] = y[j] = z[j] = Vec<T>(T(0));
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    const Vec<T> sv = Vec<T>::loadu(s + i);
-    for (int j = 0; j < G; ++j) vec_terms<Kind, T>(sv, Vec<T>::loadu(t[j] + i), x[j], y[j], z[j]);
-  }
-  if (i < n) {  // zero-padded rest: every term of a zero pair is 0
-    const Vec<T> sv = Vec<T>::loadu(s + i, n - i);
-    for (int j = 0; j < G; ++j) vec_terms<Kind, T>(sv, Vec<T>::loadu(t[j] + i, n - i), x[j], y[j], z[j]);
-  }
-  RowGrad<T> g[G];
-  for (int j = 0; j < G; ++j) {
-    g[j] = finalize<Kind, T>(to_sums<Kind, T>(reduce_sum<T>(x[j]), reduce_sum<T>(y[j]), reduce_sum<T>(z[j])),
-                             coef != nullptr ? coef[j] : T(0), n);
-    if (rows != nullptr) rows[j] = g[j].loss;
-  }
-  if (grad_s == nullptr && grad_t == nullptr) return;
-  // The last group's write of the gradient row goes around the caches (no read for ownership):
-  // nothing reads it again in this call.
-  const bool stream_s = !accumulate_later && grad_s != nullptr &&
-                        reinterpret_cast<uintptr_t>(grad_s) % 64 == 0;
-  for (i = 0; i + W <= n; i += W) {
-    if (next_s != 0) {  // one cache line per row per step (W floats are 64 bytes on AVX-512)
-      __builtin_prefetch(s + next_s + i);
-      for (int j = 0; j < G; ++j) __builtin_prefetch(t[j] + next_t + i);
-    }
     const Vec<T> sv = Vec<T>::loadu(s + i);
     Vec<T> sum = accumulate && grad_s != nullptr ? Vec<T>::loadu(grad_s + i) : Vec<T>(T(0));
     for (int j = 0; j < G; ++j) {
       const Vec<T> tv = Vec<T>::loadu(t[j] + i);
-      if (grad_s != nullptr) sum = sum + vec_student_grad<Kind, T>(g[j], sv, tv);
-      if (grad_t != nullptr) vec_teacher_grad<Kind, T>(g[j], sv, tv).store(grad_t[j] + i);
+      sum = sum + vec_student_grad<Kind, T>(g[j], sv, tv);
+      if constexpr (TeacherGrads) vec_teacher_grad<Kind, T>(g[j], sv, tv).store(grad_t[j] + i);
     }
-    if (grad_s != nullptr) store_streaming<T>(sum, grad_s + i, stream_s);
+    if (grad_s == nullptr) continue;
+    if (stream_s) {
+      store_streaming<T>(sum, grad_s + i);
+    } else {
+      sum.store(grad_s + i);
+    }
   }
   for (; i < n; ++i) {
     T sum = accumulate && grad_s != nullptr ? grad_s[i] : T(0);
     for (int j = 0; j < G; ++j) {
       sum += student_grad<Kind, T>(g[j], s[i], t[j][i]);
-      if (grad_t != nullptr) grad_t[j][i] = teacher_grad<Kind, T>(g[j], s[i], t[j][i]);
+      if constexpr (TeacherGrads) grad_t[j][i] = teacher_grad<Kind, T>(g[j], s[i], t[j][i]);
     }
     if (grad_s != nullptr) grad_s[i] = sum;
+  }
+}
+
+constexpr int kGroup = 4;
+
+// Pass 1 of a group: each teacher's sums, its row read beside the student row in one sweep (G + 1
+// streams, which the hardware prefetchers follow together). The accumulators are named locals:
+// GCC keeps an array of vectors in memory and stores all of it every step, which measured twice
+// as slow in cache.
+template <LossKind Kind, typename T, int G>
+void group_sums(const T* s, const T* const* t, int64_t n, RowSums<T>* out) {
+  static_assert(G >= 1 && G <= 4, "a group holds 1 to 4 teachers");
+  constexpr int64_t W = Vec<T>::size();
+  const T* t0 = t[0];
+  const T* t1 = t[G > 1 ? 1 : 0];
+  const T* t2 = t[G > 2 ? 2 : 0];
+  const T* t3 = t[G > 3 ? 3 : 0];
+  const Vec<T> zero(T(0));
+  Vec<T> x0 = zero, y0 = zero, z0 = zero, x1 = zero, y1 = zero, z1 = zero;
+  Vec<T> x2 = zero, y2 = zero, z2 = zero, x3 = zero, y3 = zero, z3 = zero;
+  const auto add = [&](const auto& load) {
+    const Vec<T> sv = load(s);
+    vec_terms<Kind, T>(sv, load(t0), x0, y0, z0);
+    if constexpr (G > 1) vec_terms<Kind, T>(sv, load(t1), x1, y1, z1);
+    if constexpr (G > 2) vec_terms<Kind, T>(sv, load(t2), x2, y2, z2);
+    if constexpr (G > 3) vec_terms<Kind, T>(sv, load(t3), x3, y3, z3);
+  };
+  int64_t i = 0;
+  for (; i + W <= n; i += W) add([&](const T* row) { return Vec<T>::loadu(row + i); });
+  if (i < n) {  // zero-padded rest: every term of a zero pair is 0
+    add([&](const T* row) { return Vec<T>::loadu(row + i, n - i); });
+  }
+  const auto sums = [](const Vec<T>& x, const Vec<T>& y, const Vec<T>& z) {
+    return to_sums<Kind, T>(reduce_sum<T>(x), reduce_sum<T>(y), reduce_sum<T>(z));
+  };
+  out[0] = sums(x0, y0, z0);
+  if constexpr (G > 1) out[1] = sums(x1, y1, z1);
+  if constexpr (G > 2) out[2] = sums(x2, y2, z2);
+  if constexpr (G > 3) out[3] = sums(x3, y3, z3);
+}
+
+template <LossKind Kind, typename T, int G>
+void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T* rows, T* grad_s,
+                      bool accumulate, bool accumulate_later, T* const* grad_t) {
+  RowSums<T> sums[G];
+  group_sums<Kind, T, G>(s, t, n, sums);
+  RowGrad<T> g[G];
+  for (int j = 0; j < G; ++j) {
+    g[j] = finalize<Kind, T>(sums[j], coef != nullptr ? coef[j] : T(0), n);
+    if (rows != nullptr) rows[j] = g[j].loss;
+  }
+  // The last group's write of the gradient row goes around the caches (no read for ownership):
+  // nothing reads it again in this call.
+  const bool stream_s = !accumulate_later && grad_s != nullptr &&
+                        reinterpret_cast<uintptr_t>(grad_s) % sizeof(Vec<T>) == 0;
+  if (grad_t != nullptr) {
+    write_group_grads<Kind, T, G, true>(s, t, n, g, grad_s, accumulate, stream_s, grad_t);
+  } else if (grad_s != nullptr) {
+    write_group_grads<Kind, T, G, false>(s, t, n, g, grad_s, accumulate, stream_s, grad_t);
   }
 }
 
@@ -493,15 +535,12 @@ void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const 
     const T* c = coef != nullptr ? coef + b * K + k0 : nullptr;
     T* r = rows != nullptr ? rows + b * K + k0 : nullptr;
     T* const* gtp = grad_teachers != nullptr ? gt : nullptr;
-    const bool acc = k0 > 0;
-    // While pass 2 works from cache, the next sample's rows are fetched from memory.
-    const bool has_next = b + 1 < B;
-    const int64_t ns = has_next ? p.student_stride_b : 0, nt = has_next ? p.teacher_stride_b : 0;
+    const bool acc = k0 > 0, acc_later = k0 + kGroup < K;
     switch (group) {
-      case 1: shared_group_vec<Kind, T, 1>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
-      case 2: shared_group_vec<Kind, T, 2>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
-      case 3: shared_group_vec<Kind, T, 3>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
-      default: shared_group_vec<Kind, T, 4>(s, t, D, c, r, gs, acc, k0 + kGroup < K, gtp, ns, nt); break;
+      case 1: shared_group_vec<Kind, T, 1>(s, t, D, c, r, gs, acc, acc_later, gtp); break;
+      case 2: shared_group_vec<Kind, T, 2>(s, t, D, c, r, gs, acc, acc_later, gtp); break;
+      case 3: shared_group_vec<Kind, T, 3>(s, t, D, c, r, gs, acc, acc_later, gtp); break;
+      default: shared_group_vec<Kind, T, 4>(s, t, D, c, r, gs, acc, acc_later, gtp); break;
     }
   }
 }
@@ -524,7 +563,7 @@ void loss_rows_cpu(const LossProblem& p) {
   at::parallel_for(0, B, grain, [&](int64_t first, int64_t last) {
     std::vector<acc_t> summed(sum_over_teachers ? D : 0);
     KlScratch<acc_t> scratch;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     struct Fence {  // streaming stores become visible before the task ends
       ~Fence() { _mm_sfence(); }
     } fence;
