@@ -9,6 +9,8 @@ each usable backend (cpp; Triton on CUDA only; teachers as one (K, B, D) tensor,
 also as K separately allocated tensors, which the op stacks into one copy) against the eager loop as research code writes it
 (a Python loop over teachers of F.cosine_similarity / norms / F.kl_div), torch.compile of that
 loop, and the machine's memory limit (a copy moving the bytes the op must read and write).
+Forward + backward rows also time the C++ op called alone (torch.ops, no autograd: the
+kernel's share of the time) and count minor page faults per call.
 
     python benchmarks/bench_multi_teacher_loss.py [--quick] [--device cpu|cuda] [--out DIR]
                                                   [--no-compile] [--threads N]
@@ -22,6 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+try:
+    import resource  # Unix: minor page faults per call
+except ImportError:  # pragma: no cover
+    resource = None
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -57,6 +63,7 @@ FULL = {"cases": CASES, "rounds": 3, "min_run_time": 1.0, "min_runs": 15}
 QUICK = {"cases": [("cosine", 16, 32, 3, False), ("kl", 16, 10, 2, True)],
          "rounds": 1, "min_run_time": 0.02, "min_runs": 3}
 MODES = ("forward+backward", "forward")
+OP_DIRECT = "cpp op alone (no autograd)"
 
 
 def log(message: str = "") -> None:
@@ -98,6 +105,23 @@ def _inputs(kind, batch, dim, count, sliced, device, seed=0):
     stacked = (torch.randn(count, batch, dim, generator=g) * scale).to(device)
     separate = [t.clone() for t in stacked]
     return student.requires_grad_(), stacked, separate
+
+
+def minor_faults_per_call(candidates: Dict[str, object], rounds: int = 10) -> Dict[str, Optional[float]]:
+    """Minor page faults per call of each candidate, called in turn as the timing rounds call
+    them: pages the allocator maps afresh and the kernel zeroes. A large output freed and
+    allocated again faults when the C allocator handed its pages back to the system in between
+    (glibc trims the top of its heap, depending on what else was allocated); that time is in
+    the medians, so the JSON shows the faults beside them."""
+    if resource is None:
+        return {name: None for name in candidates}
+    counts = {name: 0 for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            counts[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return {name: count / rounds for name, count in counts.items()}
 
 
 def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, object]]:
@@ -149,6 +173,11 @@ def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, objec
                     with torch.no_grad():
                         return fn(student, teachers)
                 candidates[name] = forward_only
+        if mode == "forward+backward" and "cpp" in backends and not sliced:
+            # The kernel's share: the op called directly (loss and gradient in one call, no
+            # autograd, no Python wrapper); the difference to "cpp" is per-call overhead.
+            candidates[OP_DIRECT] = lambda: torch.ops.robust_fast.multi_teacher_loss(
+                student.detach(), teachers, None, kind, 1.0, "mean", True, False)[2]
         candidates["copy (same bytes)"] = lambda: dst.copy_(src)
         # Every implementation must agree with the eager loop before its time means anything.
         expected = candidates["eager loop"]()
@@ -158,6 +187,7 @@ def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, objec
                 max_diff[name] = float((fn() - expected).abs().max())
         stats = harness.compare(candidates, device=device, rounds=config["rounds"],
                                 min_run_time=config["min_run_time"], min_runs=config["min_runs"])
+        faults = minor_faults_per_call(candidates) if device == "cpu" else {}
         eager_ms = stats["eager loop"]["median_ms"]
         compile_ms = stats.get("torch.compile(eager loop)", {}).get("median_ms")
         copy_ms = stats["copy (same bytes)"]["median_ms"]
@@ -172,6 +202,7 @@ def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, objec
                 "vs_eager": harness.ratio(eager_ms, ms), "vs_compile": harness.ratio(compile_ms, ms),
                 "fraction_of_copy": harness.ratio(copy_ms, ms),
                 "max_abs_diff_vs_eager": max_diff.get(name),
+                "page_faults_per_call": faults.get(name),
                 "compile_s": compile_s if name.startswith("torch.compile") else None,
             })
         del src, dst
@@ -219,7 +250,8 @@ def _summary(rows) -> Dict[str, object]:
 COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None),
            ("median ms", "median_ms", ".3f"), ("iqr ms", "iqr_ms", ".3f"), ("GB/s", "gbps", ".1f"),
            ("vs eager", "vs_eager", ".2f"), ("vs compile", "vs_compile", ".2f"),
-           ("of copy", "fraction_of_copy", ".2f"), ("max|diff|", "max_abs_diff_vs_eager", ".1e")]
+           ("of copy", "fraction_of_copy", ".2f"), ("faults/call", "page_faults_per_call", ".0f"),
+           ("max|diff|", "max_abs_diff_vs_eager", ".1e")]
 
 
 def parse_args(argv: Optional[Sequence[str]]):

@@ -432,13 +432,26 @@ template <LossKind Kind, typename T, int G, bool TeacherGrads>
 void write_group_grads(const T* s, const T* const* t, int64_t n, const RowGrad<T>* g, T* grad_s,
                        bool accumulate, bool stream_s, T* const* grad_t) {
   constexpr int64_t W = Vec<T>::size();
+  // Every kind but l1 has a student gradient linear in its rows, a s + b t: summed over the
+  // group it is (sum of a) s + sum of b t, G + 1 multiply-adds a step instead of 2G.
+  constexpr bool kLinear = Kind != LossKind::kL1;
+  T a_sum = 0, b[G];
+  for (int j = 0; j < G; ++j) {
+    a_sum += Kind == LossKind::kCosine ? g[j].gs_s : g[j].gs_d;
+    b[j] = Kind == LossKind::kCosine ? g[j].gs_t : -g[j].gs_d;
+  }
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     const Vec<T> sv = Vec<T>::loadu(s + i);
     Vec<T> sum = accumulate && grad_s != nullptr ? Vec<T>::loadu(grad_s + i) : Vec<T>(T(0));
+    if constexpr (kLinear) sum = at::vec::fmadd(Vec<T>(a_sum), sv, sum);
     for (int j = 0; j < G; ++j) {
       const Vec<T> tv = Vec<T>::loadu(t[j] + i);
-      sum = sum + vec_student_grad<Kind, T>(g[j], sv, tv);
+      if constexpr (kLinear) {
+        sum = at::vec::fmadd(Vec<T>(b[j]), tv, sum);
+      } else {
+        sum = sum + vec_student_grad<Kind, T>(g[j], sv, tv);
+      }
       if constexpr (TeacherGrads) vec_teacher_grad<Kind, T>(g[j], sv, tv).store(grad_t[j] + i);
     }
     if (grad_s == nullptr) continue;
