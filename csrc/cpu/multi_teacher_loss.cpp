@@ -475,8 +475,8 @@ constexpr int kGroup = 4;
 
 // Pass 1 of a group: each teacher's sums, its row read beside the student row in one sweep (G + 1
 // streams, which the hardware prefetchers follow together). The accumulators are named locals:
-// GCC keeps an array of vectors in memory and stores all of it every step, which measured twice
-// as slow in cache.
+// GCC kept an array of vectors in memory and stored all of it every step (nine stores a step
+// for three teachers).
 template <LossKind Kind, typename T, int G>
 void group_sums(const T* s, const T* const* t, int64_t n, RowSums<T>* out) {
   static_assert(G >= 1 && G <= 4, "a group holds 1 to 4 teachers");
