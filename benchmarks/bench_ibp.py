@@ -12,7 +12,9 @@ without gradients and with the backward pass of a loss on the bounds (to the par
 against the eager reference (interval arithmetic written plainly in lower/upper form, two
 products per layer, |W| recomputed each call), torch.compile of it, and the machine's limit (two
 plain forward passes of the same network; one forward pass is timed too). Then E = 4 radii in one
-call against 4 calls.
+call against 4 calls. On CPU each candidate's time inside the vendor's products (convolutions and
+matrix products, from torch's profiler) is recorded too, and with it the speed-up over the eager
+reference that removing everything else would give.
 
     python benchmarks/bench_ibp.py [--quick] [--device cpu|cuda] [--out DIR] [--no-compile] [--threads N]
     robust-fast bench ibp [same arguments]
@@ -23,6 +25,7 @@ Speed-ups are "baseline median / this median" (> 1: this is faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -111,6 +114,38 @@ def bound_loss(lower, upper):
     return upper.sum() - lower.sum()
 
 
+# The vendor's products (convolutions, matrix products and their backward passes), by the names
+# torch's profiler gives their CPU kernels.
+PRODUCT_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::mkldnn_convolution_backward",
+               "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::mm", "aten::addmm",
+               "aten::bmm", "aten::baddbmm")
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's backend writes a line to the process's stderr at each start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def products_ms(fn, calls: int = 3) -> Optional[float]:
+    """Milliseconds per call spent inside the vendor's products (self time of PRODUCT_OPS in
+    torch's profiler): what no fusion around them can take away."""
+    fn()
+    with _stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCT_OPS)
+    return total_us / 1e3 / calls
+
+
 def bench_network(name, config, device, use_compile, notes) -> List[Dict[str, object]]:
     make, shape, eps = NETWORKS[name]
     torch.manual_seed(0)
@@ -173,6 +208,7 @@ def bench_network(name, config, device, use_compile, notes) -> List[Dict[str, ob
                 max_diff[impl] = max(float((g - e).abs().max()) for g, e in zip(got, expected))
         stats = harness.compare(candidates, device=device, rounds=config["rounds"],
                                 min_run_time=config["min_run_time"], min_runs=config["min_runs"])
+        in_products = {impl: products_ms(fn) for impl, fn in candidates.items()} if device == "cpu" else {}
         eager_ms = stats["eager reference"]["median_ms"]
         compile_ms = stats.get("torch.compile(eager reference)", {}).get("median_ms")
         forward_ms = stats.get("one forward pass", {}).get("median_ms")
@@ -187,6 +223,9 @@ def bench_network(name, config, device, use_compile, notes) -> List[Dict[str, ob
                 "vs_compile": harness.ratio(compile_ms, ms),
                 "times_one_forward": None if forward_ms is None else ms / forward_ms,
                 "vs_limit": harness.ratio(limit_ms, ms),
+                "products_ms": in_products.get(impl),
+                # The speed-up over the eager reference if everything but the products took no time.
+                "vs_eager_bound": harness.ratio(eager_ms, in_products.get(impl)),
                 "max_abs_diff_vs_eager": max_diff.get(impl),
                 "compile_s": compile_s if impl.startswith("torch.compile") else None,
             })
@@ -237,7 +276,8 @@ def _summary(rows) -> Dict[str, object]:
     out = {}
     for r in rows:
         if r["impl"].startswith("interval_bounds") or r["impl"].startswith("E=4"):
-            keys = ("median_ms", "vs_eager", "vs_compile", "times_one_forward", "vs_limit", "vs_separate_calls")
+            keys = ("median_ms", "vs_eager", "vs_compile", "times_one_forward", "vs_limit", "products_ms",
+                    "vs_eager_bound", "vs_separate_calls")
             out[f"{r['network']} {r['mode']} {r['impl']}"] = {k: r.get(k) for k in keys if k in r}
     return out
 
@@ -245,7 +285,8 @@ def _summary(rows) -> Dict[str, object]:
 COLUMNS = [("network", "network", None), ("mode", "mode", None), ("impl", "impl", None),
            ("median ms", "median_ms", ".3f"), ("iqr ms", "iqr_ms", ".3f"), ("vs eager", "vs_eager", ".2f"),
            ("vs compile", "vs_compile", ".2f"), ("x forward", "times_one_forward", ".2f"),
-           ("vs limit", "vs_limit", ".2f"), ("vs 4 calls", "vs_separate_calls", ".2f"),
+           ("vs limit", "vs_limit", ".2f"), ("products ms", "products_ms", ".2f"),
+           ("vs eager bound", "vs_eager_bound", ".2f"), ("vs 4 calls", "vs_separate_calls", ".2f"),
            ("max|diff|", "max_abs_diff_vs_eager", ".1e")]
 
 
