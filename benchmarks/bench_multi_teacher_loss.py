@@ -10,7 +10,8 @@ also as K separately allocated tensors, which the op stacks into one copy) again
 (a Python loop over teachers of F.cosine_similarity / norms / F.kl_div), torch.compile of that
 loop, and the machine's memory limit (a copy moving the bytes the op must read and write).
 Forward + backward rows also time the C++ op called alone (torch.ops, no autograd: the
-kernel's share of the time) and count minor page faults per call.
+kernel's share of the time) and the copy followed by an unrelated 4-element autograd.grad
+(what the autograd engine adds to a memory-bound step), and count minor page faults per call.
 
     python benchmarks/bench_multi_teacher_loss.py [--quick] [--device cpu|cuda] [--out DIR]
                                                   [--no-compile] [--threads N]
@@ -64,6 +65,7 @@ QUICK = {"cases": [("cosine", 16, 32, 3, False), ("kl", 16, 10, 2, True)],
          "rounds": 1, "min_run_time": 0.02, "min_runs": 3}
 MODES = ("forward+backward", "forward")
 OP_DIRECT = "cpp op alone (no autograd)"
+COPY_AND_AUTOGRAD = "copy + a 4-element autograd.grad"
 
 
 def log(message: str = "") -> None:
@@ -179,6 +181,11 @@ def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, objec
             candidates[OP_DIRECT] = lambda: torch.ops.robust_fast.multi_teacher_loss(
                 student.detach(), teachers, None, kind, 1.0, "mean", True, False)[2]
         candidates["copy (same bytes)"] = lambda: dst.copy_(src)
+        if mode == "forward+backward":
+            # What torch's autograd engine costs a memory-bound step by itself: the copy, then a
+            # backward pass through a 4-element graph that shares nothing with it.
+            tiny = torch.zeros(4, device=device, requires_grad=True)
+            candidates[COPY_AND_AUTOGRAD] = lambda: (dst.copy_(src), torch.autograd.grad((tiny * 2).sum(), tiny))
         # Every implementation must agree with the eager loop before its time means anything.
         expected = candidates["eager loop"]()
         max_diff = {}
