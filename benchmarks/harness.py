@@ -19,6 +19,7 @@ Results
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -69,6 +70,55 @@ def _cpu_samples(fn: Callable[[], object], min_run_time: float, min_runs: int,
     return samples
 
 
+def last_level_cache_bytes() -> Optional[int]:
+    """The size of the CPU's largest cache (Linux sysfs), or None when it cannot be read."""
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = [e for e in os.listdir(root) if e.startswith("index")]
+        for entry in entries:
+            with open(os.path.join(root, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        return None
+    return max(sizes) if sizes else None
+
+
+_flush_buffer: Optional[torch.Tensor] = None
+
+
+def _flush_cpu_caches() -> None:
+    """Writes a buffer of four times the last-level cache (64 MB if unknown): afterwards no
+    earlier call's data is left in the CPU's caches."""
+    global _flush_buffer
+    if _flush_buffer is None:
+        size = 4 * (last_level_cache_bytes() or 16 << 20)
+        _flush_buffer = torch.empty(size // 4, dtype=torch.float32)
+    _flush_buffer.fill_(1.0)
+
+
+def _cold_cpu_samples(fn: Callable[[], object], min_run_time: float, min_runs: int) -> List[float]:
+    """One call per sample, each after the caches were flushed (untimed): a memory-bound call
+    then reads its inputs from memory, as a call does whose data another call evicted. Timed
+    back to back instead, a working set near the size of the last-level cache is partly served
+    from it, and a copy then looks faster than memory allows."""
+    samples: List[float] = []
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while sum(samples) < min_run_time or len(samples) < min_runs:
+            _flush_cpu_caches()
+            start = timeit.default_timer()
+            fn()
+            samples.append(timeit.default_timer() - start)
+    finally:
+        if enabled:
+            gc.enable()
+    return samples
+
+
 def _cuda_samples(fn: Callable[[], object], min_run_time: float, min_runs: int) -> List[float]:
     fn()
     torch.cuda.synchronize()
@@ -98,12 +148,16 @@ def _cuda_samples(fn: Callable[[], object], min_run_time: float, min_runs: int) 
 
 
 def time_samples(fn: Callable[[], object], *, device: str = "cpu", min_run_time: float = 0.5,
-                 min_runs: int = 5, estimate: Optional[float] = None) -> List[float]:
+                 min_runs: int = 5, estimate: Optional[float] = None, cold_cache: bool = False) -> List[float]:
     """Seconds per call of fn(), one sample per timed block (CPU) or call (CUDA): at least
     min_runs samples and min_run_time seconds. estimate: the seconds of one call when already
-    known (fn then counts as warm), else one untimed warm-up call measures it."""
+    known (fn then counts as warm), else one untimed warm-up call measures it. cold_cache (CPU):
+    one call per sample, the caches flushed before each (on CUDA Triton's do_bench flushes the
+    L2 cache before every call anyway)."""
     if device.startswith("cuda"):
         return _cuda_samples(fn, min_run_time, min_runs)
+    if cold_cache:
+        return _cold_cpu_samples(fn, min_run_time, min_runs)
     return _cpu_samples(fn, min_run_time, min_runs, estimate)
 
 
@@ -125,9 +179,10 @@ def measure(fn: Callable[[], object], *, device: str = "cpu", min_run_time: floa
 
 def compare(candidates: Dict[str, Callable[[], object]], *, device: str = "cpu", rounds: int = 3,
             min_run_time: float = 0.5, min_runs: int = 5, warmup_time: float = 0.1,
-            warmup_runs: int = 3) -> Dict[str, Dict[str, object]]:
+            warmup_runs: int = 3, cold_cache: bool = False) -> Dict[str, Dict[str, object]]:
     """Times every candidate in `rounds` interleaved passes (each pass gets min_run_time/rounds
     and min_runs/rounds of each); the samples of all passes are pooled per candidate.
+    cold_cache: see time_samples.
 
     Each candidate is first warmed up, untimed: called at least warmup_runs times and for at
     least warmup_time seconds (lazy initialisation, allocator caches, thread pools). What its
@@ -153,7 +208,7 @@ def compare(candidates: Dict[str, Callable[[], object]], *, device: str = "cpu",
         for name, fn in candidates.items():
             pooled[name] += time_samples(fn, device=device, min_run_time=min_run_time / rounds,
                                          min_runs=max(1, math.ceil(min_runs / rounds)),
-                                         estimate=estimates[name])
+                                         estimate=estimates[name], cold_cache=cold_cache)
     summary: Dict[str, Dict[str, object]] = {}
     for name, samples in pooled.items():
         summary[name] = dict(summarize(samples), result=results[name])

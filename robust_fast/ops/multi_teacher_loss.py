@@ -12,6 +12,7 @@ runs the same autograd logic through a torch.autograd.Function.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -23,6 +24,8 @@ from robust_fast._profiling import op_range
 from robust_fast.reference.multi_teacher_loss import KINDS, REDUCTIONS, multi_teacher_loss_reference
 
 OP = "multi_teacher_loss"
+# torch's own guard for calling an op from inside its autograd (a no-op where it is missing).
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
 Teachers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -220,7 +223,10 @@ class _CppMultiTeacherLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):  # (not a separate setup_context: apply then skips binding the arguments)
-        output = torch.ops.robust_fast.multi_teacher_loss(*args)
+        # Below the autograd dispatch keys: this Function is the autograd, so the op's own
+        # registered autograd (a Python layer that would only redispatch) is skipped.
+        with _below_autograd():
+            output = torch.ops.robust_fast.multi_teacher_loss(*args)
         setup_context(ctx, args, output)
         return output
 
