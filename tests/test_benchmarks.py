@@ -198,3 +198,17 @@ def test_busy_warning_threshold(monkeypatch):
     assert harness.busy_warning("now", own_threads=1) is None  # this run's own threads
     monkeypatch.setattr(harness, "_load_average", lambda: [float(cores), 0.0, 0.0])
     assert harness.busy_warning("now") is None
+
+
+def test_cold_cache_timing_flushes_before_every_call(monkeypatch):
+    harness = load_bench().harness
+    size = harness.last_level_cache_bytes()
+    assert size is None or size > 0
+    flushes, calls = [], []
+    real_flush = harness._flush_cpu_caches
+    monkeypatch.setattr(harness, "_flush_cpu_caches", lambda: (flushes.append(len(calls)), real_flush()))
+    stats = harness.compare({"add": lambda: calls.append(1)}, rounds=2, min_run_time=0.0,
+                            min_runs=4, warmup_runs=1, warmup_time=0.0, cold_cache=True)
+    assert stats["add"]["samples"] == 4  # one call per sample
+    timed = len(calls) - 1  # the warm-up call is not timed and not flushed
+    assert flushes == list(range(1, timed + 1))  # a flush before each timed call, none after
