@@ -450,6 +450,27 @@ def test_many_teachers(backend, kind):
         assert_same(actual, expected, torch.float32)
 
 
+@cpp_only
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_samples_across_threads(kind):
+    """Enough samples and features that the CPU kernel splits the batch between threads, and
+    within a thread's share takes each sample's sums in the sweep that writes the gradient of
+    the sample before it (frozen teachers): every sample's loss and gradient still match."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for count, teacher_grad in ((1, False), (3, False), (4, False), (3, True), (6, False)):
+            student, teachers = make(67, count, 517, seed=count)
+            weights = make_weights("per_sample", 67, count)
+            for reduction in ("mean", "none"):
+                kwargs = dict(kind=kind, weights=weights, reduction=reduction)
+                expected = run("reference", student, teachers, teacher_grad=teacher_grad, **kwargs)
+                actual = run("cpp", student, teachers, teacher_grad=teacher_grad, **kwargs)
+                assert_same(actual, expected, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_is_refused(backend):
     student, teachers = make(3, 2, 5)

@@ -425,6 +425,98 @@ inline void store_streaming(const Vec<T>& v, T* out) {
   v.store(out);
 }
 
+constexpr int kGroup = 4;
+
+// Pass 1 of a group: each teacher's sums, its row read beside the student row in one sweep (G + 1
+// streams, which the hardware prefetchers follow together). The accumulators are named members,
+// which stay in registers: GCC kept an array of vectors in memory and stored all of it every
+// step (nine stores a step for three teachers).
+template <LossKind Kind, typename T, int G>
+struct GroupSums {
+  static_assert(G >= 1 && G <= kGroup, "a group holds 1 to kGroup teachers");
+  Vec<T> x0{T(0)}, y0{T(0)}, z0{T(0)}, x1{T(0)}, y1{T(0)}, z1{T(0)};
+  Vec<T> x2{T(0)}, y2{T(0)}, z2{T(0)}, x3{T(0)}, y3{T(0)}, z3{T(0)};
+
+  // load(row) gives the vector of this step of a row; t holds the group's kGroup row pointers.
+  template <typename Load>
+  inline void add(const Load& load, const T* s, const T* const* t) {
+    const Vec<T> sv = load(s);
+    vec_terms<Kind, T>(sv, load(t[0]), x0, y0, z0);
+    if constexpr (G > 1) vec_terms<Kind, T>(sv, load(t[1]), x1, y1, z1);
+    if constexpr (G > 2) vec_terms<Kind, T>(sv, load(t[2]), x2, y2, z2);
+    if constexpr (G > 3) vec_terms<Kind, T>(sv, load(t[3]), x3, y3, z3);
+  }
+
+  // A whole sweep from step `from` on, the last partial step zero-padded (every term of a zero
+  // pair is 0).
+  inline void add_rows(const T* s, const T* const* t, int64_t from, int64_t n) {
+    constexpr int64_t W = Vec<T>::size();
+    int64_t i = from;
+    for (; i + W <= n; i += W) add([&](const T* row) { return Vec<T>::loadu(row + i); }, s, t);
+    if (i < n) add([&](const T* row) { return Vec<T>::loadu(row + i, n - i); }, s, t);
+  }
+
+  void finish(RowSums<T>* out) const {
+    const auto sums = [](const Vec<T>& x, const Vec<T>& y, const Vec<T>& z) {
+      return to_sums<Kind, T>(reduce_sum<T>(x), reduce_sum<T>(y), reduce_sum<T>(z));
+    };
+    out[0] = sums(x0, y0, z0);
+    if constexpr (G > 1) out[1] = sums(x1, y1, z1);
+    if constexpr (G > 2) out[2] = sums(x2, y2, z2);
+    if constexpr (G > 3) out[3] = sums(x3, y3, z3);
+  }
+};
+
+// The student's gradient summed over a group, one vector step at a time. Every kind but l1 has
+// a student gradient linear in its rows, a s + b t: summed over the group it is
+// (sum of a) s + sum of b t, G + 1 multiply-adds a step instead of 2G.
+template <LossKind Kind, typename T, int G>
+struct GroupStudentGrad {
+  static constexpr bool kLinear = Kind != LossKind::kL1;
+  const RowGrad<T>* g;
+  T a_sum = 0, b[G];
+
+  explicit GroupStudentGrad(const RowGrad<T>* grads) : g(grads) {
+    for (int j = 0; j < G; ++j) {
+      a_sum += Kind == LossKind::kCosine ? g[j].gs_s : g[j].gs_d;
+      b[j] = Kind == LossKind::kCosine ? g[j].gs_t : -g[j].gs_d;
+    }
+  }
+
+  // sum + the gradient at this step; load(row) as for GroupSums::add.
+  template <typename Load>
+  inline Vec<T> add(Vec<T> sum, const Vec<T>& sv, const Load& load, const T* const* t) const {
+    if constexpr (kLinear) sum = at::vec::fmadd(Vec<T>(a_sum), sv, sum);
+    for (int j = 0; j < G; ++j) {
+      if constexpr (kLinear) {
+        sum = at::vec::fmadd(Vec<T>(b[j]), load(t[j]), sum);
+      } else {
+        sum = sum + vec_student_grad<Kind, T>(g[j], sv, load(t[j]));
+      }
+    }
+    return sum;
+  }
+
+  // Elements from..n-1 one by one (the part after the last whole vector).
+  void add_tail(const T* s, const T* const* t, int64_t from, int64_t n, T* grad_s,
+                bool accumulate) const {
+    for (int64_t i = from; i < n; ++i) {
+      T sum = accumulate ? grad_s[i] : T(0);
+      for (int j = 0; j < G; ++j) sum += student_grad<Kind, T>(g[j], s[i], t[j][i]);
+      grad_s[i] = sum;
+    }
+  }
+};
+
+template <typename T>
+inline void store_row_step(const Vec<T>& v, T* out, bool streaming) {
+  if (streaming) {
+    store_streaming<T>(v, out);
+  } else {
+    v.store(out);
+  }
+}
+
 // Pass 2 of a group: grad_s (and, when TeacherGrads, each grad_t[j]) from the rows, which are in
 // cache after pass 1. A separate instance per TeacherGrads keeps the usual case (frozen
 // teachers) free of branches in the loop.
@@ -432,81 +524,31 @@ template <LossKind Kind, typename T, int G, bool TeacherGrads>
 void write_group_grads(const T* s, const T* const* t, int64_t n, const RowGrad<T>* g, T* grad_s,
                        bool accumulate, bool stream_s, T* const* grad_t) {
   constexpr int64_t W = Vec<T>::size();
-  // Every kind but l1 has a student gradient linear in its rows, a s + b t: summed over the
-  // group it is (sum of a) s + sum of b t, G + 1 multiply-adds a step instead of 2G.
-  constexpr bool kLinear = Kind != LossKind::kL1;
-  T a_sum = 0, b[G];
-  for (int j = 0; j < G; ++j) {
-    a_sum += Kind == LossKind::kCosine ? g[j].gs_s : g[j].gs_d;
-    b[j] = Kind == LossKind::kCosine ? g[j].gs_t : -g[j].gs_d;
-  }
+  const GroupStudentGrad<Kind, T, G> student(g);
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    const Vec<T> sv = Vec<T>::loadu(s + i);
-    Vec<T> sum = accumulate && grad_s != nullptr ? Vec<T>::loadu(grad_s + i) : Vec<T>(T(0));
-    if constexpr (kLinear) sum = at::vec::fmadd(Vec<T>(a_sum), sv, sum);
-    for (int j = 0; j < G; ++j) {
-      const Vec<T> tv = Vec<T>::loadu(t[j] + i);
-      if constexpr (kLinear) {
-        sum = at::vec::fmadd(Vec<T>(b[j]), tv, sum);
-      } else {
-        sum = sum + vec_student_grad<Kind, T>(g[j], sv, tv);
-      }
-      if constexpr (TeacherGrads) vec_teacher_grad<Kind, T>(g[j], sv, tv).store(grad_t[j] + i);
+    const auto load = [&](const T* row) { return Vec<T>::loadu(row + i); };
+    const Vec<T> sv = load(s);
+    if constexpr (TeacherGrads) {
+      for (int j = 0; j < G; ++j) vec_teacher_grad<Kind, T>(g[j], sv, load(t[j])).store(grad_t[j] + i);
     }
     if (grad_s == nullptr) continue;
-    if (stream_s) {
-      store_streaming<T>(sum, grad_s + i);
-    } else {
-      sum.store(grad_s + i);
-    }
+    const Vec<T> sum = student.add(accumulate ? load(grad_s) : Vec<T>(T(0)), sv, load, t);
+    store_row_step<T>(sum, grad_s + i, stream_s);
   }
-  for (; i < n; ++i) {
-    T sum = accumulate && grad_s != nullptr ? grad_s[i] : T(0);
+  if (grad_s != nullptr) student.add_tail(s, t, i, n, grad_s, accumulate);
+  if constexpr (TeacherGrads) {
     for (int j = 0; j < G; ++j) {
-      sum += student_grad<Kind, T>(g[j], s[i], t[j][i]);
-      if constexpr (TeacherGrads) grad_t[j][i] = teacher_grad<Kind, T>(g[j], s[i], t[j][i]);
+      for (int64_t e = i; e < n; ++e) grad_t[j][e] = teacher_grad<Kind, T>(g[j], s[e], t[j][e]);
     }
-    if (grad_s != nullptr) grad_s[i] = sum;
   }
 }
 
-constexpr int kGroup = 4;
-
-// Pass 1 of a group: each teacher's sums, its row read beside the student row in one sweep (G + 1
-// streams, which the hardware prefetchers follow together). The accumulators are named locals:
-// GCC kept an array of vectors in memory and stored all of it every step (nine stores a step
-// for three teachers).
 template <LossKind Kind, typename T, int G>
 void group_sums(const T* s, const T* const* t, int64_t n, RowSums<T>* out) {
-  static_assert(G >= 1 && G <= 4, "a group holds 1 to 4 teachers");
-  constexpr int64_t W = Vec<T>::size();
-  const T* t0 = t[0];
-  const T* t1 = t[G > 1 ? 1 : 0];
-  const T* t2 = t[G > 2 ? 2 : 0];
-  const T* t3 = t[G > 3 ? 3 : 0];
-  const Vec<T> zero(T(0));
-  Vec<T> x0 = zero, y0 = zero, z0 = zero, x1 = zero, y1 = zero, z1 = zero;
-  Vec<T> x2 = zero, y2 = zero, z2 = zero, x3 = zero, y3 = zero, z3 = zero;
-  const auto add = [&](const auto& load) {
-    const Vec<T> sv = load(s);
-    vec_terms<Kind, T>(sv, load(t0), x0, y0, z0);
-    if constexpr (G > 1) vec_terms<Kind, T>(sv, load(t1), x1, y1, z1);
-    if constexpr (G > 2) vec_terms<Kind, T>(sv, load(t2), x2, y2, z2);
-    if constexpr (G > 3) vec_terms<Kind, T>(sv, load(t3), x3, y3, z3);
-  };
-  int64_t i = 0;
-  for (; i + W <= n; i += W) add([&](const T* row) { return Vec<T>::loadu(row + i); });
-  if (i < n) {  // zero-padded rest: every term of a zero pair is 0
-    add([&](const T* row) { return Vec<T>::loadu(row + i, n - i); });
-  }
-  const auto sums = [](const Vec<T>& x, const Vec<T>& y, const Vec<T>& z) {
-    return to_sums<Kind, T>(reduce_sum<T>(x), reduce_sum<T>(y), reduce_sum<T>(z));
-  };
-  out[0] = sums(x0, y0, z0);
-  if constexpr (G > 1) out[1] = sums(x1, y1, z1);
-  if constexpr (G > 2) out[2] = sums(x2, y2, z2);
-  if constexpr (G > 3) out[3] = sums(x3, y3, z3);
+  GroupSums<Kind, T, G> acc;
+  acc.add_rows(s, t, 0, n);
+  acc.finish(out);
 }
 
 template <LossKind Kind, typename T, int G>
@@ -558,6 +600,62 @@ void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const 
   }
 }
 
+// Samples first..last-1 of a shared student against K <= kGroup frozen teachers, software
+// pipelined: the sweep that writes sample b's gradient (from its rows, in cache since its sums
+// were taken) also takes the sums of sample b + 1, whose rows stream in from memory meanwhile.
+// Done one after the other, memory would sit idle while each gradient is written.
+template <LossKind Kind, typename T, int G>
+void shared_samples_pipelined(const LossProblem& p, int64_t first, int64_t last, const T* student,
+                              const T* teachers, const T* coef, T* rows, T* grad_student) {
+  constexpr int64_t W = Vec<T>::size();
+  const int64_t K = p.teachers_count, n = p.dim;
+  struct Sample {
+    const T* s;
+    const T* t[kGroup];
+    RowGrad<T> g[G];
+  };
+  const auto locate = [&](int64_t b, Sample& x) {
+    x.s = student + b * p.student_stride_b;
+    for (int j = 0; j < G; ++j) x.t[j] = teachers + j * p.teacher_stride_k + b * p.teacher_stride_b;
+  };
+  const auto finish = [&](int64_t b, const GroupSums<Kind, T, G>& acc, Sample& x) {
+    RowSums<T> sums[G];
+    acc.finish(sums);
+    for (int j = 0; j < G; ++j) {
+      x.g[j] = finalize<Kind, T>(sums[j], coef[b * K + j], n);
+      if (rows != nullptr) rows[b * K + j] = x.g[j].loss;
+    }
+  };
+  Sample current, next;
+  locate(first, current);
+  {
+    GroupSums<Kind, T, G> acc;
+    acc.add_rows(current.s, current.t, 0, n);
+    finish(first, acc, current);
+  }
+  for (int64_t b = first; b < last; ++b) {
+    T* gs = grad_student + b * n;
+    const bool stream = reinterpret_cast<uintptr_t>(gs) % sizeof(Vec<T>) == 0;
+    const GroupStudentGrad<Kind, T, G> grad(current.g);
+    if (b + 1 == last) {
+      write_group_grads<Kind, T, G, false>(current.s, current.t, n, current.g, gs, false, stream, nullptr);
+      break;
+    }
+    locate(b + 1, next);
+    GroupSums<Kind, T, G> acc;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const auto load = [&](const T* row) { return Vec<T>::loadu(row + i); };
+      acc.add(load, next.s, next.t);
+      store_row_step<T>(grad.add(Vec<T>(T(0)), load(current.s), load, current.t), gs + i, stream);
+    }
+    acc.add_rows(next.s, next.t, i, n);
+    grad.add_tail(current.s, current.t, i, n, gs, false);
+    finish(b + 1, acc, next);
+    current = next;
+  }
+}
+
 template <typename scalar_t, LossKind Kind>
 void loss_rows_cpu(const LossProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -581,6 +679,17 @@ void loss_rows_cpu(const LossProblem& p) {
       ~Fence() { _mm_sfence(); }
     } fence;
 #endif
+    if constexpr (std::is_same_v<scalar_t, acc_t> && Kind != LossKind::kKl) {
+      // The common training step: one group of frozen teachers and the student's gradient.
+      if (p.shared && K <= kGroup && coef != nullptr && grad_student != nullptr && grad_teachers == nullptr) {
+        switch (K) {
+          case 1: return shared_samples_pipelined<Kind, acc_t, 1>(p, first, last, student, teachers, coef, rows, grad_student);
+          case 2: return shared_samples_pipelined<Kind, acc_t, 2>(p, first, last, student, teachers, coef, rows, grad_student);
+          case 3: return shared_samples_pipelined<Kind, acc_t, 3>(p, first, last, student, teachers, coef, rows, grad_student);
+          default: return shared_samples_pipelined<Kind, acc_t, 4>(p, first, last, student, teachers, coef, rows, grad_student);
+        }
+      }
+    }
     for (int64_t b = first; b < last; ++b) {
       if constexpr (std::is_same_v<scalar_t, acc_t> && Kind != LossKind::kKl) {
         if (p.shared) {
