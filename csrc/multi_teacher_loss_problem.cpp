@@ -102,8 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_multi_teacher_los
     if (w.defined()) {
       p.coef = (w * scale).contiguous();
     } else {
-      p.coef = at::empty({p.batch, p.teachers_count}, acc_options);
-      p.coef.fill_(scale);
+      p.uniform_coef = scale;
     }
   }
   allocate_grads(p, grads && student_grad, grads && teacher_grad);
@@ -112,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_multi_teacher_los
 
   if (student.device().is_cpu() && reduction != "none") {
     // The (B, K) reduction in one loop: a few ATen calls would cost more than the sum itself.
-    at::Tensor loss = at::empty({}, student.options());
+    double value = 0;
     AT_DISPATCH_FLOATING_TYPES(acc, "multi_teacher_loss_reduce", [&] {
       const scalar_t* rows = p.row_losses.const_data_ptr<scalar_t>();
       const at::Tensor w_dense = w.defined() ? w.contiguous() : w;
@@ -121,10 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_multi_teacher_los
       scalar_t total = 0;
       for (int64_t i = 0; i < n; ++i) total += weight != nullptr ? rows[i] * weight[i] : rows[i];
       // mean over no samples is NaN, as torch.mean of an empty tensor
-      const scalar_t value = reduction == "sum" ? total
-                             : (p.batch > 0 ? total / static_cast<scalar_t>(p.batch)
-                                            : std::numeric_limits<scalar_t>::quiet_NaN());
-      loss.fill_(value);
+      value = reduction == "sum" ? total
+              : (p.batch > 0 ? total / static_cast<scalar_t>(p.batch)
+                             : std::numeric_limits<scalar_t>::quiet_NaN());
+    });
+    // Written in place, not by fill_: one dispatch less on every call.
+    at::Tensor loss = at::empty({}, student.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss.scalar_type(), "multi_teacher_loss_store", [&] {
+      *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(value);
     });
     return {loss, p.row_losses, empty_or(p.grad_student, student), empty_or(p.grad_teachers, teachers)};
   }

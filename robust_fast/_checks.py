@@ -25,6 +25,8 @@ def check_choice(name: str, value, choices, caller: str) -> str:
 
 def check_positive_finite(name: str, value, caller: str) -> float:
     """A real number > 0 and finite, as a float (bools and NaN refused)."""
+    if type(value) is float and 0.0 < value < math.inf:  # the usual case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{caller}: {name} must be a float, got {type(value).__name__}")
     value = float(value)

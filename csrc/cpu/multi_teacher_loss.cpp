@@ -438,13 +438,25 @@ struct GroupSums {
   Vec<T> x2{T(0)}, y2{T(0)}, z2{T(0)}, x3{T(0)}, y3{T(0)}, z3{T(0)};
 
   // load(row) gives the vector of this step of a row; t holds the group's kGroup row pointers.
+  // Cosine's <s, s> is the same for every teacher of the group: only x0 takes it.
+  static constexpr bool kSharedNorm = Kind == LossKind::kCosine;
+
   template <typename Load>
   inline void add(const Load& load, const T* s, const T* const* t) {
     const Vec<T> sv = load(s);
-    vec_terms<Kind, T>(sv, load(t[0]), x0, y0, z0);
-    if constexpr (G > 1) vec_terms<Kind, T>(sv, load(t[1]), x1, y1, z1);
-    if constexpr (G > 2) vec_terms<Kind, T>(sv, load(t[2]), x2, y2, z2);
-    if constexpr (G > 3) vec_terms<Kind, T>(sv, load(t[3]), x3, y3, z3);
+    const auto teacher = [&](const Vec<T>& tv, Vec<T>& x, Vec<T>& y, Vec<T>& z) {
+      if constexpr (kSharedNorm) {
+        y = at::vec::fmadd(tv, tv, y);
+        z = at::vec::fmadd(sv, tv, z);
+      } else {
+        vec_terms<Kind, T>(sv, tv, x, y, z);
+      }
+    };
+    if constexpr (kSharedNorm) x0 = at::vec::fmadd(sv, sv, x0);
+    teacher(load(t[0]), x0, y0, z0);
+    if constexpr (G > 1) teacher(load(t[1]), x1, y1, z1);
+    if constexpr (G > 2) teacher(load(t[2]), x2, y2, z2);
+    if constexpr (G > 3) teacher(load(t[3]), x3, y3, z3);
   }
 
   // A whole sweep from step `from` on, the last partial step zero-padded (every term of a zero
@@ -461,9 +473,9 @@ struct GroupSums {
       return to_sums<Kind, T>(reduce_sum<T>(x), reduce_sum<T>(y), reduce_sum<T>(z));
     };
     out[0] = sums(x0, y0, z0);
-    if constexpr (G > 1) out[1] = sums(x1, y1, z1);
-    if constexpr (G > 2) out[2] = sums(x2, y2, z2);
-    if constexpr (G > 3) out[3] = sums(x3, y3, z3);
+    if constexpr (G > 1) out[1] = sums(kSharedNorm ? x0 : x1, y1, z1);
+    if constexpr (G > 2) out[2] = sums(kSharedNorm ? x0 : x2, y2, z2);
+    if constexpr (G > 3) out[3] = sums(kSharedNorm ? x0 : x3, y3, z3);
   }
 };
 
@@ -558,7 +570,7 @@ void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T
   group_sums<Kind, T, G>(s, t, n, sums);
   RowGrad<T> g[G];
   for (int j = 0; j < G; ++j) {
-    g[j] = finalize<Kind, T>(sums[j], coef != nullptr ? coef[j] : T(0), n);
+    g[j] = finalize<Kind, T>(sums[j], coef[j], n);
     if (rows != nullptr) rows[j] = g[j].loss;
   }
   // The last group's write of the gradient row goes around the caches (no read for ownership):
@@ -575,7 +587,7 @@ void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T
 // All K teachers of one sample b, shared student, in groups of kGroup.
 template <LossKind Kind, typename T>
 void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const T* teachers,
-                       const T* coef, T* rows, T* grad_student, T* grad_teachers) {
+                       const RowCoefs<T>& coefs, T* rows, T* grad_student, T* grad_teachers) {
   const int64_t B = p.batch, K = p.teachers_count, D = p.dim;
   const T* s = student + b * p.student_stride_b;
   T* gs = grad_student != nullptr ? grad_student + b * D : nullptr;
@@ -587,7 +599,8 @@ void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const 
       t[j] = teachers + (k0 + j) * p.teacher_stride_k + b * p.teacher_stride_b;
       gt[j] = grad_teachers != nullptr ? grad_teachers + ((k0 + j) * B + b) * D : nullptr;
     }
-    const T* c = coef != nullptr ? coef + b * K + k0 : nullptr;
+    T c[kGroup];
+    for (int j = 0; j < group; ++j) c[j] = coefs.at(b, k0 + j, K);
     T* r = rows != nullptr ? rows + b * K + k0 : nullptr;
     T* const* gtp = grad_teachers != nullptr ? gt : nullptr;
     const bool acc = k0 > 0, acc_later = k0 + kGroup < K;
@@ -606,7 +619,7 @@ void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const 
 // Done one after the other, memory would sit idle while each gradient is written.
 template <LossKind Kind, typename T, int G>
 void shared_samples_pipelined(const LossProblem& p, int64_t first, int64_t last, const T* student,
-                              const T* teachers, const T* coef, T* rows, T* grad_student) {
+                              const T* teachers, const RowCoefs<T>& coefs, T* rows, T* grad_student) {
   constexpr int64_t W = Vec<T>::size();
   const int64_t K = p.teachers_count, n = p.dim;
   struct Sample {
@@ -622,7 +635,7 @@ void shared_samples_pipelined(const LossProblem& p, int64_t first, int64_t last,
     RowSums<T> sums[G];
     acc.finish(sums);
     for (int j = 0; j < G; ++j) {
-      x.g[j] = finalize<Kind, T>(sums[j], coef[b * K + j], n);
+      x.g[j] = finalize<Kind, T>(sums[j], coefs.at(b, j, K), n);
       if (rows != nullptr) rows[b * K + j] = x.g[j].loss;
     }
   };
@@ -662,7 +675,7 @@ void loss_rows_cpu(const LossProblem& p) {
   const scalar_t* student = p.student.const_data_ptr<scalar_t>();
   const scalar_t* teachers = p.teachers.const_data_ptr<scalar_t>();
   acc_t* rows = p.row_losses.defined() ? p.row_losses.mutable_data_ptr<acc_t>() : nullptr;
-  const acc_t* coef = p.coef.defined() ? p.coef.const_data_ptr<acc_t>() : nullptr;
+  const RowCoefs<acc_t> coefs = row_coefs<acc_t>(p);
   scalar_t* grad_student = p.grad_student.defined() ? p.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* grad_teachers = p.grad_teachers.defined() ? p.grad_teachers.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t B = p.batch, K = p.teachers_count, D = p.dim;
@@ -681,26 +694,26 @@ void loss_rows_cpu(const LossProblem& p) {
 #endif
     if constexpr (std::is_same_v<scalar_t, acc_t> && Kind != LossKind::kKl) {
       // The common training step: one group of frozen teachers and the student's gradient.
-      if (p.shared && K <= kGroup && coef != nullptr && grad_student != nullptr && grad_teachers == nullptr) {
+      if (p.shared && K <= kGroup && grad_student != nullptr && grad_teachers == nullptr) {
         switch (K) {
-          case 1: return shared_samples_pipelined<Kind, acc_t, 1>(p, first, last, student, teachers, coef, rows, grad_student);
-          case 2: return shared_samples_pipelined<Kind, acc_t, 2>(p, first, last, student, teachers, coef, rows, grad_student);
-          case 3: return shared_samples_pipelined<Kind, acc_t, 3>(p, first, last, student, teachers, coef, rows, grad_student);
-          default: return shared_samples_pipelined<Kind, acc_t, 4>(p, first, last, student, teachers, coef, rows, grad_student);
+          case 1: return shared_samples_pipelined<Kind, acc_t, 1>(p, first, last, student, teachers, coefs, rows, grad_student);
+          case 2: return shared_samples_pipelined<Kind, acc_t, 2>(p, first, last, student, teachers, coefs, rows, grad_student);
+          case 3: return shared_samples_pipelined<Kind, acc_t, 3>(p, first, last, student, teachers, coefs, rows, grad_student);
+          default: return shared_samples_pipelined<Kind, acc_t, 4>(p, first, last, student, teachers, coefs, rows, grad_student);
         }
       }
     }
     for (int64_t b = first; b < last; ++b) {
       if constexpr (std::is_same_v<scalar_t, acc_t> && Kind != LossKind::kKl) {
         if (p.shared) {
-          shared_sample_vec<Kind, acc_t>(p, b, student, teachers, coef, rows, grad_student, grad_teachers);
+          shared_sample_vec<Kind, acc_t>(p, b, student, teachers, coefs, rows, grad_student, grad_teachers);
           continue;
         }
       }
       for (int64_t k = 0; k < K; ++k) {
         const scalar_t* s = student + b * p.student_stride_b + k * p.student_stride_k;
         const scalar_t* t = teachers + k * p.teacher_stride_k + b * p.teacher_stride_b;
-        const acc_t c = coef != nullptr ? coef[b * K + k] : acc_t(0);
+        const acc_t c = coefs.at(b, k, K);
         scalar_t* gt = grad_teachers != nullptr ? grad_teachers + (k * B + b) * D : nullptr;
         scalar_t* gs = grad_student == nullptr ? nullptr
                        : grad_student + (p.shared ? b * D : (b * K + k) * D);

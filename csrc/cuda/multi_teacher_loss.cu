@@ -92,7 +92,7 @@ template <typename scalar_t, typename grad_s_t>
 struct Rows {
   const scalar_t* student;
   const scalar_t* teachers;
-  const at::opmath_type<scalar_t>* coef;  // (B, K) or null
+  RowCoefs<at::opmath_type<scalar_t>> coefs;
   at::opmath_type<scalar_t>* row_losses;  // (B, K) or null
   grad_s_t* grad_student;                 // or null
   scalar_t* grad_teachers;                // (K, B, D) or null
@@ -110,7 +110,7 @@ __global__ void multi_teacher_loss_kernel(Rows<scalar_t, grad_s_t> r) {
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* s = r.student + b * r.student_stride_b + k * r.student_stride_k;
     const scalar_t* t = r.teachers + k * r.teacher_stride_k + b * r.teacher_stride_b;
-    const acc_t coef = r.coef != nullptr ? r.coef[b * K + k] : acc_t(0);
+    const acc_t coef = r.coefs.at(b, k, K);
     grad_s_t* gs = r.grad_student == nullptr ? nullptr
                    : r.grad_student + (r.shared ? b * D : (b * K + k) * D);
     scalar_t* gt = r.grad_teachers == nullptr ? nullptr : r.grad_teachers + (k * r.batch + b) * D;
@@ -204,7 +204,7 @@ void launch(const LossProblem& p, grad_s_t* grad_student, cudaStream_t stream) {
   Rows<scalar_t, grad_s_t> r{
       p.student.const_data_ptr<scalar_t>(),
       p.teachers.const_data_ptr<scalar_t>(),
-      p.coef.defined() ? p.coef.const_data_ptr<acc_t>() : nullptr,
+      row_coefs<acc_t>(p),
       p.row_losses.defined() ? p.row_losses.mutable_data_ptr<acc_t>() : nullptr,
       grad_student,
       p.grad_teachers.defined() ? p.grad_teachers.mutable_data_ptr<scalar_t>() : nullptr,

@@ -152,13 +152,15 @@ def multi_teacher_loss(student: torch.Tensor, teachers: Teachers, *,
         teacher_grad = teachers_need_grad
         if chosen == "cpp":
             args = (student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad)
-            if (student_grad or teacher_grad or (grad_on and weights is not None and weights.requires_grad)) \
-                    and not torch.compiler.is_compiling():
+            weights_grad = grad_on and weights is not None and weights.requires_grad
+            if (student_grad or teacher_grad or weights_grad) and not torch.compiler.is_compiling():
                 # Eagerly, a plain autograd.Function around the op costs less per call than the
                 # op's registered autograd (the same setup_context and backward): that path is for
                 # torch.compile and direct torch.ops calls.
+                if reduction != "none" and not weights_grad:
+                    return _CppSavedGradients.apply(*args)
                 return _CppMultiTeacherLoss.apply(*args)[0]
-            return torch.ops.robust_fast.multi_teacher_loss(*args)[0]
+            return _cpp_op(*args)[0]
         from robust_fast.kernels.multi_teacher_loss import TritonMultiTeacherLoss
         return TritonMultiTeacherLoss.apply(student, teachers, weights, kind, temperature, reduction,
                                             student_grad, teacher_grad)[0]
@@ -218,6 +220,11 @@ def backward(ctx, grad_loss, *unused, backward_rows: Callable):
     return out_student, out_teachers, out_weights, None, None, None, None, None
 
 
+# The C++ op's overload, looked up once (through the overload packet a call costs more); set
+# when robust_fast._C loaded.
+_cpp_op: Optional[Callable] = None
+
+
 class _CppMultiTeacherLoss(torch.autograd.Function):
     """torch.ops.robust_fast.multi_teacher_loss with its registered autograd, for eager calls."""
 
@@ -226,7 +233,7 @@ class _CppMultiTeacherLoss(torch.autograd.Function):
         # Below the autograd dispatch keys: this Function is the autograd, so the op's own
         # registered autograd (a Python layer that would only redispatch) is skipped.
         with _below_autograd():
-            output = torch.ops.robust_fast.multi_teacher_loss(*args)
+            output = _cpp_op(*args)
         setup_context(ctx, args, output)
         return output
 
@@ -234,6 +241,30 @@ class _CppMultiTeacherLoss(torch.autograd.Function):
     @once_differentiable  # the saved gradient is a constant: a second derivative would be wrong
     def backward(ctx, grad_loss, *unused):
         return backward(ctx, grad_loss, backward_rows=torch.ops.robust_fast._multi_teacher_loss_backward)
+
+
+class _CppSavedGradients(torch.autograd.Function):
+    """The eager C++ op for a reduced loss whose input gradients all come with the forward pass
+    (the usual training step; weights need no gradient). Backward only scales them, so they
+    are all this keeps, and its one output is the loss: less for autograd to set up and to
+    free on every call than _CppMultiTeacherLoss."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with _below_autograd():
+            loss, _, grad_student, grad_teachers = _cpp_op(*args)
+        ctx.save_for_backward(grad_student, grad_teachers)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        # An input needs a gradient only if it required grad, and then the forward pass
+        # computed it (student_grad, teacher_grad follow requires_grad).
+        grad_student, grad_teachers = ctx.saved_tensors
+        need_student, need_teachers = ctx.needs_input_grad[:2]
+        return ((_scaled(grad_student, grad_loss) if need_student else None,
+                 _scaled(grad_teachers, grad_loss) if need_teachers else None) + (None,) * 6)
 
 
 def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -260,8 +291,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _register_fake_and_autograd() -> None:
+    global _cpp_op
     if _build.compiled_library_error() is not None:
         return
+    _cpp_op = torch.ops.robust_fast.multi_teacher_loss.default
 
     @torch.library.register_fake("robust_fast::multi_teacher_loss")
     def _(student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad):

@@ -56,6 +56,18 @@ RF_HOST_DEVICE void accumulate(RowSums<acc_t>& r, acc_t s, acc_t t) {
   }
 }
 
+// The gradient scale of each (sample, teacher) row: from a (B, K) array when rows have their
+// own weights, else one value for all (no array to allocate and fill on every call).
+template <typename acc_t>
+struct RowCoefs {
+  const acc_t* per_row = nullptr;  // (B, K) contiguous, or null
+  acc_t uniform = 0;
+
+  RF_HOST_DEVICE acc_t at(int64_t b, int64_t k, int64_t count) const {
+    return per_row != nullptr ? per_row[b * count + k] : uniform;
+  }
+};
+
 template <typename acc_t>
 struct RowGrad {
   acc_t loss = 0;

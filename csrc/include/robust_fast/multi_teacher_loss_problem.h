@@ -24,7 +24,8 @@ struct LossProblem {
   int64_t teacher_stride_k = 0, teacher_stride_b = 0;
   LossKind kind = LossKind::kCosine;
   double temperature = 1.0;
-  at::Tensor coef;           // (B, K) contiguous, accumulation dtype: gradient scale per row
+  at::Tensor coef;           // (B, K) contiguous, accumulation dtype: gradient scale per row,
+  double uniform_coef = 0;   // or, when coef is undefined, every row's scale
   at::Tensor row_losses;     // (B, K) contiguous, accumulation dtype, or undefined
   at::Tensor grad_student;   // contiguous, the student's shape and dtype, or undefined
   at::Tensor grad_teachers;  // (K, B, D) contiguous, the teachers' dtype, or undefined
@@ -37,6 +38,13 @@ LossKind parse_loss_kind(c10::string_view kind);
 
 LossProblem make_loss_problem(const at::Tensor& student, const at::Tensor& teachers,
                               c10::string_view kind, double temperature);
+
+// The kernels' view of coef / uniform_coef.
+template <typename acc_t>
+RowCoefs<acc_t> row_coefs(const LossProblem& p) {
+  return {p.coef.defined() ? p.coef.const_data_ptr<acc_t>() : nullptr,
+          static_cast<acc_t>(p.uniform_coef)};
+}
 
 using LossKernel = void (*)(const LossProblem&);
 
