@@ -613,6 +613,20 @@ void shared_sample_vec(const LossProblem& p, int64_t b, const T* student, const 
   }
 }
 
+// How far ahead of the rows being summed the pipelined sweep asks for rows, into L2: at least
+// this many bytes of each stream. The hardware prefetchers alone keep too few lines of the
+// G + 1 streams in flight: 12% faster from cold caches on a Zen 4 VM (16 to 64 KB alike; a
+// prefetch into L1 gained nothing).
+constexpr int64_t kPrefetchBytes = 16 << 10;
+
+inline void prefetch_to_l2(const void* address) {
+#if defined(__GNUC__)
+  __builtin_prefetch(address, /*rw=*/0, /*locality=*/2);  // prefetcht1
+#else
+  (void)address;
+#endif
+}
+
 // Samples first..last-1 of a shared student against K <= kGroup frozen teachers, software
 // pipelined: the sweep that writes sample b's gradient (from its rows, in cache since its sums
 // were taken) also takes the sums of sample b + 1, whose rows stream in from memory meanwhile.
@@ -639,7 +653,9 @@ void shared_samples_pipelined(const LossProblem& p, int64_t first, int64_t last,
       if (rows != nullptr) rows[b * K + j] = x.g[j].loss;
     }
   };
-  Sample current, next;
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
+  const int64_t ahead = std::max<int64_t>(1, (kPrefetchBytes + row_bytes - 1) / row_bytes);
+  Sample current, next, later;
   locate(first, current);
   {
     GroupSums<Kind, T, G> acc;
@@ -655,10 +671,16 @@ void shared_samples_pipelined(const LossProblem& p, int64_t first, int64_t last,
       break;
     }
     locate(b + 1, next);
+    const bool prefetch = b + 1 + ahead < last;
+    if (prefetch) locate(b + 1 + ahead, later);
     GroupSums<Kind, T, G> acc;
     int64_t i = 0;
     for (; i + W <= n; i += W) {
       const auto load = [&](const T* row) { return Vec<T>::loadu(row + i); };
+      if (prefetch) {
+        prefetch_to_l2(later.s + i);
+        for (int j = 0; j < G; ++j) prefetch_to_l2(later.t[j] + i);
+      }
       acc.add(load, next.s, next.t);
       store_row_step<T>(grad.add(Vec<T>(T(0)), load(current.s), load, current.t), gs + i, stream);
     }
