@@ -1,9 +1,12 @@
 // CPU kernels of the multi-teacher loss: at::parallel_for over samples; for each sample, each
-// teacher's row in two passes (the sums, then the gradient) while the row is in the core's
-// cache. The gradient of a shared (B, D) student sums over its teachers in an accumulation-dtype
-// buffer before its one write. float and double rows run on at::vec::Vectorized (the widest
-// vectors the ISA flags of setup.py allow; exp from ATen's vectorized math); half and bfloat16
-// rows on scalar loops in float, sums kept in kLanes independent accumulators.
+// teacher's row in two passes (the sums, then the gradient). The gradient of a shared (B, D)
+// student sums over its teachers in an accumulation-dtype buffer before its one write. With
+// frozen teachers (at most kGroup) the passes are pipelined across samples: the sweep that
+// writes a sample's gradient from cache takes the next sample's sums from memory. Sweeps
+// prefetch the rows of a later sample into L2. float and double rows run on
+// at::vec::Vectorized (the widest vectors the ISA flags of setup.py allow; exp from ATen's
+// vectorized math); half and bfloat16 rows on scalar loops in float, sums kept in kLanes
+// independent accumulators.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
