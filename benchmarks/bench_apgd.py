@@ -23,8 +23,6 @@ quiet machine only. Speed-ups are "baseline median / this median" (> 1: this is 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -284,26 +282,15 @@ def _panels(rows) -> List[Dict[str, object]]:
 
 
 def parse_args(argv: Optional[Sequence[str]]):
-    parser = argparse.ArgumentParser(prog="bench_apgd", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes (not numbers to quote)")
+    parser = harness.bench_parser("apgd", __doc__.split("\n\n")[0], devices=False, compile_baseline=False)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    harness.add_output_arguments(parser, "apgd")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(args.parts) - set(PARTS)
-    if unknown:
-        parser.error(f"unknown parts: {sorted(unknown)}")
-    if args.save_reference and args.quick:
-        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
-    return args
+    return harness.parse_bench_args(parser, argv, parts=PARTS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line (also `robust-fast bench apgd ...`): 0, or 1 when --save-reference
     was refused because the machine was busy."""
-    payload = run(argv)
-    return 1 if payload["reference_refused"] else 0
+    return harness.exit_status(run(argv))
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -313,10 +300,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
 def _run(args) -> Dict[str, object]:
     config = QUICK if args.quick else FULL
-    name = args.name or "apgd" + ("_quick" if args.quick else "")
-    notes: List[str] = []
-    if args.quick:
-        notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
+    name = harness.results_name(args, "apgd")
+    notes = harness.opening_notes(args)
     busy = harness.note_if_busy("when the run started", notes)
     rows: List[Dict[str, object]] = []
     durations: Dict[str, float] = {}
@@ -360,12 +345,7 @@ def _run(args) -> Dict[str, object]:
                                   out_dir=out_dir, notes=notes,
                                   extra={"durations_s": durations, "summary": summary},
                                   panels=_panels(rows), title=f"robust_fast APGD benchmark (cpu, torch {torch.__version__})")
-    log(f"results: {', '.join(paths.values())}  ({durations['total']:.0f} s in all)")
-    with open(paths["json"]) as f:
-        payload = json.load(f)
-    payload["paths"] = paths
-    payload["reference_refused"] = refused
-    return payload
+    return harness.finish_run(paths, refused, durations["total"])
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ Speed-ups are "baseline median / this median" (> 1: this is faster).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -291,25 +289,15 @@ COLUMNS = [("network", "network", None), ("mode", "mode", None), ("impl", "impl"
 
 
 def parse_args(argv: Optional[Sequence[str]]):
-    parser = argparse.ArgumentParser(prog="bench_ibp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes (not numbers to quote)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    harness.add_output_arguments(parser, "ibp")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser = harness.bench_parser("ibp", __doc__.split("\n\n")[0])
     parser.add_argument("--networks", nargs="*", choices=sorted(NETWORKS), default=None)
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    if args.save_reference and args.quick:
-        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    return args
+    return harness.parse_bench_args(parser, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line (also `robust-fast bench ibp ...`): runs the benchmark, returns 0."""
-    run(argv)
-    return 0
+    """The command line (also `robust-fast bench ibp ...`): runs the benchmark; returns 0, or 1
+    when --save-reference was refused because the machine was busy."""
+    return harness.exit_status(run(argv))
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -322,15 +310,11 @@ def _run(args) -> Dict[str, object]:
     if args.networks:
         config["networks"] = list(args.networks)
     device = args.device
-    name = args.name or "ibp" + ("_cuda" if device == "cuda" else "") + ("_quick" if args.quick else "")
-    notes: List[str] = []
-    if args.quick:
-        notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
+    name = harness.results_name(args, "ibp")
+    notes = harness.opening_notes(args)
     if device == "cpu":
         notes.append("the Triton backend is not timed on CPU: there it runs only in Triton's "
                      "interpreter; it is timed with --device cuda")
-    if args.no_compile:
-        notes.append("torch.compile baseline skipped (--no-compile)")
     busy = harness.note_if_busy("when the run started", notes)
     begin = time.perf_counter()
     log(f"bench_ibp on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -354,14 +338,7 @@ def _run(args) -> Dict[str, object]:
                                    "this time / one plain forward pass; vs_limit = two plain passes' time / "
                                    "this time (1.0 would reach the limit)"},
         panels=_panels(rows), title=f"robust_fast interval_bounds ({device}, torch {torch.__version__})")
-    log(f"results: {', '.join(paths.values())}  ({durations['total']:.0f} s in all)")
-    if refused:
-        harness.warn(f"--save-reference refused: the machine was busy, so {harness.REFERENCE_DIR} "
-                     "was left as it was; rerun on a quiet machine")
-    with open(paths["json"]) as f:
-        payload = json.load(f)
-    payload["paths"] = paths
-    return payload
+    return harness.finish_run(paths, refused, durations["total"])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Python starts) or --threads 1 tame the noise.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -489,33 +488,18 @@ def _summary(rows) -> Dict[str, object]:
 
 
 def parse_args(argv: Optional[Sequence[str]]):
-    parser = argparse.ArgumentParser(prog="bench_pgd", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: small shapes, few repeats, a tiny model (results not for quoting)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = harness.bench_parser(
+        "pgd", __doc__.split("\n\n")[0],
+        quick_help="smoke run: small shapes, few repeats, a tiny model (results not for quoting)")
     parser.add_argument("--parts", default="step,attack,early_stop",
                         help="comma-separated subset of step,attack,early_stop")
-    harness.add_output_arguments(parser, "pgd")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"step", "attack", "early_stop"}
-    if unknown:
-        parser.error(f"unknown parts: {sorted(unknown)}")
-    args.parts = parts
-    if args.save_reference and args.quick:
-        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    return args
+    return harness.parse_bench_args(parser, argv, parts=("step", "attack", "early_stop"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line (also `robust-fast bench pgd ...`): runs the benchmark; returns 0, or
     1 when --save-reference was refused because the machine was busy."""
-    payload = run(argv)
-    return 1 if payload["reference_refused"] else 0
+    return harness.exit_status(run(argv))
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -527,10 +511,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 def _run(args) -> Dict[str, object]:
     config = QUICK if args.quick else FULL
     device = args.device
-    name = args.name or "pgd" + ("_cuda" if device == "cuda" else "") + ("_quick" if args.quick else "")
-    notes: List[str] = []
-    if args.quick:
-        notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
+    name = harness.results_name(args, "pgd")
+    notes = harness.opening_notes(args, compile_note=False)  # the step part notes its own
     busy = harness.note_if_busy("when the run started", notes)
     rows: List[Dict[str, object]] = []
     durations: Dict[str, float] = {}
@@ -592,15 +574,7 @@ def _run(args) -> Dict[str, object]:
                                    "2 each). On write-allocate caches a copy also reads its "
                                    "destination, so an op writing 1 of 4 can exceed 1.0"},
         panels=_panels(rows), title=f"robust_fast PGD benchmark ({device}, torch {torch.__version__})")
-    log(f"results: {', '.join(paths.values())}  ({durations['total']:.0f} s in all)")
-    if refused:
-        harness.warn(f"--save-reference refused: the machine was busy, so {harness.REFERENCE_DIR} was left "
-             "as it was; rerun on a quiet machine")
-    with open(paths["json"]) as f:
-        payload = json.load(f)
-    payload["paths"] = paths
-    payload["reference_refused"] = refused
-    return payload
+    return harness.finish_run(paths, refused, durations["total"])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Results
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -309,6 +310,75 @@ def add_output_arguments(parser, stem: str) -> None:
                        help=f"write the committed reference results ({os.path.relpath(REFERENCE_DIR)}) "
                             "that the README quotes; refused with --quick, kept local on a busy machine")
     parser.add_argument("--name", default=None, help=f"results file stem (default {stem}[_cuda][_quick])")
+
+
+def bench_parser(stem: str, description: str, *, devices: bool = True, compile_baseline: bool = True,
+                 quick_help: str = "smoke run: tiny sizes (not numbers to quote)") -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick, --device cpu|cuda (devices), the output
+    options, --no-compile (compile_baseline) and --threads. A benchmark adds its own, then
+    calls parse_bench_args."""
+    parser = argparse.ArgumentParser(prog=f"bench_{stem}", description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if devices:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_output_arguments(parser, stem)
+    if compile_baseline:
+        parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], *,
+                     parts: Optional[Sequence[str]] = None):
+    """The arguments, checked: --parts a comma-separated subset of parts (when given; the list
+    replaces the string), no --save-reference with --quick, --device cuda only with a GPU."""
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    if parts is not None:
+        args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        unknown = set(args.parts) - set(parts)
+        if unknown:
+            parser.error(f"unknown parts: {sorted(unknown)}")
+    if args.save_reference and args.quick:
+        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def results_name(args, stem: str) -> str:
+    """--name, or stem[_cuda][_quick]."""
+    cuda = getattr(args, "device", "cpu") == "cuda"
+    return args.name or stem + ("_cuda" if cuda else "") + ("_quick" if args.quick else "")
+
+
+def opening_notes(args, *, compile_note: bool = True) -> List[str]:
+    """The notes a run starts with: a --quick run's figures are not to be quoted, and (unless
+    the benchmark says so per part) a skipped torch.compile baseline."""
+    notes = []
+    if args.quick:
+        notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
+    if compile_note and getattr(args, "no_compile", False):
+        notes.append("torch.compile baseline skipped (--no-compile)")
+    return notes
+
+
+def finish_run(paths: Dict[str, str], refused: bool, seconds: float) -> Dict[str, object]:
+    """After write_results: says where the results went (and that --save-reference was refused,
+    if it was); returns the stored payload plus "paths" and "reference_refused"."""
+    print(f"results: {', '.join(paths.values())}  ({seconds:.0f} s in all)", flush=True)
+    if refused:
+        warn(f"--save-reference refused: the machine was busy, so {REFERENCE_DIR} was left as it "
+             "was; rerun on a quiet machine")
+    with open(paths["json"]) as f:
+        payload = json.load(f)
+    payload["paths"] = paths
+    payload["reference_refused"] = refused
+    return payload
+
+
+def exit_status(payload: Dict[str, object]) -> int:
+    """A benchmark's command-line status: 1 when --save-reference was refused, else 0."""
+    return 1 if payload.get("reference_refused") else 0
 
 
 def results_folder(args, busy_notes: Sequence[Optional[str]], notes: List[str]):
