@@ -34,10 +34,6 @@ _nvtx = nvtx_for_tools()
 _DOMAIN = "robust_fast"
 
 
-def _torch_profiler_enabled() -> bool:
-    return _autograd_profiler._is_profiler_enabled
-
-
 class op_range:
     """with op_range("pgd_step"): ... opens robust_fast::pgd_step for NVTX and torch.profiler."""
 
@@ -51,14 +47,15 @@ class op_range:
     def __enter__(self):
         # Nothing listening, nothing to open: the usual case returns before asking whether
         # torch.compile traces (which costs more than the rest of this, from cold caches).
-        if _nvtx is None and not _autograd_profiler._is_profiler_enabled:
+        profiling = _autograd_profiler._is_profiler_enabled
+        if _nvtx is None and not profiling:
             return self
         if torch.compiler.is_compiling():
             return self
         if _nvtx is not None:
             _nvtx.push_range(self.name, domain=_DOMAIN)
             self._pushed = True
-        if _torch_profiler_enabled():
+        if profiling:
             self._record = torch.profiler.record_function(self.name)
             self._record.__enter__()
         return self

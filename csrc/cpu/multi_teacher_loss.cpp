@@ -589,19 +589,13 @@ void write_group_grads(const T* s, const T* const* t, int64_t n, const RowGrad<T
 }
 
 template <LossKind Kind, typename T, int G>
-void group_sums(const T* s, const T* const* t, int64_t n, RowSums<T>* out, const T* later_s,
-                const T* const* later_t) {
-  GroupSums<Kind, T, G> acc;
-  acc.add_rows(s, t, 0, n, later_s, later_t);
-  acc.finish(out);
-}
-
-template <LossKind Kind, typename T, int G>
 void shared_group_vec(const T* s, const T* const* t, int64_t n, const T* coef, T* rows, T* grad_s,
                       bool accumulate, bool accumulate_later, T* const* grad_t, const T* later_s,
                       const T* const* later_t) {
+  GroupSums<Kind, T, G> acc;
+  acc.add_rows(s, t, 0, n, later_s, later_t);
   RowSums<T> sums[G];
-  group_sums<Kind, T, G>(s, t, n, sums, later_s, later_t);
+  acc.finish(sums);
   RowGrad<T> g[G];
   for (int j = 0; j < G; ++j) {
     g[j] = finalize<Kind, T>(sums[j], coef[j], n);
@@ -689,11 +683,11 @@ void shared_samples_pipelined(const LossProblem& p, int64_t first, int64_t last,
   for (int64_t b = first; b < last; ++b) {
     T* gs = grad_student + b * n;
     const bool stream = reinterpret_cast<uintptr_t>(gs) % sizeof(Vec<T>) == 0;
-    const GroupStudentGrad<Kind, T, G> grad(current.g);
-    if (b + 1 == last) {
+    if (b + 1 == last) {  // nothing left to take the sums of
       write_group_grads<Kind, T, G, false>(current.s, current.t, n, current.g, gs, false, stream, nullptr);
       break;
     }
+    const GroupStudentGrad<Kind, T, G> grad(current.g);
     locate(b + 1, next);
     const bool prefetch = b + 1 + ahead < last;
     if (prefetch) locate(b + 1 + ahead, later);
