@@ -13,17 +13,16 @@
 (c) auto_attack (APGD-CE, APGD-T, Square) of 1000 test images: its time, each attack's time
     and how many samples each fooled.
 
-    python benchmarks/bench_apgd.py [--quick] [--parts step,attacks,auto] [--threads N]
-                                    [--out DIR | --save-reference]
-    robust-fast bench apgd [same arguments]
+    robust-fast bench apgd [--quick] [--parts step,attacks,auto] [--threads N]
+                           [--out DIR | --save-reference]
 
 Results: apgd.json + apgd.png (apgd_quick.* with --quick) in --out DIR, by default
-benchmarks/results/local/ (ignored by git); --save-reference writes benchmarks/results/ on a
-quiet machine only. Speed-ups are "baseline median / this median" (> 1: this is faster).
+benchmarks/results/local/ (ignored by git; see harness.py); --save-reference writes the
+committed benchmarks/results/ of a source checkout, on a quiet machine only. Speed-ups are
+"baseline median / this median" (> 1: this is faster).
 """
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -31,31 +30,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-try:
-    import robust_fast  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH
-    sys.path.insert(0, os.path.dirname(_HERE))
-if __package__:
-    from . import harness
-    from .bench_pgd import trained_model
-else:
-    if _HERE not in sys.path:
-        sys.path.insert(0, _HERE)
-    import harness
-    from bench_pgd import trained_model
+import robust_fast
+from robust_fast import _build, attacks, data
+from robust_fast.benchmarks import harness
+from robust_fast.benchmarks.bench_pgd import trained_model
+from robust_fast.reference.apgd import apgd_step_reference
 
-import robust_fast  # noqa: E402
-from robust_fast import _build, attacks, data  # noqa: E402
-from robust_fast.reference.apgd import apgd_step_reference  # noqa: E402
-
-try:
-    import torchattacks
-except Exception as exc:  # the peer library is optional: its rows are left empty
-    torchattacks = None
-    _TORCHATTACKS_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    _TORCHATTACKS_ERROR = None
+torchattacks, TORCHATTACKS_ERROR = harness.optional_import("torchattacks")
 
 # The model of bench_pgd's early-stop evaluation (the same cache entry).
 MODEL = {"n_train": 20000, "epochs": 3, "eps": 0.1, "alpha": 0.025, "steps": 7,
@@ -78,10 +59,6 @@ QUICK = {  # a smoke run: every code path, tiny sizes
              "batch_size": 8, "seed": 0},
 }
 PARTS = ("step", "attacks", "auto")
-
-
-def log(message: str = "") -> None:
-    print(message, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +157,7 @@ def bench_attacks(config, notes, durations) -> List[Dict[str, object]]:
         candidates["torchattacks.APGD"] = lambda: robust_accuracy(apgd_ta(x, y))
         candidates["torchattacks.APGDT"] = lambda: robust_accuracy(apgdt_ta(x, y))
     else:
-        notes.append(f"attacks: torchattacks not importable ({_TORCHATTACKS_ERROR})")
+        notes.append(f"attacks: torchattacks not importable ({TORCHATTACKS_ERROR})")
     pgd_accuracy = robust_accuracy(attacks.pgd(model, x, y, eps=eps, alpha=settings["pgd_alpha"],
                                                steps=settings["pgd_steps"],
                                                generator=torch.Generator().manual_seed(seed)))
@@ -281,39 +258,15 @@ def _panels(rows) -> List[Dict[str, object]]:
     return panels
 
 
-def parse_args(argv: Optional[Sequence[str]]):
-    parser = harness.bench_parser("apgd", __doc__.split("\n\n")[0], devices=False, compile_baseline=False)
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    return harness.parse_bench_args(parser, argv, parts=PARTS)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line (also `robust-fast bench apgd ...`): 0, or 1 when --save-reference
-    was refused because the machine was busy."""
-    return harness.exit_status(run(argv))
-
-
-def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    args = parse_args(argv)
-    return harness.run_with_threads(args.threads, lambda: _run(args))
-
-
-def _run(args) -> Dict[str, object]:
-    config = QUICK if args.quick else FULL
-    name = harness.results_name(args, "apgd")
-    notes = harness.opening_notes(args)
-    busy = harness.note_if_busy("when the run started", notes)
+def bench(run: harness.Run) -> List[Dict[str, object]]:
+    config, notes, durations, log = run.config, run.notes, run.durations, harness.log
     rows: List[Dict[str, object]] = []
-    durations: Dict[str, float] = {}
-    begin = time.perf_counter()
-    log(f"bench_apgd on cpu, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        f"{' (quick)' if args.quick else ''}")
-    if "step" in args.parts:
+    if "step" in run.parts:
         log("(a) apgd_step, in place")
         step_rows = bench_step(config["step"], notes)
         rows += step_rows
         log(harness.format_table(step_rows, STEP_COLUMNS))
-    if "attacks" in args.parts:
+    if "attacks" in run.parts:
         log("(b) APGD and APGD-T against torchattacks")
         attack_rows = bench_attacks(config, notes, durations)
         rows += attack_rows
@@ -323,7 +276,7 @@ def _run(args) -> Dict[str, object]:
                 f"{first['clean_accuracy']:.2%}, PGD-{config['attacks']['pgd_steps']} {first['pgd20_robust_accuracy']:.2%}; "
                 f"forward+backward {first['forward_backward_ms_per_image']:.3f} ms per image")
             log(harness.format_table(attack_rows, ATTACK_COLUMNS))
-    if "auto" in args.parts:
+    if "auto" in run.parts:
         log("(c) auto_attack")
         auto_rows = bench_auto(config, notes, durations)
         rows += auto_rows
@@ -332,21 +285,23 @@ def _run(args) -> Dict[str, object]:
                 f"(clean {r['clean_accuracy']:.2%}) in {r['total_s']:.1f} s")
             log("    seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
             log("    fooled by: " + ", ".join(f"{k} {v}" for k, v in r["fooled"].items()))
-    durations["total"] = time.perf_counter() - begin
-    busy_at_end = harness.note_if_busy("when the run ended", notes, own_threads=torch.get_num_threads())
-    out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
-    for note in notes:
-        log(f"note: {note}")
-    summary = {f"{r['part']} {r['impl']}" + (f" {r['norm']}" if "norm" in r else ""):
-               {k: r.get(k) for k in ("median_ms", "vs_torchattacks", "vs_eager", "robust_accuracy",
-                                      "total_s", "seconds", "fooled") if r.get(k) is not None}
-               for r in rows if r["impl"].startswith(("robust_fast", "cpp"))}
-    paths = harness.write_results(name, rows, settings={"quick": args.quick, "parts": args.parts, **config},
-                                  out_dir=out_dir, notes=notes,
-                                  extra={"durations_s": durations, "summary": summary},
-                                  panels=_panels(rows), title=f"robust_fast APGD benchmark (cpu, torch {torch.__version__})")
-    return harness.finish_run(paths, refused, durations["total"])
+    return rows
+
+
+def _summary(rows) -> Dict[str, object]:
+    return {f"{r['part']} {r['impl']}" + (f" {r['norm']}" if "norm" in r else ""):
+            {k: r.get(k) for k in ("median_ms", "vs_torchattacks", "vs_eager", "robust_accuracy",
+                                   "total_s", "seconds", "fooled") if r.get(k) is not None}
+            for r in rows if r["impl"].startswith(("robust_fast", "cpp"))}
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """`robust-fast bench apgd [argv]`: returns the stored payload plus "paths" (json, png)."""
+    return harness.run_benchmarks(
+        bench, name="apgd", description=__doc__, argv=argv, full=FULL, quick=QUICK, parts=PARTS,
+        devices=False, compile_baseline=False, summary=_summary, panels=_panels,
+        title="robust_fast APGD benchmark")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(harness.main(run))

@@ -16,10 +16,10 @@ call against 4 calls. On CPU each candidate's time inside the vendor's products 
 matrix products, from torch's profiler) is recorded too, and with it the speed-up over the eager
 reference that removing everything else would give.
 
-    python benchmarks/bench_ibp.py [--quick] [--device cpu|cuda] [--out DIR] [--no-compile] [--threads N]
-    robust-fast bench ibp [same arguments]
+    robust-fast bench ibp [--quick] [--device cpu|cuda] [--networks small medium cifar]
+                          [--out DIR | --save-reference] [--no-compile] [--threads N]
 
-Results: benchmarks/results/ibp.json + .png (_cuda, _quick suffixes as for pgd).
+Results: ibp.json + .png (_cuda, _quick suffixes as for pgd), where harness.py says.
 Speed-ups are "baseline median / this median" (> 1: this is faster).
 """
 from __future__ import annotations
@@ -34,22 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-try:
-    import robust_fast  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH
-    sys.path.insert(0, os.path.dirname(_HERE))
-if __package__:
-    from . import harness
-else:
-    if _HERE not in sys.path:
-        sys.path.insert(0, _HERE)
-    import harness
-
-import robust_fast  # noqa: E402
-from robust_fast import _build  # noqa: E402
-from robust_fast.certify import interval_bounds  # noqa: E402
-from robust_fast.models import SmallCNN  # noqa: E402
+from robust_fast import _build
+from robust_fast.benchmarks import harness
+from robust_fast.certify import interval_bounds
+from robust_fast.models import SmallCNN
 
 
 def ibp_small(in_channels=1, size=28, classes=10) -> nn.Sequential:
@@ -77,10 +65,6 @@ NETWORKS = {
 FULL = {"networks": ["small", "medium", "cifar"], "batch": 128, "rounds": 3, "min_run_time": 1.5, "min_runs": 15}
 QUICK = {"networks": ["small"], "batch": 8, "rounds": 1, "min_run_time": 0.02, "min_runs": 3}
 EPS_BATCH = 4
-
-
-def log(message: str = "") -> None:
-    print(message, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +128,7 @@ def products_ms(fn, calls: int = 3) -> Optional[float]:
     return total_us / 1e3 / calls
 
 
-def bench_network(name, config, device, use_compile, notes) -> List[Dict[str, object]]:
+def bench_network(name, config, device, use_compile) -> List[Dict[str, object]]:
     make, shape, eps = NETWORKS[name]
     torch.manual_seed(0)
     model = make().to(device).eval()
@@ -246,7 +230,7 @@ def bench_network(name, config, device, use_compile, notes) -> List[Dict[str, ob
                          "device": device, "impl": f"{impl} ({backend})", "median_ms": s["median_ms"],
                          "iqr_ms": s["iqr_ms"], "min_ms": s["min_ms"], "samples": s["samples"],
                          "vs_separate_calls": harness.ratio(calls_ms, s["median_ms"])})
-    log(f"  {name}: done")
+    harness.log(f"  {name}: done")
     return rows
 
 
@@ -288,58 +272,27 @@ COLUMNS = [("network", "network", None), ("mode", "mode", None), ("impl", "impl"
            ("max|diff|", "max_abs_diff_vs_eager", ".1e")]
 
 
-def parse_args(argv: Optional[Sequence[str]]):
-    parser = harness.bench_parser("ibp", __doc__.split("\n\n")[0])
-    parser.add_argument("--networks", nargs="*", choices=sorted(NETWORKS), default=None)
-    return harness.parse_bench_args(parser, argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line (also `robust-fast bench ibp ...`): runs the benchmark; returns 0, or 1
-    when --save-reference was refused because the machine was busy."""
-    return harness.exit_status(run(argv))
+def bench(run: harness.Run) -> List[Dict[str, object]]:
+    if run.args.networks:
+        run.config["networks"] = list(run.args.networks)
+    rows: List[Dict[str, object]] = []
+    for network in run.config["networks"]:
+        rows += bench_network(network, run.config, run.device, run.compile)
+    return rows
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    args = parse_args(argv)
-    return harness.run_with_threads(args.threads, lambda: _run(args))
-
-
-def _run(args) -> Dict[str, object]:
-    config = dict(QUICK if args.quick else FULL)
-    if args.networks:
-        config["networks"] = list(args.networks)
-    device = args.device
-    name = harness.results_name(args, "ibp")
-    notes = harness.opening_notes(args)
-    if device == "cpu":
-        notes.append("the Triton backend is not timed on CPU: there it runs only in Triton's "
-                     "interpreter; it is timed with --device cuda")
-    busy = harness.note_if_busy("when the run started", notes)
-    begin = time.perf_counter()
-    log(f"bench_ibp on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        f"{' (quick)' if args.quick else ''}")
-    rows: List[Dict[str, object]] = []
-    for network in config["networks"]:
-        rows += bench_network(network, config, device, not args.no_compile, notes)
-    torch._dynamo.reset()
-    log(harness.format_table(rows, COLUMNS))
-    durations = {"total": time.perf_counter() - begin}
-    busy_at_end = harness.note_if_busy("when the run ended", notes, own_threads=torch.get_num_threads())
-    out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
-    for note in notes:
-        log(f"note: {note}")
-    settings = {"quick": args.quick, "device": device, "compile": not args.no_compile, "dtype": "float32",
-                **config}
-    paths = harness.write_results(
-        name, rows, settings=settings, out_dir=out_dir, notes=notes,
-        extra={"durations_s": durations, "summary": _summary(rows),
-               "ratio_definition": "speed-up = baseline median time / this median time; times_one_forward = "
-                                   "this time / one plain forward pass; vs_limit = two plain passes' time / "
-                                   "this time (1.0 would reach the limit)"},
-        panels=_panels(rows), title=f"robust_fast interval_bounds ({device}, torch {torch.__version__})")
-    return harness.finish_run(paths, refused, durations["total"])
+    """`robust-fast bench ibp [argv]`: returns the stored payload plus "paths" (json, png)."""
+    return harness.run_benchmarks(
+        bench, name="ibp", description=__doc__, argv=argv, full=FULL, quick=QUICK,
+        add_arguments=lambda parser: parser.add_argument("--networks", nargs="*", choices=sorted(NETWORKS),
+                                                         default=None),
+        settings=lambda run: {"dtype": "float32", **run.config}, summary=_summary, panels=_panels,
+        columns=COLUMNS, title="robust_fast interval_bounds",
+        ratio_definition="speed-up = baseline median time / this median time; times_one_forward = "
+                         "this time / one plain forward pass; vs_limit = two plain passes' time / "
+                         "this time (1.0 would reach the limit)")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(harness.main(run))

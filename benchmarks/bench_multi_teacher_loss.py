@@ -16,17 +16,15 @@ A case whose forward + backward bytes exceed the CPU's last-level cache is timed
 every call, untimed), so that neither the op nor the copy is served from the cache by the call
 before it.
 
-    python benchmarks/bench_multi_teacher_loss.py [--quick] [--device cpu|cuda] [--out DIR]
-                                                  [--no-compile] [--threads N]
-    robust-fast bench loss [same arguments]
+    robust-fast bench loss [--quick] [--device cpu|cuda] [--out DIR | --save-reference]
+                           [--no-compile] [--threads N]
 
-Results: benchmarks/results/multi_teacher_loss.json + .png (_cuda, _quick suffixes as for pgd).
+Results: multi_teacher_loss.json + .png (_cuda, _quick suffixes as for pgd), where harness.py says.
 Speed-ups are "baseline median / this median" (> 1: this is faster).
 """
 from __future__ import annotations
 
 import math
-import os
 try:
     import resource  # Unix: minor page faults per call
 except ImportError:  # pragma: no cover
@@ -38,20 +36,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-try:
-    import robust_fast  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH
-    sys.path.insert(0, os.path.dirname(_HERE))
-if __package__:
-    from . import harness
-else:
-    if _HERE not in sys.path:
-        sys.path.insert(0, _HERE)
-    import harness
-
-import robust_fast  # noqa: E402
-from robust_fast import _build  # noqa: E402
+import robust_fast
+from robust_fast import _build
+from robust_fast.benchmarks import harness
 
 # (kind, batch, dim, teachers, student sliced per teacher)
 CASES = [
@@ -68,10 +55,6 @@ QUICK = {"cases": [("cosine", 16, 32, 3, False), ("kl", 16, 10, 2, True)],
 MODES = ("forward+backward", "forward")
 OP_DIRECT = "cpp op alone (no autograd)"
 COPY_AND_AUTOGRAD = "copy + a 4-element autograd.grad"
-
-
-def log(message: str = "") -> None:
-    print(message, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +111,7 @@ def minor_faults_per_call(candidates: Dict[str, object], rounds: int = 10) -> Di
     return {name: count / rounds for name, count in counts.items()}
 
 
-def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, object]]:
+def bench_case(case, config, device, use_compile) -> List[Dict[str, object]]:
     kind, batch, dim, count, sliced = case
     student, teachers, separate = _inputs(kind, batch, dim, count, sliced, device)
     loop = eager_loop(kind)
@@ -223,7 +206,7 @@ def bench_case(case, config, device, use_compile, notes) -> List[Dict[str, objec
                 "compile_s": compile_s if name.startswith("torch.compile") else None,
             })
         del src, dst
-    log(f"  {kind} B={batch} D={dim} K={count}: done")
+    harness.log(f"  {kind} B={batch} D={dim} K={count}: done")
     return rows
 
 
@@ -271,60 +254,31 @@ COLUMNS = [("case", "case", None), ("mode", "mode", None), ("impl", "impl", None
            ("max|diff|", "max_abs_diff_vs_eager", ".1e")]
 
 
-def parse_args(argv: Optional[Sequence[str]]):
-    parser = harness.bench_parser("multi_teacher_loss", __doc__.split("\n\n")[0])
-    return harness.parse_bench_args(parser, argv)
+def bench(run: harness.Run) -> List[Dict[str, object]]:
+    rows: List[Dict[str, object]] = []
+    for case in run.config["cases"]:
+        rows += bench_case(case, run.config, run.device, run.compile)
+    for r in rows:
+        r["case"] = _label(r)
+    return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line (also `robust-fast bench loss ...`): runs the benchmark; returns 0, or
-    1 when --save-reference was refused because the machine was busy."""
-    return harness.exit_status(run(argv))
+def _settings(run: harness.Run) -> Dict[str, object]:
+    cases = [dict(zip(("kind", "batch", "dim", "teachers", "sliced_student"), c)) for c in run.config["cases"]]
+    return {"dtype": "float32", "cases": cases, **{k: v for k, v in run.config.items() if k != "cases"}}
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    args = parse_args(argv)
-    return harness.run_with_threads(args.threads, lambda: _run(args))
-
-
-def _run(args) -> Dict[str, object]:
-    config = QUICK if args.quick else FULL
-    device = args.device
-    name = harness.results_name(args, "multi_teacher_loss")
-    notes = harness.opening_notes(args)
-    if device == "cpu":
-        notes.append("the Triton backend is not timed on CPU: there it runs only in Triton's "
-                     "interpreter; it is timed with --device cuda")
-    busy = harness.note_if_busy("when the run started", notes)
-    begin = time.perf_counter()
-    log(f"bench_multi_teacher_loss on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        f"{' (quick)' if args.quick else ''}")
-    rows: List[Dict[str, object]] = []
-    for case in config["cases"]:
-        rows += bench_case(case, config, device, not args.no_compile, notes)
-    torch._dynamo.reset()
-    for r in rows:
-        r["case"] = _label(r)
-    log(harness.format_table(rows, COLUMNS))
-    durations = {"total": time.perf_counter() - begin}
-    busy_at_end = harness.note_if_busy("when the run ended", notes, own_threads=torch.get_num_threads())
-    out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
-    for note in notes:
-        log(f"note: {note}")
-    settings = {"quick": args.quick, "device": device, "compile": not args.no_compile, "dtype": "float32",
-                "cases": [dict(zip(("kind", "batch", "dim", "teachers", "sliced_student"), c))
-                          for c in config["cases"]],
-                **{k: v for k, v in config.items() if k != "cases"}}
-    paths = harness.write_results(
-        name, rows, settings=settings, out_dir=out_dir, notes=notes,
-        extra={"durations_s": durations, "summary": _summary(rows),
-               "ratio_definition": "speed-up = baseline median time / this median time; "
-                                   "fraction_of_copy = time of a copy moving the op's bytes (reads of the "
-                                   "student and K teachers, plus the student gradient's write in "
-                                   "forward+backward) / this time"},
-        panels=_panels(rows), title=f"robust_fast multi_teacher_loss ({device}, torch {torch.__version__})")
-    return harness.finish_run(paths, refused, durations["total"])
+    """`robust-fast bench loss [argv]`: returns the stored payload plus "paths" (json, png)."""
+    return harness.run_benchmarks(
+        bench, name="multi_teacher_loss", description=__doc__, argv=argv, full=FULL, quick=QUICK,
+        settings=_settings, summary=_summary, panels=_panels, columns=COLUMNS,
+        title="robust_fast multi_teacher_loss",
+        ratio_definition="speed-up = baseline median time / this median time; "
+                         "fraction_of_copy = time of a copy moving the op's bytes (reads of the "
+                         "student and K teachers, plus the student gradient's write in "
+                         "forward+backward) / this time")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(harness.main(run))

@@ -10,12 +10,13 @@
     robust accuracy under PGD-20 with robust_fast.attacks.pgd(early_stop=True) against
     torchattacks.PGD: time ratio and both robust accuracies.
 
-    python benchmarks/bench_pgd.py [--quick] [--device cpu|cuda] [--parts step,attack,early_stop]
-                                   [--out DIR | --save-reference] [--no-compile] [--threads N]
+    robust-fast bench pgd [--quick] [--device cpu|cuda] [--parts step,attack,early_stop]
+                          [--out DIR | --save-reference] [--no-compile] [--threads N]
 
 Results: pgd.json + pgd.png (pgd_cuda.* on CUDA, pgd_quick.* with --quick) in --out DIR, by
-default benchmarks/results/local/ (ignored by git). --save-reference writes the committed
-benchmarks/results/ instead, which the README quotes; only a full run on a quiet machine may.
+default benchmarks/results/local/ (ignored by git; see harness.py). --save-reference writes the
+committed benchmarks/results/ of a source checkout instead, which the README quotes; only a full
+run on a quiet machine may.
 Speed-ups are "baseline median / this median" (> 1: this is faster).
 
 Run it on a quiet machine. With other processes on the cores, PyTorch's OpenMP workers spin
@@ -37,32 +38,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-try:
-    import robust_fast  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH
-    sys.path.insert(0, os.path.dirname(_HERE))
-if __package__:
-    from . import harness
-else:
-    if _HERE not in sys.path:
-        sys.path.insert(0, _HERE)
-    import harness
+import robust_fast
+from robust_fast import _build, data
+from robust_fast.attacks import pgd
+from robust_fast.benchmarks import harness
+from robust_fast.models import SmallCNN
+from robust_fast.reference.pgd import pgd_step_reference
+from robust_fast.train import accuracy, adversarial_train
 
-import robust_fast  # noqa: E402
-from robust_fast import _build, data  # noqa: E402
-from robust_fast.attacks import pgd  # noqa: E402
-from robust_fast.models import SmallCNN  # noqa: E402
-from robust_fast.reference.pgd import pgd_step_reference  # noqa: E402
-from robust_fast.train import accuracy, adversarial_train  # noqa: E402
-
-try:
-    import torchattacks
-except Exception as exc:  # the peer library is optional: its rows are left empty
-    torchattacks = None
-    _TORCHATTACKS_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    _TORCHATTACKS_ERROR = None
+torchattacks, TORCHATTACKS_ERROR = harness.optional_import("torchattacks")
 
 STEP_SHAPES = [(128, 3, 32, 32), (256, 3, 64, 64), (64, 3, 224, 224)]
 STEP_SETTINGS = {"linf": {"eps": 8 / 255, "alpha": 2 / 255}, "l2": {"eps": 0.5, "alpha": 0.1}}
@@ -85,10 +69,6 @@ QUICK = {  # a smoke run: every code path, tiny sizes
     "eval": {"n_eval": 64, "eps": 0.1, "alpha": 0.025, "steps": 5, "batch_size": 32, "seed": 1},
     "eval_timing": {"rounds": 1, "min_run_time": 0.0, "min_runs": 1, "warmup_runs": 1, "warmup_time": 0.0},
 }
-
-
-def log(message: str = "") -> None:
-    print(message, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,14 +120,8 @@ def bench_step(config, device, use_compile, notes) -> List[Dict[str, object]]:
     triton_reason = _build.triton_unavailable_reason(device)
     if cpp_reason:
         notes.append(f"pgd_step: cpp backend not timed: {cpp_reason}")
-    if device == "cpu":
-        notes.append("pgd_step: the Triton backend is not timed on CPU: there it runs only in "
-                     "Triton's interpreter (TRITON_INTERPRET=1), a correctness tool orders of "
-                     "magnitude slower than any kernel; it is timed with --device cuda.")
-    elif triton_reason:
+    if device != "cpu" and triton_reason:
         notes.append(f"pgd_step: triton backend not timed: {triton_reason}")
-    if not use_compile:
-        notes.append("pgd_step: torch.compile baseline skipped (--no-compile)")
     for shape in config["step_shapes"]:
         numel = 1
         for size in shape:
@@ -213,7 +187,7 @@ def bench_step(config, device, use_compile, notes) -> List[Dict[str, object]]:
                     "max_abs_diff_vs_eager": max_diff.get(name),
                     "compile_s": compile_s if name == "torch.compile(reference)" else None,
                 })
-            log(f"  pgd_step {norm} {'x'.join(map(str, shape))}: done")
+            harness.log(f"  pgd_step {norm} {'x'.join(map(str, shape))}: done")
         del src, dst
     torch._dynamo.reset()
     return rows
@@ -270,7 +244,7 @@ def trained_model(settings: Dict[str, object], device: str):
 
     def keep(line: str) -> None:
         lines.append(line)
-        log("    " + line)
+        harness.log("    " + line)
 
     start = time.perf_counter()
     adversarial_train(model, x, y, epochs=settings["epochs"], eps=settings["eps"],
@@ -317,7 +291,7 @@ def bench_attack(config, device, notes) -> List[Dict[str, object]]:
         ours, theirs = candidates["robust_fast.attacks.pgd"](), run_torchattacks()
         identical = float((ours - theirs).abs().max())
     else:
-        notes.append(f"pgd_attack: torchattacks not importable ({_TORCHATTACKS_ERROR})")
+        notes.append(f"pgd_attack: torchattacks not importable ({TORCHATTACKS_ERROR})")
     timing = config["attack_timing"]
     stats = harness.compare(candidates, device=device, **timing)
     # The step alone at this shape, to say how much of the attack it is.
@@ -392,7 +366,7 @@ def bench_early_stop(config, device, notes, durations) -> List[Dict[str, object]
             return robust_correct(attack)
         candidates["torchattacks.PGD"] = run_torchattacks
     else:
-        notes.append(f"early_stop_eval: torchattacks not importable ({_TORCHATTACKS_ERROR})")
+        notes.append(f"early_stop_eval: torchattacks not importable ({TORCHATTACKS_ERROR})")
     start = time.perf_counter()
     stats = harness.compare(candidates, device=device, **config["eval_timing"])
     durations["early_stop_eval"] = time.perf_counter() - start
@@ -487,48 +461,18 @@ def _summary(rows) -> Dict[str, object]:
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]]):
-    parser = harness.bench_parser(
-        "pgd", __doc__.split("\n\n")[0],
-        quick_help="smoke run: small shapes, few repeats, a tiny model (results not for quoting)")
-    parser.add_argument("--parts", default="step,attack,early_stop",
-                        help="comma-separated subset of step,attack,early_stop")
-    return harness.parse_bench_args(parser, argv, parts=("step", "attack", "early_stop"))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line (also `robust-fast bench pgd ...`): runs the benchmark; returns 0, or
-    1 when --save-reference was refused because the machine was busy."""
-    return harness.exit_status(run(argv))
-
-
-def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Runs the benchmark; returns the stored payload plus "paths" (json, png)."""
-    args = parse_args(argv)
-    return harness.run_with_threads(args.threads, lambda: _run(args))
-
-
-def _run(args) -> Dict[str, object]:
-    config = QUICK if args.quick else FULL
-    device = args.device
-    name = harness.results_name(args, "pgd")
-    notes = harness.opening_notes(args, compile_note=False)  # the step part notes its own
-    busy = harness.note_if_busy("when the run started", notes)
+def bench(run: harness.Run) -> List[Dict[str, object]]:
+    config, device, notes, durations, log = run.config, run.device, run.notes, run.durations, harness.log
     rows: List[Dict[str, object]] = []
-    durations: Dict[str, float] = {}
-    begin = time.perf_counter()
-    log(f"bench_pgd on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-        f"{' (quick)' if args.quick else ''}")
-
-    if "step" in args.parts:
+    if "step" in run.parts:
         log("(a) pgd_step")
         start = time.perf_counter()
-        step_rows = bench_step(config, device, not args.no_compile, notes)
+        step_rows = bench_step(config, device, run.compile, notes)
         durations["pgd_step"] = time.perf_counter() - start
         rows += step_rows
         log(harness.format_table(step_rows, STEP_COLUMNS))
         log(f"    ({durations['pgd_step']:.0f} s)")
-    if "attack" in args.parts:
+    if "attack" in run.parts:
         log("(b) PGD-10 attack on SmallCNN")
         start = time.perf_counter()
         attack_rows = bench_attack(config, device, notes)
@@ -540,7 +484,7 @@ def _run(args) -> Dict[str, object]:
             f"max |ours - torchattacks| = {first['max_abs_diff_vs_torchattacks']}")
         log(harness.format_table(attack_rows, ATTACK_COLUMNS))
         log(f"    ({durations['pgd_attack']:.0f} s)")
-    if "early_stop" in args.parts:
+    if "early_stop" in run.parts:
         log("(c) early-stop evaluation (PGD-20) of an adversarially trained SmallCNN")
         start = time.perf_counter()
         eval_rows = bench_early_stop(config, device, notes, durations)
@@ -556,26 +500,23 @@ def _run(args) -> Dict[str, object]:
                 f"{eval_rows[0]['alpha']}, {eval_rows[0]['steps']} steps, random start, seed {eval_rows[0]['seed']}")
             log(harness.format_table(eval_rows, EVAL_COLUMNS))
         log(f"    ({durations['early_stop']:.0f} s)")
-    durations["total"] = time.perf_counter() - begin
-    busy_at_end = harness.note_if_busy("when the run ended", notes, own_threads=torch.get_num_threads())
-    out_dir, refused = harness.results_folder(args, (busy, busy_at_end), notes)
-    for note in notes:
-        log(f"note: {note}")
-    settings = {"quick": args.quick, "device": device, "parts": args.parts,
-                "compile": not args.no_compile, "dtype": "float32",
-                "step_settings": STEP_SETTINGS, **{k: v for k, v in config.items()}}
-    summary = _summary(rows)
-    paths = harness.write_results(
-        name, rows, settings=settings, out_dir=out_dir, notes=notes,
-        extra={"durations_s": durations, "summary": summary,
-               "ratio_definition": "speed-up = baseline median time / this median time; "
-                                   "fraction_of_copy = copy time / this time for the same bytes "
-                                   "(4 tensor-sizes: 3 reads + 1 write; the copy reads and writes "
-                                   "2 each). On write-allocate caches a copy also reads its "
-                                   "destination, so an op writing 1 of 4 can exceed 1.0"},
-        panels=_panels(rows), title=f"robust_fast PGD benchmark ({device}, torch {torch.__version__})")
-    return harness.finish_run(paths, refused, durations["total"])
+    return rows
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """`robust-fast bench pgd [argv]`: returns the stored payload plus "paths" (json, png)."""
+    return harness.run_benchmarks(
+        bench, name="pgd", description=__doc__, argv=argv, full=FULL, quick=QUICK,
+        parts=("step", "attack", "early_stop"),
+        quick_help="smoke run: small shapes, few repeats, a tiny model (results not for quoting)",
+        settings=lambda run: {"dtype": "float32", "step_settings": STEP_SETTINGS, **run.config},
+        summary=_summary, panels=_panels, title="robust_fast PGD benchmark",
+        ratio_definition="speed-up = baseline median time / this median time; "
+                         "fraction_of_copy = copy time / this time for the same bytes "
+                         "(4 tensor-sizes: 3 reads + 1 write; the copy reads and writes "
+                         "2 each). On write-allocate caches a copy also reads its "
+                         "destination, so an op writing 1 of 4 can exceed 1.0")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(harness.main(run))

@@ -1,4 +1,15 @@
-"""Shared pieces of the benchmarks: timing (median), the machine stamp, JSON + PNG results.
+"""The benchmarks' harness: it owns the run, the script says what to time.
+
+A script (bench_<family>.py) defines its cases, its candidates and its own options, and hands
+them to run_benchmarks(), which owns everything that is the same for every benchmark:
+
+  the command line  --quick (the QUICK sizes instead of FULL), --device cpu|cuda, --out DIR |
+                    --save-reference, --name, --no-compile, --threads, --parts, and the checks
+                    (no --save-reference with --quick, --device cuda only with a GPU)
+  the run           torch's thread count (restored afterwards), the opening notes, the header
+                    line, the quiet-machine check at the start and the end, the durations
+  the results       <out>/<name>.json (rows, settings, the machine stamp, notes, summary) and
+                    <name>.png (the script's bar panels); the exit status (main())
 
 Timing
   CPU:  torch.utils.benchmark.Timer.blocked_autorange (warm-up, block size chosen so timer
@@ -9,18 +20,20 @@ Timing
   compare() measures several candidates in interleaved rounds, so a noisy neighbour hurts
   all of them alike and the ratios of one run stay fair.
 
-Results
-  <out_dir>/<name>.json: {"benchmark", "machine", "settings", "rows", "notes", ...}, overwritten
-  on each run; write_results() also draws <name>.png next to it from the caller's bar groups.
-  By default out_dir is benchmarks/results/local/ (ignored by git). The committed figures in
-  benchmarks/results/ (REFERENCE_DIR) are written only by an explicit reference run on a quiet
-  machine (bench_pgd.py --save-reference).
+Where results go
+  In a source checkout (or an editable install) this file sits in benchmarks/, next to the
+  committed reference figures in benchmarks/results/ (REFERENCE_DIR); a run writes
+  benchmarks/results/local/ (ignored by git) unless --out DIR. Only --save-reference on a quiet
+  machine writes REFERENCE_DIR. Installed from a wheel there is no reference folder: a run
+  writes ./benchmarks/results/local/ under the current directory, or --out DIR.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
+import importlib
 import json
 import math
 import os
@@ -28,14 +41,233 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 import timeit
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils import benchmark as torch_benchmark
 
-REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # committed
-LOCAL_RESULTS_DIR = os.path.join(REFERENCE_DIR, "local")  # every other run; git ignores it
+import robust_fast
+from robust_fast import _build
+
+Row = Dict[str, object]
+
+_HERE = os.path.dirname(os.path.realpath(__file__))
+_COMMITTED = os.path.join(_HERE, "results")
+# The committed reference figures, where this is a source checkout; None when installed.
+REFERENCE_DIR: Optional[str] = _COMMITTED if os.path.isdir(_COMMITTED) else None
+# Every other run (git ignores it): next to the reference, else under the current directory.
+LOCAL_RESULTS_DIR = os.path.join(REFERENCE_DIR or os.path.join(os.getcwd(), "benchmarks", "results"), "local")
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+@dataclass
+class Run:
+    """One run of a benchmark, as the script's bench function sees it."""
+    args: argparse.Namespace  # the parsed command line, the script's own options included
+    config: Dict[str, object]  # a copy of QUICK or FULL: this run's sizes and repetitions
+    notes: List[str] = field(default_factory=list)  # stored in the JSON, printed at the end
+    durations: Dict[str, float] = field(default_factory=dict)  # seconds per stage; "total" added
+
+    @property
+    def quick(self) -> bool:
+        return self.args.quick
+
+    @property
+    def device(self) -> str:
+        return getattr(self.args, "device", "cpu")
+
+    @property
+    def compile(self) -> bool:
+        """Whether the torch.compile baseline is timed (no --no-compile)."""
+        return not getattr(self.args, "no_compile", True)
+
+    @property
+    def parts(self) -> Optional[List[str]]:
+        return getattr(self.args, "parts", None)
+
+
+def run_benchmarks(bench: Callable[[Run], List[Row]], *, name: str, description: str,
+                   full: Dict[str, object], quick: Dict[str, object], title: str,
+                   argv: Optional[Sequence[str]] = None, devices: bool = True,
+                   compile_baseline: bool = True, parts: Optional[Sequence[str]] = None,
+                   quick_help: str = "smoke run: tiny sizes (not numbers to quote)",
+                   add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                   settings: Optional[Callable[[Run], Dict[str, object]]] = None,
+                   summary: Optional[Callable[[List[Row]], Dict[str, object]]] = None,
+                   panels: Optional[Callable[[List[Row]], List[Dict[str, object]]]] = None,
+                   columns: Optional[Sequence[tuple]] = None,
+                   ratio_definition: Optional[str] = None) -> Dict[str, object]:
+    """Parses argv (None: sys.argv[1:]), calls bench(run) with torch's thread count set, and
+    stores its rows as <name>[_cuda][_quick].json + .png; returns the stored payload plus
+    "paths" and "reference_refused".
+
+    name: the results' stem; description: the script's docstring (its first paragraph is the
+    --help text); full / quick: the sizes and repetitions of a reference and of a smoke run;
+    title: the plot's title, to which the device and torch version are added. devices: the
+    script takes --device; compile_baseline: it times torch.compile (--no-compile skips it);
+    parts: its parts, chosen by --parts; add_arguments: its own options. settings(run): what
+    the JSON stores after quick/device/parts/compile (default: the config); summary(rows),
+    panels(rows): the JSON's summary and the plot; columns: a table of every row printed at
+    the end (format_table); ratio_definition: stored as it is.
+    """
+    parser = _parser(name, description.strip().split("\n\n")[0], devices=devices,
+                     compile_baseline=compile_baseline, parts=parts, quick_help=quick_help)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = _parse(parser, argv, parts)
+    run = Run(args, copy.deepcopy(quick if args.quick else full), notes=_opening_notes(args))
+    before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:  # the machine stamp, written last, records the thread count of the run
+        busy = [note_if_busy("when the run started", run.notes)]
+        begin = time.perf_counter()
+        log(f"bench_{name} on {run.device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+            f"{' (quick)' if run.quick else ''}")
+        rows = bench(run)
+        if compile_baseline:
+            torch._dynamo.reset()  # compiled baselines hold their graphs and inputs
+        if columns is not None:
+            log(format_table(rows, columns))
+        run.durations["total"] = time.perf_counter() - begin
+        busy.append(note_if_busy("when the run ended", run.notes, own_threads=torch.get_num_threads()))
+        out_dir, refused = _results_folder(args, busy, run.notes)
+        for note in run.notes:
+            log(f"note: {note}")
+        stored = {"quick": args.quick, **{key: getattr(run, key) for key, shown in
+                                          (("device", devices), ("parts", parts is not None),
+                                           ("compile", compile_baseline)) if shown}}
+        stored.update(settings(run) if settings is not None else run.config)
+        extra: Dict[str, object] = {"durations_s": run.durations}
+        if summary is not None:
+            extra["summary"] = summary(rows)
+        if ratio_definition is not None:
+            extra["ratio_definition"] = ratio_definition
+        command = " ".join(["robust-fast", "bench", name] + list(sys.argv[1:] if argv is None else argv))
+        paths = write_results(_results_name(args, name), rows, settings=stored, out_dir=out_dir,
+                              notes=run.notes, extra=extra, command=command,
+                              panels=panels(rows) if panels is not None else (),
+                              title=f"{title} ({run.device}, torch {torch.__version__})")
+    finally:
+        torch.set_num_threads(before)
+    return _finish(paths, refused, run.durations["total"])
+
+
+def main(run: Callable[[Optional[Sequence[str]]], Dict[str, object]],
+         argv: Optional[Sequence[str]] = None) -> int:
+    """A script's command line (`robust-fast bench <name>` calls it too): run(argv); the exit
+    status is 1 when --save-reference was refused because the machine was busy, else 0."""
+    return 1 if run(argv).get("reference_refused") else 0
+
+
+def log(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def optional_import(module: str) -> Tuple[Optional[object], Optional[str]]:
+    """(the module, None), or (None, why not): a peer library whose rows are left empty when
+    it is missing."""
+    try:
+        return importlib.import_module(module), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _parser(stem: str, description: str, *, devices: bool, compile_baseline: bool,
+            parts: Optional[Sequence[str]], quick_help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"robust-fast bench {stem}", description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if devices:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    if parts is not None:
+        parser.add_argument("--parts", default=",".join(parts),
+                            help=f"comma-separated subset of {','.join(parts)}")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None,
+                       help=f"results folder (default {os.path.relpath(LOCAL_RESULTS_DIR)}, ignored by git)")
+    where.add_argument("--save-reference", action="store_true",
+                       help="write the committed reference results (benchmarks/results/ of a source "
+                            "checkout) that the README quotes; refused with --quick, kept local on a busy machine")
+    parser.add_argument("--name", default=None, help=f"results file stem (default {stem}[_cuda][_quick])")
+    if compile_baseline:
+        parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+           parts: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The arguments, checked: --parts a subset of parts (the list replaces the string), no
+    --save-reference with --quick or where there is no reference folder, --device cuda only
+    with a GPU."""
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    if parts is not None:
+        args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        unknown = set(args.parts) - set(parts)
+        if unknown:
+            parser.error(f"unknown parts: {sorted(unknown)}")
+    if args.save_reference and args.quick:
+        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
+    if args.save_reference and REFERENCE_DIR is None:
+        parser.error("--save-reference: the reference figures live in a source checkout's "
+                     "benchmarks/results/, and this installed copy has none; use --out DIR")
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def _results_name(args, stem: str) -> str:
+    """--name, or stem[_cuda][_quick]."""
+    cuda = getattr(args, "device", "cpu") == "cuda"
+    return args.name or stem + ("_cuda" if cuda else "") + ("_quick" if args.quick else "")
+
+
+def _opening_notes(args) -> List[str]:
+    notes = []
+    if args.quick:
+        notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
+    if getattr(args, "no_compile", False):
+        notes.append("torch.compile baseline skipped (--no-compile)")
+    if getattr(args, "device", None) == "cpu":
+        notes.append("the Triton backend is not timed on CPU: there it runs only in Triton's "
+                     "interpreter, a correctness tool orders of magnitude slower than any kernel; "
+                     "it is timed with --device cuda")
+    return notes
+
+
+def _results_folder(args, busy_notes: Sequence[Optional[str]], notes: List[str]):
+    """(out_dir, refused): the reference folder only for --save-reference on a quiet machine;
+    None (the local folder) otherwise."""
+    if not args.save_reference:
+        return args.out, False
+    refused = any(busy_notes)
+    if refused:
+        notes.append("--save-reference refused: the machine was busy")
+    return (None if refused else REFERENCE_DIR), refused
+
+
+def _finish(paths: Dict[str, str], refused: bool, seconds: float) -> Dict[str, object]:
+    """Says where the results went (and that --save-reference was refused, if it was); returns
+    the stored payload plus "paths" and "reference_refused"."""
+    print(f"results: {', '.join(paths.values())}  ({seconds:.0f} s in all)", flush=True)
+    if refused:
+        warn(f"--save-reference refused: the machine was busy, so {REFERENCE_DIR} was left as it "
+             "was; rerun on a quiet machine")
+    with open(paths["json"]) as f:
+        payload = json.load(f)
+    payload["paths"] = paths
+    payload["reference_refused"] = refused
+    return payload
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,8 +293,7 @@ def _cpu_samples(fn: Callable[[], object], min_run_time: float, min_runs: int,
         while sum(samples) < min_run_time or len(samples) < min_runs:
             samples.append(single.timeit(number=1))
         return samples
-    from torch.utils import benchmark
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     samples = list(measurement.times)  # seconds per call, one per block
     number = measurement.number_per_run
@@ -173,11 +404,6 @@ def summarize(samples: Sequence[float]) -> Dict[str, float]:
             "min_ms": ordered[0] * 1e3, "samples": len(ordered)}
 
 
-def measure(fn: Callable[[], object], *, device: str = "cpu", min_run_time: float = 0.5,
-            min_runs: int = 5) -> Dict[str, float]:
-    return summarize(time_samples(fn, device=device, min_run_time=min_run_time, min_runs=min_runs))
-
-
 def compare(candidates: Dict[str, Callable[[], object]], *, device: str = "cpu", rounds: int = 3,
             min_run_time: float = 0.5, min_runs: int = 5, warmup_time: float = 0.1,
             warmup_runs: int = 3, cold_cache: bool = False) -> Dict[str, Dict[str, object]]:
@@ -286,116 +512,10 @@ def note_if_busy(when: str, notes: List[str], own_threads: int = 0) -> Optional[
         warn(busy)
     return busy
 
-def run_with_threads(threads: Optional[int], run: Callable[[], Dict[str, object]]) -> Dict[str, object]:
-    """run() with torch's thread count set to `threads` (when given), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return run()
-    finally:
-        torch.set_num_threads(before)
-
-
-def warn(message: str) -> None:
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
-
-
-def add_output_arguments(parser, stem: str) -> None:
-    """--out DIR or --save-reference, the same for every benchmark."""
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default=None,
-                       help=f"results folder (default {os.path.relpath(LOCAL_RESULTS_DIR)}, ignored by git)")
-    where.add_argument("--save-reference", action="store_true",
-                       help=f"write the committed reference results ({os.path.relpath(REFERENCE_DIR)}) "
-                            "that the README quotes; refused with --quick, kept local on a busy machine")
-    parser.add_argument("--name", default=None, help=f"results file stem (default {stem}[_cuda][_quick])")
-
-
-def bench_parser(stem: str, description: str, *, devices: bool = True, compile_baseline: bool = True,
-                 quick_help: str = "smoke run: tiny sizes (not numbers to quote)") -> argparse.ArgumentParser:
-    """The options every benchmark takes: --quick, --device cpu|cuda (devices), the output
-    options, --no-compile (compile_baseline) and --threads. A benchmark adds its own, then
-    calls parse_bench_args."""
-    parser = argparse.ArgumentParser(prog=f"bench_{stem}", description=description)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    if devices:
-        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    add_output_arguments(parser, stem)
-    if compile_baseline:
-        parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    return parser
-
-
-def parse_bench_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], *,
-                     parts: Optional[Sequence[str]] = None):
-    """The arguments, checked: --parts a comma-separated subset of parts (when given; the list
-    replaces the string), no --save-reference with --quick, --device cuda only with a GPU."""
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    if parts is not None:
-        args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-        unknown = set(args.parts) - set(parts)
-        if unknown:
-            parser.error(f"unknown parts: {sorted(unknown)}")
-    if args.save_reference and args.quick:
-        parser.error("--save-reference: a --quick run is a smoke test, not reference figures")
-    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
-    return args
-
-
-def results_name(args, stem: str) -> str:
-    """--name, or stem[_cuda][_quick]."""
-    cuda = getattr(args, "device", "cpu") == "cuda"
-    return args.name or stem + ("_cuda" if cuda else "") + ("_quick" if args.quick else "")
-
-
-def opening_notes(args, *, compile_note: bool = True) -> List[str]:
-    """The notes a run starts with: a --quick run's figures are not to be quoted, and (unless
-    the benchmark says so per part) a skipped torch.compile baseline."""
-    notes = []
-    if args.quick:
-        notes.append("--quick: smoke-run sizes and repeats; not numbers to quote")
-    if compile_note and getattr(args, "no_compile", False):
-        notes.append("torch.compile baseline skipped (--no-compile)")
-    return notes
-
-
-def finish_run(paths: Dict[str, str], refused: bool, seconds: float) -> Dict[str, object]:
-    """After write_results: says where the results went (and that --save-reference was refused,
-    if it was); returns the stored payload plus "paths" and "reference_refused"."""
-    print(f"results: {', '.join(paths.values())}  ({seconds:.0f} s in all)", flush=True)
-    if refused:
-        warn(f"--save-reference refused: the machine was busy, so {REFERENCE_DIR} was left as it "
-             "was; rerun on a quiet machine")
-    with open(paths["json"]) as f:
-        payload = json.load(f)
-    payload["paths"] = paths
-    payload["reference_refused"] = refused
-    return payload
-
-
-def exit_status(payload: Dict[str, object]) -> int:
-    """A benchmark's command-line status: 1 when --save-reference was refused, else 0."""
-    return 1 if payload.get("reference_refused") else 0
-
-
-def results_folder(args, busy_notes: Sequence[Optional[str]], notes: List[str]):
-    """(out_dir, refused): the reference folder only for --save-reference on a quiet machine;
-    None (the local folder) otherwise."""
-    if not getattr(args, "save_reference", False):
-        return args.out, False
-    refused = any(busy_notes)
-    if refused:
-        notes.append("--save-reference refused: the machine was busy")
-    return (None if refused else REFERENCE_DIR), refused
-
 
 def machine_info() -> Dict[str, object]:
     """What ran the benchmark (no hostname): CPU, cores, memory, GPU, versions, threads, the
     robust_fast backends usable here (or why not), and the date."""
-    from robust_fast import _build
     backends = {}
     for device in ("cpu", "cuda"):
         backends[device] = {
@@ -427,12 +547,8 @@ def machine_info() -> Dict[str, object]:
         "robust_fast_backends": backends,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "robust_fast": robust_fast.__version__,
     }
-    try:
-        import robust_fast
-        info["robust_fast"] = robust_fast.__version__
-    except Exception:
-        info["robust_fast"] = None
     return info
 
 
@@ -511,14 +627,14 @@ def bar_plot(path: str, panels: Sequence[Dict[str, object]], title: str) -> Opti
 
 
 def write_results(name: str, rows: List[Dict[str, object]], *, settings: Dict[str, object],
-                  out_dir: Optional[str] = None, notes: Sequence[str] = (),
+                  command: str, out_dir: Optional[str] = None, notes: Sequence[str] = (),
                   extra: Optional[Dict[str, object]] = None,
                   panels: Sequence[Dict[str, object]] = (), title: Optional[str] = None) -> Dict[str, str]:
     """<out_dir>/<name>.json (every row, the machine stamp, settings, notes) and <name>.png
     (the panels); returns their paths. out_dir defaults to the git-ignored local folder."""
     out_dir = out_dir or LOCAL_RESULTS_DIR
     payload = {"benchmark": name, "machine": machine_info(), "settings": settings,
-               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+               "command": command,
                "notes": list(notes), "rows": rows}
     if extra:
         payload.update(extra)

@@ -3,44 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import pkgutil
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-# Short names of benchmarks whose file is named after the op family.
+# Short names of benchmarks whose module is named after the op family.
 ALIASES = {"loss": "multi_teacher_loss"}
 
 
-def _benchmarks_dir() -> Path:
-    # The benchmarks live in the source tree, not in the installed package: next to the package
-    # in an editable install, else the checkout the command is run from.
-    for folder in (BENCHMARKS_DIR, Path.cwd() / "benchmarks"):
-        if (folder / "harness.py").is_file():
-            return folder
-    return BENCHMARKS_DIR
-
-
 def _run_benchmark(name: str, argv: List[str]) -> int:
-    benchmarks = _benchmarks_dir()
-    script = benchmarks / f"bench_{ALIASES.get(name, name)}.py"
-    if not script.is_file():
-        available = sorted(p.stem[len("bench_"):] for p in benchmarks.glob("bench_*.py"))
-        where = f"available: {', '.join(available)}" if available else \
-            "no benchmarks/ folder next to the package or in the current directory; run it from a source checkout"
-        print(f"robust-fast bench: unknown benchmark {name!r} ({where})", file=sys.stderr)
+    # The benchmarks ship with the package (benchmarks/ installs as robust_fast.benchmarks), so
+    # this works from an installed copy as from a checkout. Loaded only for this command.
+    from robust_fast import benchmarks
+    from robust_fast.benchmarks import harness
+    available = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(benchmarks.__path__)
+                       if m.name.startswith("bench_"))
+    stem = ALIASES.get(name, name)
+    if stem not in available:
+        names = available + [f"{alias} (= {target})" for alias, target in ALIASES.items()]
+        print(f"robust-fast bench: unknown benchmark {name!r} (available: {', '.join(names)})", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location(f"robust_fast_bench_{name}", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(benchmarks))  # the scripts share benchmarks/harness.py
-    try:
-        spec.loader.exec_module(module)
-        return int(module.main(argv) or 0)
-    finally:
-        sys.path.remove(str(benchmarks))
+    module = importlib.import_module(f"robust_fast.benchmarks.bench_{stem}")
+    return harness.main(module.run, argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,8 +33,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, and which backend can run where")
     bench = commands.add_parser(
-        "bench", help="run a benchmark from benchmarks/ (pgd, loss, ibp, apgd); results go to "
-                      "benchmarks/results/local/ unless --out DIR or --save-reference")
+        "bench", help="run a benchmark (pgd, loss, ibp, apgd); results go to benchmarks/results/local/ "
+                      "(of the checkout, else of the current directory) unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
     from robust_fast.demo import add_demo_parser

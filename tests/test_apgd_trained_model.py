@@ -2,32 +2,20 @@
 torchattacks at the same steps on the same 256 test images. The model is the one the PGD and
 APGD benchmarks train and cache (robust-fast bench pgd / apgd); without it the test trains
 it once (about a minute on 2 cores) and caches it."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from robust_fast import attacks, data
+from robust_fast.benchmarks import bench_apgd, bench_pgd
 
 torchattacks = pytest.importorskip("torchattacks")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def trained():
     if not data.available():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-    bench_pgd = load_module("bench_pgd")
-    settings = load_module("bench_apgd").MODEL
-    model, _ = bench_pgd.trained_model(settings, "cpu")
+    model, _ = bench_pgd.trained_model(bench_apgd.MODEL, "cpu")
     x, y = data.load_fashion_mnist("test", limit=256)
     return model.eval(), x, y
 

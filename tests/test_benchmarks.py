@@ -1,21 +1,16 @@
-"""Smoke test of benchmarks/bench_pgd.py: every part runs in --quick mode and the JSON holds
-the expected fields; `robust-fast bench pgd` reaches it. No timing is asserted: speed is never
-a test."""
-import importlib.util
+"""Smoke test of benchmarks/bench_pgd.py (robust_fast.benchmarks.bench_pgd) and the harness
+that runs it: every part runs in --quick mode and the JSON holds the expected fields; `robust-fast
+bench pgd` reaches it. No timing is asserted: speed is never a test."""
+import importlib
 import json
 import os
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pgd", os.path.join(ROOT, "benchmarks", "bench_pgd.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("robust_fast.benchmarks.bench_pgd")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ def quick_run(tmp_path_factory):
             os.environ.pop("ROBUST_FAST_CACHE", None)
         else:
             os.environ["ROBUST_FAST_CACHE"] = saved_cache
-    assert torch.get_num_threads() == threads  # main restores the thread count
+    assert torch.get_num_threads() == threads  # the harness restores the thread count
     return out, payload
 
 
@@ -158,14 +153,14 @@ STEP_ONLY = ["--parts", "step", "--no-compile", "--threads", "1"]
 
 def test_results_go_to_the_local_folder_by_default(bench_dirs):
     bench, reference, local, _ = bench_dirs
-    assert bench.main(["--quick"] + STEP_ONLY) == 0
+    assert bench.harness.main(bench.run, ["--quick"] + STEP_ONLY) == 0
     assert (local / "pgd_quick.json").is_file()
     assert (reference / "pgd.json").read_text() == "committed\n"
 
 
 def test_save_reference_on_a_quiet_machine(bench_dirs):
     bench, reference, local, _ = bench_dirs
-    assert bench.main(["--save-reference"] + STEP_ONLY) == 0
+    assert bench.harness.main(bench.run, ["--save-reference"] + STEP_ONLY) == 0
     with open(reference / "pgd.json") as f:
         assert json.load(f)["benchmark"] == "pgd"
     assert not local.exists()
@@ -174,7 +169,7 @@ def test_save_reference_on_a_quiet_machine(bench_dirs):
 def test_busy_machine_never_overwrites_the_reference(bench_dirs, capsys):
     bench, reference, local, load = bench_dirs
     load[:] = [99.0, 99.0, 99.0]
-    assert bench.main(["--save-reference"] + STEP_ONLY) == 1
+    assert bench.harness.main(bench.run, ["--save-reference"] + STEP_ONLY) == 1
     assert (reference / "pgd.json").read_text() == "committed\n"
     with open(local / "pgd.json") as f:
         notes = json.load(f)["notes"]
@@ -187,7 +182,7 @@ def test_save_reference_refuses_quick_and_out(bench_dirs):
     bench = bench_dirs[0]
     for argv in (["--save-reference", "--quick"], ["--save-reference", "--out", "x"]):
         with pytest.raises(SystemExit):
-            bench.parse_args(argv)
+            bench.run(argv)
 
 
 def test_busy_warning_threshold(monkeypatch):

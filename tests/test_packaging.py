@@ -29,12 +29,12 @@ def test_build_system_and_metadata():
 
 def test_every_subpackage_is_listed():
     settings = pyproject()["tool"]["setuptools"]
-    found = {"robust_fast.kernels"}
+    found = {"robust_fast.kernels", "robust_fast.benchmarks"}
     for folder, _, files in os.walk(os.path.join(ROOT, "robust_fast")):
         if "__init__.py" in files:
             found.add(os.path.relpath(folder, ROOT).replace(os.sep, "."))
     assert set(settings["packages"]) == found
-    assert settings["package-dir"] == {"robust_fast.kernels": "kernels"}
+    assert settings["package-dir"] == {"robust_fast.kernels": "kernels", "robust_fast.benchmarks": "benchmarks"}
 
 
 def test_setup_py_only_builds_the_extension():
