@@ -1,5 +1,6 @@
 """APGD, APGD-T, Square and auto_attack: the schedule and the halving rule against the paper's
 formulas, per-sample trajectories, the invariants of an attack, side effects, bad input."""
+import importlib
 import math
 
 import pytest
@@ -8,9 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_fast import attacks
-from robust_fast.apgd import (checkpoint_fractions, checkpoints, dlr_loss, halving_mask, margin,
-                              random_start, targeted_dlr_loss)
-from robust_fast.square import p_selection, window_side
+from robust_fast.attacks.apgd import (checkpoint_fractions, checkpoints, dlr_loss, halving_mask, margin,
+                                      random_start, targeted_dlr_loss)
+from robust_fast.attacks.square import p_selection, window_side
+
+# The module itself: the package's attribute attacks.apgd is the function.
+apgd_module = importlib.import_module("robust_fast.attacks.apgd")
 
 
 def small_model(seed=0, in_channels=1, batchnorm=False):
@@ -188,8 +192,7 @@ def test_attacks_leave_parameters_inputs_and_modes_alone():
 def test_reads_back_from_the_device_only_at_checkpoints(monkeypatch):
     """Each bool() of a tensor is a host synchronisation on a GPU: count them in the loop, under
     the policy of a device where reading back is not free."""
-    import robust_fast.apgd
-    monkeypatch.setattr(robust_fast.apgd, "reads_back_for_free", lambda device: False)
+    monkeypatch.setattr(apgd_module, "reads_back_for_free", lambda device: False)
     model, (x, _) = small_model(seed=4), batch(16, seed=5)
     y = correct_labels(model, x)
     calls = []

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from robust_fast import attacks
-from robust_fast.apgd import margin
-from robust_fast.square import _l2_candidate, _l2_start, centred_pattern, update_pattern
+from robust_fast.attacks.apgd import margin
+from robust_fast.attacks.square import _l2_candidate, _l2_start, centred_pattern, update_pattern
 
 
 def gen(seed=0):

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
+from robust_fast.attacks._common import check_attack_arguments, chunks, clean_predictions
 from robust_fast.ops.apgd import apply_apgd_step
-from robust_fast._checks import check_clip
 
 LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # the weight of the new step after the first (the paper's alpha)
@@ -227,48 +227,6 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 # the attacks
 
-def _check_common(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, caller):
-    if not isinstance(model, torch.nn.Module) and not callable(model):
-        raise TypeError(f"{caller}: model must be an nn.Module or a callable, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{caller}: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() < 2:
-        raise ValueError(f"{caller}: x must have a batch dimension and a sample shape, got {tuple(x.shape)}")
-    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64:
-        raise TypeError(f"{caller}: y must be an int64 tensor of class labels, got {getattr(y, 'dtype', type(y).__name__)}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"{caller}: y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"{caller}: y must be on x's device {x.device}, got {y.device}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= float(eps) < math.inf:
-        raise ValueError(f"{caller}: eps must be a finite float >= 0, got {eps!r}")
-    norm = norm.lower() if isinstance(norm, str) else norm
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"{caller}: norm must be 'linf' or 'l2', got {norm!r}")
-    for name, value, least in (("steps", steps, 0), ("restarts", restarts, 1)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{caller}: {name} must be an int, got {type(value).__name__}")
-        if value < least:
-            raise ValueError(f"{caller}: {name} must be >= {least}, got {value}")
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 <= float(rho) <= 1:
-        raise ValueError(f"{caller}: rho must be a float in [0, 1], got {rho!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-                                   or batch_size < 1):
-        raise ValueError(f"{caller}: batch_size must be None or an int >= 1, got {batch_size!r}")
-    return float(eps), norm, check_clip(clip, caller=caller)
-
-
-def _chunks(n: int, batch_size: Optional[int]):
-    size = n if batch_size is None else batch_size
-    for begin in range(0, n, max(size, 1)):
-        yield slice(begin, min(n, begin + size))
-
-
-def _clean_predictions(model, x: torch.Tensor, batch_size: Optional[int]) -> torch.Tensor:
-    return torch.cat([model(x[rows]).argmax(dim=1) for rows in _chunks(x.shape[0], batch_size)]) \
-        if x.shape[0] else torch.zeros(0, dtype=torch.int64, device=x.device)
-
-
 def _starts(x, eps, norm, clip, generator, restarts):
     """Every restart's start for every sample, drawn up front: a sample's draws do not depend
     on which samples it is attacked with."""
@@ -288,7 +246,7 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm:
     a GPU at the next checkpoint); the result is the same. batch_size: at most this many samples go through the model at once. The model runs
     in eval mode; every module's mode and the parameters' .grad are left as they were.
     """
-    eps, norm, clip = _check_common(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgd")
+    eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgd")
     if loss not in LOSSES:
         raise ValueError(f"apgd: loss must be one of {LOSSES}, got {loss!r}")
     x = x.detach()
@@ -297,7 +255,7 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm:
             _check_classes(model, x[:1], 3, "apgd: the DLR loss")
         starts = _starts(x, eps, norm, clip, generator, restarts)
         x_adv = x.clone()
-        for rows in _chunks(x.shape[0], batch_size):
+        for rows in chunks(x.shape[0], batch_size):
             x_adv[rows] = _apgd_chunk(model, x[rows], y[rows], [s[rows] for s in starts], eps=eps,
                                       norm=norm, steps=steps, loss=loss, rho=float(rho),
                                       early_stop=early_stop, clip=clip, backend=backend)
@@ -315,7 +273,7 @@ def _check_classes(model, x_one: torch.Tensor, least: int, what: str) -> int:
 
 def _apgd_chunk(model, x, y, starts, *, eps, norm, steps, loss, rho, early_stop, clip, backend):
     result = x.clone()
-    attack = _clean_predictions(model, x, None) == y  # still robust: the ones to attack
+    attack = clean_predictions(model, x, None) == y  # still robust: the ones to attack
     best_loss = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
     for start in starts:
         index = attack.nonzero().squeeze(1)
@@ -341,7 +299,7 @@ def apgdt(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm
     fooled the model, else the point of lowest margin z_y - max_{i != y} z_i over the targets.
     Other arguments as for apgd.
     """
-    eps, norm, clip = _check_common(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgdt")
+    eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgdt")
     if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, numbers.Integral) \
             or n_target_classes < 1:
         raise ValueError(f"apgdt: n_target_classes must be an int >= 1, got {n_target_classes!r}")
@@ -352,7 +310,7 @@ def apgdt(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm
         # One start per (target, restart) for every sample, drawn up front.
         starts = [_starts(x, eps, norm, clip, generator, restarts) for _ in range(n_targets)]
         x_adv = x.clone()
-        for rows in _chunks(x.shape[0], batch_size):
+        for rows in chunks(x.shape[0], batch_size):
             x_adv[rows] = _apgdt_chunk(model, x[rows], y[rows], [[s[rows] for s in per_target]
                                                                  for per_target in starts],
                                        eps=eps, norm=norm, steps=steps, rho=float(rho),

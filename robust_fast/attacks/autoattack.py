@@ -11,8 +11,9 @@ import torch
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.apgd import _check_common, _clean_predictions, apgd, apgdt
-from robust_fast.square import square
+from robust_fast.attacks._common import check_attack_arguments, clean_predictions
+from robust_fast.attacks.apgd import apgd, apgdt
+from robust_fast.attacks.square import square
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
 DEFAULT_ATTACKS = ("apgd-ce", "apgd-t", "square")
@@ -56,7 +57,7 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
     APGD-T's targets; n_queries: Square's budget.
     FAB-T, one of the standard AutoAttack's four attacks, is not included.
     """
-    eps, norm, clip = _check_common(model, x, y, eps, norm, steps, 1, 0.75, batch_size, clip, "auto_attack")
+    eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, 1, 0.75, batch_size, clip, "auto_attack")
     if isinstance(attacks, str) or not all(a in ATTACKS for a in attacks):
         raise ValueError(f"auto_attack: attacks must be a sequence of names from {ATTACKS}, got {attacks!r}")
     if norm == "l2" and eps <= 0 and "square" in attacks:
@@ -66,7 +67,7 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
     seconds: Dict[str, float] = {}
     with modules_in_mode(model, False), op_range("auto_attack"), torch.no_grad():
         start = time.perf_counter()
-        robust = _clean_predictions(model, x, batch_size) == y
+        robust = clean_predictions(model, x, batch_size) == y
         seconds["clean"] = _elapsed(start, x.device)
         fooled_by = torch.where(robust, -1, 0)
         x_adv = x.clone()
@@ -85,7 +86,7 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
                                   backend=backend, **common)
                 else:
                     found = square(model, xs, ys, n_queries=n_queries, **common)
-                fooled = _clean_predictions(model, found, batch_size) != ys
+                fooled = clean_predictions(model, found, batch_size) != ys
                 x_adv[index[fooled]] = found[fooled]
                 fooled_by[index[fooled]] = k
                 robust[index[fooled]] = False

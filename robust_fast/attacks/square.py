@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.apgd import _check_common, _chunks, margin
+from robust_fast.attacks._common import check_attack_arguments, chunks
+from robust_fast.attacks.apgd import margin
 
 SQUARE_LOSSES = ("margin", "ce")
 COMPACT_EVERY = 32      # queries between drops of fooled samples (each one a read back)
@@ -253,7 +254,7 @@ def square(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, nor
     to n_queries (else that of 10000 queries). generator: every random draw. For x inside the
     clip box every candidate is inside the box and the eps-ball (L-inf or L2) around x.
     """
-    eps, norm, clip = _check_common(model, x, y, eps, norm, 0, restarts, 0.5, batch_size, clip, "square")
+    eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, 0, restarts, 0.5, batch_size, clip, "square")
     if norm == "l2" and eps <= 0:
         raise ValueError(f"square: eps must be > 0 for norm='l2', got {eps!r}")
     if x.dim() != 4:
@@ -269,7 +270,7 @@ def square(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, nor
     x = x.detach()
     with modules_in_mode(model, False), op_range("square"), torch.no_grad():
         x_adv = x.clone()
-        for rows in _chunks(x.shape[0], batch_size):
+        for rows in chunks(x.shape[0], batch_size):
             xc, yc = x[rows], y[rows]
             result = xc.clone()
             robust = model(xc).argmax(dim=1) == yc
