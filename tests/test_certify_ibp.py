@@ -1,7 +1,8 @@
 """robust_fast.certify: bounds of whole networks (every supported layer kind, nested), their
 soundness against 10,000 sampled points per box and against PGD on each output, radius 0 against
 the forward pass, E radii and per-sample radii, margins with elision, certificates, certified
-accuracy, the IBP loss and schedules, a training step, and the errors for bad input."""
+accuracy, the IBP loss and schedules, and the errors for bad input (IBP training through the
+loop: test_train_ibp.py)."""
 import math
 
 import pytest
@@ -12,7 +13,6 @@ from torch import nn
 import robust_fast
 from robust_fast import certify as cert
 from robust_fast.certify import ibp as ibp_module
-from robust_fast.certify.training import ibp_train, ibp_train_step
 from robust_fast.layers import Normalize
 from robust_fast.models import SmallCNN
 from conftest import unavailable_reason
@@ -257,6 +257,10 @@ def test_ibp_loss_is_the_formula():
     torch.testing.assert_close(cert.ibp_loss(net, x, y, 0.05, 0.3), 0.3 * natural + 0.7 * robust)
     torch.testing.assert_close(cert.ibp_loss(net, x, y, 0.05, 1.0), natural)
     torch.testing.assert_close(cert.ibp_loss(net, x, y, 0.05, 0.0), robust)
+    for kappa in (0.0, 0.3, 1.0):  # a training loop's accuracy: the clean logits beside the loss
+        loss, logits = cert.ibp_loss(net, x, y, 0.05, kappa, return_logits=True)
+        torch.testing.assert_close(loss, cert.ibp_loss(net, x, y, 0.05, kappa))
+        torch.testing.assert_close(logits, net(x))
     loss = cert.ibp_loss(net, x, y, torch.full((6,), 0.05), 0.5)
     loss.backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
@@ -286,26 +290,6 @@ def test_schedules():
         cert.ramp_fraction(1, 0, 10, "cosine")
     with pytest.raises(ValueError, match="step"):
         cert.ramp_fraction(-1, 0, 10)
-
-
-def toy_data(n=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    images = (0.2 + 0.6 * labels.view(-1, 1, 1, 1) + 0.05 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
-    return images, labels
-
-
-def test_training_step_and_trainer_certify_a_separable_problem():
-    torch.manual_seed(0)
-    model = SmallCNN(in_channels=1, input_size=8, num_classes=2)
-    images, labels = toy_data()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    first = ibp_train_step(model, optimizer, images, labels, eps=0.05, kappa=0.5)
-    assert math.isfinite(first)
-    history = ibp_train(model, images, labels, epochs=6, eps_test=0.1, batch_size=32, lr=5e-3,
-                        warmup_epochs=1, ramp_epochs=2, test_data=toy_data(seed=1), log=None)
-    assert len(history) == 6 and history[-1]["eps"] == pytest.approx(0.11)
-    assert history[-1]["certified_accuracy"] >= 0.75   # untrained: about 0
 
 
 # --- extending, the Normalize layer, errors ----------------------------------------------------

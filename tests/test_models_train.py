@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from robust_fast.models import SmallCNN
-from robust_fast.train import accuracy, adversarial_train, robust_accuracy
+from robust_fast.train import TrainConfig, accuracy, robust_accuracy, train_pgd_at
+
+
+def pgd_at(model, images, labels, *, epochs, eps=0.1, steps=7, batch_size=128, lr=1e-3, seed=0):
+    """PGD adversarial training through the loop: Adam at a constant rate, no evaluation."""
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="adam", lr=lr, schedule="constant",
+                         seed=seed, eval_samples=0, progress=False)
+    return train_pgd_at(model, (images, labels), config, eps=eps, steps=steps)
 
 
 @pytest.mark.parametrize("in_channels, size", [(1, 28), (3, 32), (2, 9)])
@@ -34,10 +41,8 @@ def test_adversarial_training_learns_and_restores_modes():
     model = SmallCNN(in_channels=1, input_size=12, num_classes=2).eval()
     images, labels = toy_data()
     before = [p.detach().clone() for p in model.parameters()]
-    lines = []
-    adversarial_train(model, images, labels, epochs=3, eps=0.05, steps=2, batch_size=32, lr=1e-2,
-                      generator=torch.Generator().manual_seed(1), log=lines.append)
-    assert len(lines) == 3 and "epoch 3/3" in lines[-1]
+    result = pgd_at(model, images, labels, epochs=3, eps=0.05, steps=2, batch_size=32, lr=1e-2, seed=1)
+    assert len(result.history) == 3 and result.history[-1]["epoch"] == 3
     assert not model.training  # the mode it came in with
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     clean = accuracy(model, images, labels)
@@ -51,7 +56,7 @@ def test_early_stop_evaluation_is_never_weaker():
     torch.manual_seed(0)
     model = SmallCNN(in_channels=1, input_size=12, num_classes=2)
     images, labels = toy_data(seed=3)
-    adversarial_train(model, images, labels, epochs=2, eps=0.05, steps=2, lr=1e-2, log=None)
+    pgd_at(model, images, labels, epochs=2, eps=0.05, steps=2, lr=1e-2)
     settings = dict(eps=0.2, alpha=0.05, steps=10)
     with_stop = robust_accuracy(model, images, labels, early_stop=True,
                                 generator=torch.Generator().manual_seed(4), **settings)
@@ -63,8 +68,8 @@ def test_early_stop_evaluation_is_never_weaker():
 def test_bad_arguments():
     model, (images, labels) = SmallCNN(input_size=12, num_classes=2), toy_data(8)
     with pytest.raises(ValueError, match="epochs must be an int >= 0"):
-        adversarial_train(model, images, labels, epochs=-1)
+        pgd_at(model, images, labels, epochs=-1)
     with pytest.raises(ValueError, match="differ in length"):
-        adversarial_train(model, images, labels[:4], epochs=1)
+        pgd_at(model, images, labels[:4], epochs=1)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         accuracy(model, images, labels, batch_size=0)

@@ -176,6 +176,18 @@ def test_schedules():
     assert lr_factor("cosine", 100, 100) < 1e-12
     assert [lr_factor("piecewise", s, 100) for s in (0, 49, 50, 74, 75, 99)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
     assert lr_factor("constant", 77, 100) == 1.0
+    # decays at given batches, on top of any schedule
+    assert [lr_factor("constant", s, 100, (30, 60)) for s in (0, 29, 30, 59, 60)] == \
+        [1, 1, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01)]
+    assert lr_factor("cosine", 50, 100, (50,)) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="lr_decay_epochs"):
+        TrainConfig(lr_decay_epochs=(0,))
+
+
+def test_the_loop_decays_the_rate_from_the_listed_epochs():
+    # the record's lr is the rate the next batch would use: that of the next epoch's first batch
+    result = fit(Standard(), student(), toy_data(64), config(epochs=3, schedule="constant", lr_decay_epochs=(2, 3)))
+    assert [r["lr"] for r in result.history] == [pytest.approx(1e-3), pytest.approx(1e-4), pytest.approx(1e-4)]
 
 
 def test_the_loop_steps_the_schedule_every_batch():

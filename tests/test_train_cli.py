@@ -96,12 +96,21 @@ def test_demo_quick_writes_table_json_curves_and_figure(tmp_path, monkeypatch, c
 
 def test_train_ibp_then_eval_by_apgd_with_ibp_certificates(tmp_path, capsys):
     out = tmp_path / "ibp"
-    assert cli.main(["train", "ibp", "--limit", "256", "--batch-size", "64", "--epochs", "2", "--warmup-epochs", "0.5",
-                     "--ramp-epochs", "1", "--eval-samples", "32", "--eval-steps", "1", "--out", str(out),
-                     "--no-progress"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["train", "ibp", "--limit", "256", "--batch-size", "64", "--epochs", "2",
+                         "--warmup-epochs", "0.5", "--ramp-epochs", "1", "--eval-samples", "32", "--eval-steps", "1",
+                         "--schedule", "constant", "--lr-decay-epochs", "2", "--threads", "1", "--out", str(out),
+                         "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["model_spec"]["name"] == "small_cnn" and state["config"]["max_grad_norm"] == 10.0
-    assert "certified_acc" in json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert tuple(state["config"]["lr_decay_epochs"]) == (2,)
+    assert [r["lr"] for r in state["history"]] == [pytest.approx(1e-4), pytest.approx(1e-4)]
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert "certified_acc" in last and last["train_eps"] == pytest.approx(0.11) and last["kappa"] == 0.5
     report = tmp_path / "eval.json"
     assert cli.main(["eval", str(out / "checkpoint.pt"), "--samples", "50", "--steps", "5", "--attack", "apgd",
                      "--certify", "ibp", "--json", str(report)]) == 0
@@ -112,6 +121,21 @@ def test_train_ibp_then_eval_by_apgd_with_ibp_certificates(tmp_path, capsys):
     expected = evaluate(model_from_checkpoint(out / "checkpoint.pt"), images, labels, eps=0.1, steps=5,
                         attack="apgd", certify="ibp")
     assert numbers["robust_acc"] == expected["robust_acc"] and numbers["certified_acc"] == expected["certified_acc"]
+
+
+def test_train_ibp_defaults_are_the_recipes():
+    import argparse
+
+    from robust_fast.train import IBP
+    from robust_fast.train.commands import add_train_parser, build_recipe
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "ibp"])
+    recipe = build_recipe("ibp", eps=args.eps, warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs,
+                          kappa_end=args.kappa_end, ramp=args.ramp)
+    assert recipe.settings() == IBP().settings()
+    assert args.lr_decay_epochs == [] and args.threads is None
 
 
 def test_eval_certify_refuses_a_model_bounds_cannot_go_through(tmp_path, capsys):

@@ -421,19 +421,24 @@ def certified_accuracy(model: nn.Module, data, eps: Eps, *, batch_size: int = 25
 
 
 def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Union[float, torch.Tensor],
-             kappa: float, *, clip: Clip = (0.0, 1.0), backend: Optional[str] = None) -> torch.Tensor:
+             kappa: float, *, clip: Clip = (0.0, 1.0), backend: Optional[str] = None,
+             return_logits: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """kappa * CE(f(x), y) + (1 - kappa) * CE(-m, y), m the margin bounds of margin_bounds (0 at
     the true class): the IBP training objective of Gowal et al. kappa in [0, 1]; eps a float or
     a (B,) tensor. The model is used in the mode it is in (train it with BatchNorm in eval mode,
-    or without BatchNorm)."""
+    or without BatchNorm). return_logits: (loss, f(x)), the clean logits computed even at
+    kappa 0 (a training loop's accuracy)."""
     if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not 0.0 <= float(kappa) <= 1.0:
         raise ValueError(f"ibp_loss: kappa must be a number in [0, 1], got {kappa!r}")
     if isinstance(eps, (list, tuple)):
         raise TypeError("ibp_loss: eps must be a float or a (B,) tensor (one training radius)")
     kappa = float(kappa)
-    natural = F.cross_entropy(model(x), y) if kappa > 0 else None
+    logits = model(x) if kappa > 0 or return_logits else None
+    natural = F.cross_entropy(logits, y) if kappa > 0 else None
     if kappa == 1.0:
-        return natural
-    margin = margin_bounds(model, x, y, eps, clip=clip, backend=backend)
-    robust = F.cross_entropy(-margin, y)
-    return robust if natural is None else kappa * natural + (1 - kappa) * robust
+        loss = natural
+    else:
+        margin = margin_bounds(model, x, y, eps, clip=clip, backend=backend)
+        robust = F.cross_entropy(-margin, y)
+        loss = robust if natural is None else kappa * natural + (1 - kappa) * robust
+    return (loss, logits) if return_logits else loss

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -15,6 +16,11 @@ from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, evaluate
 from robust_fast.train.loop import fit
 from robust_fast.train.recipes import ARD, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Standard
+
+
+def _ibp_default(name: str):
+    """The IBP recipe's default for a setting: the command repeats no number of its own."""
+    return inspect.signature(IBP).parameters[name].default
 
 
 def add_train_parser(commands) -> None:
@@ -31,6 +37,8 @@ def add_train_parser(commands) -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    p.add_argument("--lr-decay-epochs", type=int, nargs="*", default=[], metavar="EPOCH",
+                   help="the learning rate x 0.1 from each of these epochs on (1-based; on top of --schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eps", type=float, default=0.1, help="L-inf radius of training attacks and of evaluation")
     p.add_argument("--steps", type=int, default=7, help="PGD steps (pgd_at, ard)")
@@ -40,13 +48,19 @@ def add_train_parser(commands) -> None:
     p.add_argument("--noise-std", type=float, default=0.0, help="rrm: match on x + N(0, std^2)")
     p.add_argument("--temperature", type=float, default=None, help="kd (4), ard (30)")
     p.add_argument("--alpha", type=float, default=None, help="kd (0.9), ard (1.0): weight of the distillation term")
-    p.add_argument("--warmup-epochs", type=float, default=0.5, help="ibp: epochs on clean inputs first")
-    p.add_argument("--ramp-epochs", type=float, default=3.0, help="ibp: epochs over which eps and kappa ramp")
-    p.add_argument("--kappa-end", type=float, default=0.5, help="ibp: final weight of the clean loss")
-    p.add_argument("--ramp", choices=("smoothed", "linear"), default="smoothed", help="ibp: the eps ramp")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"ibp: epochs on clean inputs first (default {_ibp_default('warmup_epochs')})")
+    p.add_argument("--ramp-epochs", type=float, default=None,
+                   help=f"ibp: epochs over which eps and kappa ramp (default {_ibp_default('ramp_epochs')})")
+    p.add_argument("--kappa-end", type=float, default=None,
+                   help=f"ibp: final weight of the clean loss (default {_ibp_default('kappa_end')})")
+    p.add_argument("--ramp", choices=("smoothed", "linear"), default=None,
+                   help=f"ibp: the eps ramp (default {_ibp_default('ramp')})")
     p.add_argument("--max-grad-norm", type=float, default=None,
-                   help="clip the gradient's norm (default: 10 for ibp, none otherwise)")
+                   help=f"clip the gradient's norm (default: the recipe's, {_ibp_default('max_grad_norm'):g} "
+                        f"for ibp, none otherwise)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--eval-samples", type=int, default=500, help="held-out test images evaluated each epoch")
     p.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the per-epoch robust accuracy (0: none)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default $ROBUST_FAST_DATA or Debian's)")
@@ -59,9 +73,9 @@ def add_train_parser(commands) -> None:
 def build_recipe(name: str, *, eps: float = 0.1, steps: int = 7, teacher: Optional[torch.nn.Module] = None,
                  teacher_path: Optional[str] = None, lambda_ce: float = 0.005, kind: str = "cosine",
                  noise_std: float = 0.0, temperature: Optional[float] = None, alpha: Optional[float] = None,
-                 warmup_epochs: float = 0.5, ramp_epochs: float = 3.0, kappa_end: float = 0.5,
-                 ramp: str = "smoothed"):
-    """A recipe from command-line style settings (unused ones are ignored)."""
+                 warmup_epochs: Optional[float] = None, ramp_epochs: Optional[float] = None,
+                 kappa_end: Optional[float] = None, ramp: Optional[str] = None):
+    """A recipe from command-line style settings (unused ones are ignored; None: the recipe's default)."""
     if name in TEACHER_RECIPES and teacher is None:
         raise ValueError(f"recipe {name!r} needs a teacher (--teacher CHECKPOINT)")
     extra = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
@@ -78,7 +92,8 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: int = 7, teacher: Option
     if name == "ard":
         return ARD(teacher, eps=eps, steps=steps, teacher_path=teacher_path, **extra)
     if name == "ibp":
-        return IBP(eps=eps, warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, kappa_end=kappa_end, ramp=ramp)
+        given = dict(warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, kappa_end=kappa_end, ramp=ramp)
+        return IBP(eps=eps, **{k: v for k, v in given.items() if v is not None})
     raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
 
 
@@ -86,6 +101,8 @@ def run_train(args: argparse.Namespace) -> int:
     from robust_fast.data import load_fashion_mnist
     from robust_fast.models import build_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     joined = dist_util.init_from_env()
     device = dist_util.default_device()
     teacher = model_from_checkpoint(args.teacher, map_location=device) if args.teacher else None
@@ -93,11 +110,11 @@ def run_train(args: argparse.Namespace) -> int:
                           lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
                           temperature=args.temperature, alpha=args.alpha, warmup_epochs=args.warmup_epochs,
                           ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end, ramp=args.ramp)
-    max_grad_norm = args.max_grad_norm if args.max_grad_norm is not None else \
-        (10.0 if args.recipe == "ibp" else None)
+    # the clip the run uses, written into its configuration (and so its checkpoint)
+    max_grad_norm = args.max_grad_norm if args.max_grad_norm is not None else recipe.max_grad_norm
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
-                         seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps,
+                         lr_decay_epochs=tuple(args.lr_decay_epochs), seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps,
                          eval_eps=args.eps, progress=not args.no_progress, backend=args.backend,
                          max_grad_norm=max_grad_norm)
     train = load_fashion_mnist("train", root=args.data, limit=args.limit)

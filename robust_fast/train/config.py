@@ -5,7 +5,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "piecewise", "constant")
@@ -15,7 +15,8 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 class TrainConfig:
     """epochs, the global batch (split evenly over data-parallel ranks), the optimiser (SGD with
     momentum or Adam) and its learning-rate schedule, stepped every batch: cosine from lr to 0,
-    piecewise (lr, then lr/10 from half-way, lr/100 from three quarters), or constant.
+    piecewise (lr, then lr/10 from half-way, lr/100 from three quarters), or constant; on top of
+    it, lr × 0.1 from the first batch of each epoch listed in lr_decay_epochs (1-based).
 
     eval_samples / eval_steps / eval_eps: after each epoch, clean accuracy on the held-out slice
     (its first eval_samples examples) and, when eval_steps > 0, accuracy under PGD-eval_steps
@@ -36,7 +37,9 @@ class TrainConfig:
     eval_eps: float = 0.1
     progress: bool = True
     backend: Optional[str] = None
-    max_grad_norm: Optional[float] = None  # clip the gradient's norm to this (IBP's first ramp steps)
+    lr_decay_epochs: Tuple[int, ...] = ()
+    # clip the gradient's norm to this; None: the recipe's own (IBP: 10, for its first ramp steps)
+    max_grad_norm: Optional[float] = None
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "seed", "eval_samples", "eval_steps"):
@@ -55,6 +58,11 @@ class TrainConfig:
                 or not self.max_grad_norm > 0 or not math.isfinite(self.max_grad_norm)):
             raise ValueError(f"TrainConfig: max_grad_norm must be None or a finite float > 0, "
                              f"got {self.max_grad_norm!r}")
+        decays = self.lr_decay_epochs
+        if not isinstance(decays, (tuple, list)) or any(
+                isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in decays):
+            raise ValueError(f"TrainConfig: lr_decay_epochs must be a sequence of ints >= 1, got {decays!r}")
+        self.lr_decay_epochs = tuple(decays)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -64,11 +72,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
-    """The multiplier of the base learning rate before batch `step` (0-based) of total_steps."""
+def lr_factor(schedule: str, step: int, total_steps: int, decay_steps: Sequence[int] = ()) -> float:
+    """The multiplier of the base learning rate before batch `step` (0-based) of total_steps,
+    times 0.1 for each of decay_steps (0-based batches) reached."""
     progress = step / max(total_steps, 1)
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "piecewise":
-        return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
-    return 1.0
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "piecewise":
+        factor = 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
+    else:
+        factor = 1.0
+    return factor * 0.1 ** sum(step >= s for s in decay_steps)

@@ -1,5 +1,6 @@
 """Clean, robust (PGD, APGD or AutoAttack-style) and IBP-certified accuracy of a trained model:
-the numbers `robust-fast eval` prints."""
+the numbers `robust-fast eval` prints (evaluate), and the two plain accuracies (accuracy,
+robust_accuracy) the PGD benchmark reports."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from torch import nn
 
 from robust_fast._modes import modules_in_mode
 from robust_fast.attacks import apgd, auto_attack, pgd
+from robust_fast.data import batches
 
 ATTACKS = ("pgd", "apgd", "auto")
 CERTIFIERS = ("ibp",)
@@ -87,3 +89,63 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
         result.update(certified_acc=certified / n if n else math.nan, certifier="ibp", eps=eps)
     result["time_s"] = time.perf_counter() - start
     return result
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _attack_generator(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
+    """A generator the random start can draw from on `device`: the given one when it lives
+    there, else a new one on `device` seeded from it (so a seeded run stays reproducible)."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 512) -> float:
+    """The fraction of images classified correctly (model in eval mode, mode restored)."""
+    _check_batch_size(batch_size)
+    if images.shape[0] == 0:
+        return math.nan
+    device = _device_of(model)
+    correct = 0
+    with modules_in_mode(model, False), torch.no_grad():
+        for x, y in batches(images, labels, batch_size):
+            x, y = x.to(device), y.to(device)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+    return correct / images.shape[0]
+
+
+def robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
+                    alpha: float, steps: int, early_stop: bool = True, batch_size: int = 512,
+                    generator: Optional[torch.Generator] = None, norm: str = "linf",
+                    restarts: int = 1, backend: Optional[str] = None) -> float:
+    """Accuracy on PGD adversarial examples (random start): the fraction of images still
+    classified correctly at the point the attack returns.
+
+    early_stop: a sample stops moving once misclassified (robust_fast.attacks.pgd), which is
+    faster and never weaker. generator: draws the random starts.
+    """
+    _check_batch_size(batch_size)
+    if images.shape[0] == 0:
+        return math.nan
+    device = _device_of(model)
+    x, y = images.to(device), labels.to(device)
+    # One call over the whole set, batch_size samples through the model at a time; with
+    # early stop the batches stay full as fooled samples leave.
+    x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=True,
+                restarts=restarts, early_stop=early_stop, batch_size=batch_size,
+                generator=_attack_generator(generator, device), backend=backend)
+    return accuracy(model, x_adv, y, batch_size=batch_size)

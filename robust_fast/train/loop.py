@@ -2,8 +2,9 @@
 
 Per epoch: this rank's shard of a seeded shuffle (DistributedSampler: the permutation depends
 only on seed and epoch), batches of batch_size / world_size, recipe.batch_loss, one optimiser
-step and one schedule step per batch, a tqdm bar (loss, accuracy, samples/s) on rank 0. After
-each epoch, rank 0 evaluates on the held-out slice, appends a JSON line to out_dir/log.jsonl
+step (the gradient's norm clipped to config.max_grad_norm, else to the recipe's max_grad_norm
+when it has one) and one schedule step per batch, a tqdm bar (loss, accuracy, samples/s) on
+rank 0. After each epoch, rank 0 evaluates on the held-out slice, appends a JSON line to out_dir/log.jsonl
 and writes out_dir/checkpoint.pt. resume= continues a checkpoint to exactly the parameters an
 uninterrupted run reaches (same shuffles, same random starts, same optimiser and schedule).
 """
@@ -107,8 +108,10 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
                                  shuffle=True, seed=config.seed)
     steps_per_epoch = -(-len(sampler) // per_rank)
     total_steps = steps_per_epoch * config.epochs
+    decay_steps = [(e - 1) * steps_per_epoch for e in config.lr_decay_epochs]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config.schedule, step, total_steps))
+        optimizer, lambda step: lr_factor(config.schedule, step, total_steps, decay_steps))
+    max_grad_norm = config.max_grad_norm if config.max_grad_norm is not None else recipe.max_grad_norm
     generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + rank)
 
     history: List[Dict[str, Any]] = []
@@ -164,8 +167,8 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
                                                    steps_per_epoch=steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.max_grad_norm is not None:  # after DDP's all-reduce: every rank clips alike
-                torch.nn.utils.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
+            if max_grad_norm is not None:  # after DDP's all-reduce: every rank clips alike
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_grad_norm)
             optimizer.step()
             scheduler.step()
             n = y.shape[0]
@@ -190,7 +193,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         record: Dict[str, Any] = {
             "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time, "train_time_s": train_time,
-            "samples_per_s": seen / max(epoch_time, 1e-9)}
+            "samples_per_s": seen / max(epoch_time, 1e-9), **recipe.epoch_record()}
         if main and eval_data is not None and config.eval_samples:
             eval_start = time.perf_counter()
             held_out = (eval_data[0][:config.eval_samples], eval_data[1][:config.eval_samples])

@@ -17,6 +17,10 @@ A recipe is an object with
     held_out_metrics(model, images, labels, eps, backend) -> dict
                               optional: extra numbers of the per-epoch record on the held-out
                               slice (IBP's certified accuracy)
+    epoch_record() -> dict    optional: the recipe's own numbers of the per-epoch record (IBP:
+                              the eps and kappa its last batch trained at)
+    max_grad_norm             optional: the gradient clip the method needs when the
+                              TrainConfig sets none (IBP: 10); None: no clip
 
 Forward passes that train go through batch.net (DDP's wrapper under torchrun, so gradients
 are averaged); attacks and frozen teachers use batch.model / their own module directly (no
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_fast.attacks import pgd
-from robust_fast.certify import certified_accuracy, margin_bounds
+from robust_fast.certify import certified_accuracy, ibp_loss
 from robust_fast.certify.ibp import layers_of
 from robust_fast.certify.schedules import eps_schedule, kappa_schedule, training_eps
 from robust_fast.losses import ARDLoss, FeatureProjection, KDLoss, RRMLoss
@@ -56,6 +60,7 @@ class Batch:
 
 class Recipe:
     name = "recipe"
+    max_grad_norm: Optional[float] = None
 
     def settings(self) -> Dict[str, Any]:
         return {}
@@ -71,6 +76,9 @@ class Recipe:
 
     def held_out_metrics(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                          eps: float, backend: Optional[str]) -> Dict[str, Any]:
+        return {}
+
+    def epoch_record(self) -> Dict[str, Any]:
         return {}
 
 
@@ -269,12 +277,7 @@ class _IBPObjective(nn.Module):
         self.model = model
 
     def forward(self, x, y, eps: float, kappa: float, backend: Optional[str] = None):
-        logits = self.model(x)
-        natural = F.cross_entropy(logits, y)
-        if kappa >= 1.0:
-            return natural, logits
-        margins = margin_bounds(self.model, x, y, eps, backend=backend)
-        return kappa * natural + (1.0 - kappa) * F.cross_entropy(-margins, y), logits
+        return ibp_loss(self.model, x, y, eps, kappa, backend=backend, return_logits=True)
 
 
 class IBP(Recipe):
@@ -282,12 +285,18 @@ class IBP(Recipe):
     m the lower bounds of the margins f_y − f_j over the L-inf box of radius eps around x
     (robust_fast.certify.margin_bounds). Per batch: a warm-up of warmup_epochs on clean inputs
     (eps 0, kappa 1), then over ramp_epochs eps grows to train_eps_factor·eps (the smoothed
-    or linear ramp) while kappa falls to kappa_end, and both stay there. The model must be one
-    interval_bounds supports (SmallCNN, or an nn.Sequential of supported layers)."""
+    or linear ramp) while kappa falls to kappa_end, and both stay there. The gradient's norm is
+    clipped to max_grad_norm (None: not) unless the TrainConfig sets its own clip: it keeps the
+    first steps of the ramp from diverging. The model must be one interval_bounds supports
+    (SmallCNN, or an nn.Sequential of supported layers).
+
+    The defaults fit the loop's default of 5 epochs: the ramp ends after 3.5 of them, so the
+    model trains at the full radius for the rest."""
     name = "ibp"
 
     def __init__(self, eps: float = 0.1, warmup_epochs: float = 0.5, ramp_epochs: float = 3.0,
-                 kappa_end: float = 0.5, ramp: str = "smoothed", train_eps_factor: float = 1.1):
+                 kappa_end: float = 0.5, ramp: str = "smoothed", train_eps_factor: float = 1.1,
+                 max_grad_norm: Optional[float] = 10.0):
         self.eps = _check_eps("IBP", eps)
         for name, value in (("warmup_epochs", warmup_epochs), ("ramp_epochs", ramp_epochs)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -300,10 +309,16 @@ class IBP(Recipe):
         self.kappa_end, self.ramp = float(kappa_end), ramp
         self.train_eps = training_eps(self.eps, train_eps_factor)
         self.train_eps_factor = float(train_eps_factor)
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not 0 < max_grad_norm < float("inf")):
+            raise ValueError(f"IBP: max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._last = (0.0, 1.0)  # the eps and kappa of the latest batch
 
     def settings(self):
         return {"eps": self.eps, "warmup_epochs": self.warmup_epochs, "ramp_epochs": self.ramp_epochs,
-                "kappa_end": self.kappa_end, "ramp": self.ramp, "train_eps_factor": self.train_eps_factor}
+                "kappa_end": self.kappa_end, "ramp": self.ramp, "train_eps_factor": self.train_eps_factor,
+                "max_grad_norm": self.max_grad_norm}
 
     def trainable(self, model):
         layers_of(model)  # a layer bounds cannot go through fails here, before any training
@@ -317,8 +332,12 @@ class IBP(Recipe):
         return eps, kappa
 
     def batch_loss(self, batch):
-        eps, kappa = self.eps_and_kappa(batch.step, batch.steps_per_epoch)
+        eps, kappa = self._last = self.eps_and_kappa(batch.step, batch.steps_per_epoch)
         return batch.net(batch.x, batch.y, eps, kappa, batch.backend)
+
+    def epoch_record(self):
+        eps, kappa = self._last
+        return {"train_eps": eps, "kappa": kappa}
 
     def held_out_metrics(self, model, images, labels, eps, backend):
         # at the record's radius, beside the PGD accuracy at the same eps
