@@ -15,12 +15,17 @@ from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, evaluate
 from robust_fast.train.loop import fit
-from robust_fast.train.recipes import ARD, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Standard
+from robust_fast.train.recipes import (ARD, CRT, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Gaussian,
+                                       SmoothAdv, Standard)
+
+
+def _default(recipe, name: str):
+    """A recipe's default for a setting: the command repeats no number of its own."""
+    return inspect.signature(recipe).parameters[name].default
 
 
 def _ibp_default(name: str):
-    """The IBP recipe's default for a setting: the command repeats no number of its own."""
-    return inspect.signature(IBP).parameters[name].default
+    return _default(IBP, name)
 
 
 def add_train_parser(commands) -> None:
@@ -41,13 +46,23 @@ def add_train_parser(commands) -> None:
                    help="the learning rate x 0.1 from each of these epochs on (1-based; on top of --schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eps", type=float, default=0.1, help="L-inf radius of training attacks and of evaluation")
-    p.add_argument("--steps", type=int, default=7, help="PGD steps (pgd_at, ard)")
-    p.add_argument("--teacher", help="checkpoint of the frozen teacher (rrm, kd, ard)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"PGD steps (pgd_at, ard: {_default(PGDAT, 'steps')}; "
+                        f"smoothadv: {_default(SmoothAdv, 'steps')})")
+    p.add_argument("--teacher", help="checkpoint of the frozen teacher (rrm, kd, ard, crt)")
     p.add_argument("--lambda-ce", type=float, default=0.005, help="rrm: weight of the cross-entropy")
     p.add_argument("--kind", default="cosine", choices=("cosine", "l2_normalized"), help="rrm: feature distance")
     p.add_argument("--noise-std", type=float, default=0.0, help="rrm: match on x + N(0, std^2)")
     p.add_argument("--temperature", type=float, default=None, help="kd (4), ard (30)")
-    p.add_argument("--alpha", type=float, default=None, help="kd (0.9), ard (1.0): weight of the distillation term")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="kd (0.9), ard (1.0), crt (1.0): weight of the distillation term")
+    p.add_argument("--sigma", type=float, default=None,
+                   help=f"gaussian, smoothadv, crt: std of the Gaussian noise (default {_default(Gaussian, 'sigma')})")
+    p.add_argument("--noise-samples", type=int, default=None,
+                   help=f"gaussian, smoothadv, crt: noise draws per image (default "
+                        f"{_default(Gaussian, 'noise_samples')}; smoothadv {_default(SmoothAdv, 'noise_samples')})")
+    p.add_argument("--l2-eps", type=float, default=None,
+                   help=f"smoothadv: L2 radius of the attack (default {_default(SmoothAdv, 'eps')})")
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help=f"ibp: epochs on clean inputs first (default {_ibp_default('warmup_epochs')})")
     p.add_argument("--ramp-epochs", type=float, default=None,
@@ -70,19 +85,28 @@ def add_train_parser(commands) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_recipe(name: str, *, eps: float = 0.1, steps: int = 7, teacher: Optional[torch.nn.Module] = None,
+def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, teacher: Optional[torch.nn.Module] = None,
                  teacher_path: Optional[str] = None, lambda_ce: float = 0.005, kind: str = "cosine",
                  noise_std: float = 0.0, temperature: Optional[float] = None, alpha: Optional[float] = None,
                  warmup_epochs: Optional[float] = None, ramp_epochs: Optional[float] = None,
-                 kappa_end: Optional[float] = None, ramp: Optional[str] = None):
+                 kappa_end: Optional[float] = None, ramp: Optional[str] = None, sigma: Optional[float] = None,
+                 noise_samples: Optional[int] = None, l2_eps: Optional[float] = None):
     """A recipe from command-line style settings (unused ones are ignored; None: the recipe's default)."""
     if name in TEACHER_RECIPES and teacher is None:
         raise ValueError(f"recipe {name!r} needs a teacher (--teacher CHECKPOINT)")
     extra = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
+    given_steps = {"steps": steps} if steps is not None else {}
+    noise = {k: v for k, v in (("sigma", sigma), ("noise_samples", noise_samples)) if v is not None}
+    if name == "gaussian":
+        return Gaussian(**noise)
+    if name == "smoothadv":
+        return SmoothAdv(**noise, **given_steps, **({"eps": l2_eps} if l2_eps is not None else {}))
+    if name == "crt":
+        return CRT(teacher, teacher_path=teacher_path, **noise, **({"alpha": alpha} if alpha is not None else {}))
     if name == "standard":
         return Standard()
     if name == "pgd_at":
-        return PGDAT(eps=eps, steps=steps)
+        return PGDAT(eps=eps, **given_steps)
     if name == "fast_at":
         return FastAT(eps=eps)
     if name == "rrm":
@@ -90,7 +114,7 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: int = 7, teacher: Option
     if name == "kd":
         return KD(teacher, teacher_path=teacher_path, **extra)
     if name == "ard":
-        return ARD(teacher, eps=eps, steps=steps, teacher_path=teacher_path, **extra)
+        return ARD(teacher, eps=eps, teacher_path=teacher_path, **given_steps, **extra)
     if name == "ibp":
         given = dict(warmup_epochs=warmup_epochs, ramp_epochs=ramp_epochs, kappa_end=kappa_end, ramp=ramp)
         return IBP(eps=eps, **{k: v for k, v in given.items() if v is not None})
@@ -109,7 +133,8 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=args.teacher,
                           lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
                           temperature=args.temperature, alpha=args.alpha, warmup_epochs=args.warmup_epochs,
-                          ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end, ramp=args.ramp)
+                          ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end, ramp=args.ramp, sigma=args.sigma,
+                          noise_samples=args.noise_samples, l2_eps=args.l2_eps)
     # the clip the run uses, written into its configuration (and so its checkpoint)
     max_grad_norm = args.max_grad_norm if args.max_grad_norm is not None else recipe.max_grad_norm
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,

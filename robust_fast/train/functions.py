@@ -11,7 +11,7 @@ from torch import nn
 
 from robust_fast.train.config import TrainConfig
 from robust_fast.train.loop import TrainResult, fit
-from robust_fast.train.recipes import ARD, IBP, KD, PGDAT, RRM, FastAT, Standard
+from robust_fast.train.recipes import ARD, CRT, IBP, KD, PGDAT, RRM, FastAT, Gaussian, SmoothAdv, Standard
 
 _FIT_OPTIONS = ("eval_data", "out_dir", "resume", "device", "max_steps")
 
@@ -57,3 +57,19 @@ def train_ard(model: nn.Module, train_data, config: Optional[TrainConfig] = None
 def train_ibp(model: nn.Module, train_data, config: Optional[TrainConfig] = None, **options) -> TrainResult:
     settings, fit_options = _split(options)
     return fit(IBP(**settings), model, train_data, config, **fit_options)
+
+
+def train_gaussian(model: nn.Module, train_data, config: Optional[TrainConfig] = None, **options) -> TrainResult:
+    settings, fit_options = _split(options)
+    return fit(Gaussian(**settings), model, train_data, config, **fit_options)
+
+
+def train_smoothadv(model: nn.Module, train_data, config: Optional[TrainConfig] = None, **options) -> TrainResult:
+    settings, fit_options = _split(options)
+    return fit(SmoothAdv(**settings), model, train_data, config, **fit_options)
+
+
+def train_crt(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *, teacher: nn.Module,
+              **options) -> TrainResult:
+    settings, fit_options = _split(options)
+    return fit(CRT(teacher, **settings), model, train_data, config, **fit_options)

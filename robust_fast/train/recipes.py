@@ -16,7 +16,8 @@ A recipe is an object with
                               progress bar shows; batch is a Batch (below)
     held_out_metrics(model, images, labels, eps, backend) -> dict
                               optional: extra numbers of the per-epoch record on the held-out
-                              slice (IBP's certified accuracy)
+                              slice (IBP's certified accuracy; the smoothing recipes' accuracy
+                              under noise)
     epoch_record() -> dict    optional: the recipe's own numbers of the per-epoch record (IBP:
                               the eps and kappa its last batch trained at)
     max_grad_norm             optional: the gradient clip the method needs when the
@@ -36,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust_fast._modes import modules_in_mode
 from robust_fast.attacks import pgd
 from robust_fast.certify import certified_accuracy, ibp_loss
 from robust_fast.certify.ibp import layers_of
 from robust_fast.certify.schedules import eps_schedule, kappa_schedule, training_eps
-from robust_fast.losses import ARDLoss, FeatureProjection, KDLoss, RRMLoss
+from robust_fast.losses import ARDLoss, CRTLoss, FeatureProjection, KDLoss, RRMLoss
 from robust_fast.models import WithFeatures
 
 
@@ -344,5 +346,160 @@ class IBP(Recipe):
         return {"certified_acc": certified_accuracy(model, (images, labels), eps, backend=backend)}
 
 
-RECIPES = {cls.name: cls for cls in (Standard, PGDAT, FastAT, RRM, KD, ARD, IBP)}
-TEACHER_RECIPES = ("rrm", "kd", "ard")
+# --------------------------------------------------------------------------------------------
+# randomized smoothing: training on Gaussian noise
+
+def _check_sigma(caller: str, sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < float("inf"):
+        raise ValueError(f"{caller}: sigma must be a finite float > 0, got {sigma!r}")
+    return float(sigma)
+
+
+def _check_copies(caller: str, noise_samples) -> int:
+    if isinstance(noise_samples, bool) or not isinstance(noise_samples, int) or noise_samples < 1:
+        raise ValueError(f"{caller}: noise_samples must be an int >= 1, got {noise_samples!r}")
+    return noise_samples
+
+
+def gaussian_noise(x: torch.Tensor, copies: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """sigma * N(0, I) of shape (B, copies, *x.shape[1:]), drawn from generator: the one place
+    the training recipes make noise. Never clamped: smoothing certifies the unclamped input."""
+    shape = (x.shape[0], copies) + tuple(x.shape[1:])
+    return sigma * torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _copies(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """(B * copies, ...) noisy inputs: rows b*copies ... b*copies + copies - 1 are x[b] + noise[b, j]."""
+    return (x.unsqueeze(1) + noise).flatten(0, 1)
+
+
+def _per_image(logits: torch.Tensor, copies: int) -> torch.Tensor:
+    """The mean logits of each image's copies (B, C): what the progress bar's accuracy reads."""
+    return logits.detach().view(-1, copies, logits.shape[-1]).mean(1)
+
+
+class _Noisy(Recipe):
+    """Shared by the smoothing recipes: sigma, noise_samples, and the per-epoch accuracy of the
+    base model on one noisy copy of each held-out image (its own fixed seed, so the training
+    generator and a resumed run are untouched)."""
+
+    def __init__(self, sigma: float, noise_samples: int):
+        caller = type(self).__name__
+        self.sigma, self.noise_samples = _check_sigma(caller, sigma), _check_copies(caller, noise_samples)
+
+    def settings(self):
+        return {"sigma": self.sigma, "noise_samples": self.noise_samples}
+
+    def held_out_metrics(self, model, images, labels, eps, backend):
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(0)
+        correct = 0
+        with modules_in_mode(model, False), torch.no_grad():
+            for x, y in zip(images.split(500), labels.split(500)):
+                x, y = x.to(device), y.to(device)
+                logits = model(_copies(x, gaussian_noise(x, 1, self.sigma, generator)))
+                correct += int((logits.argmax(1) == y).sum())
+        return {"noisy_acc": correct / max(images.shape[0], 1)}
+
+
+class Gaussian(_Noisy):
+    """Gaussian data augmentation (Cohen et al. 2019), the base classifier of randomized
+    smoothing: cross-entropy on x + N(0, sigma^2 I), unclamped, averaged over noise_samples
+    draws per image (1 in the paper)."""
+    name = "gaussian"
+
+    def __init__(self, sigma: float = 0.25, noise_samples: int = 1):
+        super().__init__(sigma, noise_samples)
+
+    def batch_loss(self, batch):
+        m = self.noise_samples
+        noisy = _copies(batch.x, gaussian_noise(batch.x, m, self.sigma, batch.generator))
+        logits = batch.net(noisy)
+        return F.cross_entropy(logits, batch.y.repeat_interleave(m)), _per_image(logits, m)
+
+
+class SoftSmoothed(nn.Module):
+    """The soft smoothed classifier on fixed noise, as log-probabilities:
+    log mean_j softmax(f(x + noise[:, j])), noise (B, m, ...) from gaussian_noise. Its NLL is
+    the loss SmoothAdv's attack maximises (Salman et al.'s SmoothAdv_PGD; probabilities clamped
+    at 1e-20 as there)."""
+
+    def __init__(self, model: nn.Module, noise: torch.Tensor):
+        super().__init__()
+        self.model, self.noise = model, noise
+
+    def forward(self, x):
+        b, m = self.noise.shape[:2]
+        logits = self.model(_copies(x, self.noise))
+        return logits.softmax(-1).view(b, m, -1).mean(1).clamp_min(1e-20).log()
+
+
+class SmoothAdv(_Noisy):
+    """SmoothAdv (Salman et al. 2019), adversarial training of the smoothed classifier: draw
+    noise_samples noise vectors per image and keep them; attack the soft smoothed classifier
+    on them by L2 PGD from x (no random start, step 2*eps/steps, the model in eval mode, the
+    point kept in the eps-ball and in [0, 1]); train on cross-entropy of f(x_adv + noise_j)
+    averaged over the draws (the noisy copies are not clamped).
+
+    The defaults are a light version (eps 0.5, 2 steps, 2 draws): the paper's CIFAR-10 models
+    use eps 0.25-2, 1-10 steps and 1-8 draws, at a cost growing with steps x draws."""
+    name = "smoothadv"
+
+    def __init__(self, sigma: float = 0.25, eps: float = 0.5, steps: int = 2, noise_samples: int = 2,
+                 alpha: Optional[float] = None):
+        super().__init__(sigma, noise_samples)
+        self.eps = _check_eps("SmoothAdv", eps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"SmoothAdv: steps must be an int >= 1, got {steps!r}")
+        self.steps = steps
+        self.alpha = float(alpha) if alpha is not None else 2 * self.eps / steps
+
+    def settings(self):
+        return {**super().settings(), "eps": self.eps, "steps": self.steps, "alpha": self.alpha}
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor,
+               backend: Optional[str] = None) -> torch.Tensor:
+        """x_adv: the L2 PGD point against the soft smoothed classifier on these noise draws."""
+        return pgd(SoftSmoothed(model, noise), x, y, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                   norm="l2", random_start=False, loss_fn=lambda log_p, y: F.nll_loss(log_p, y, reduction="sum"),
+                   backend=backend)
+
+    def batch_loss(self, batch):
+        m = self.noise_samples
+        noise = gaussian_noise(batch.x, m, self.sigma, batch.generator)
+        x_adv = self.attack(batch.model, batch.x, batch.y, noise, batch.backend)
+        logits = batch.net(_copies(x_adv, noise))
+        return F.cross_entropy(logits, batch.y.repeat_interleave(m)), _per_image(logits, m)
+
+
+class CRT(_WithTeacher, _Noisy):
+    """Certified robustness transfer (Vaishnavi et al. 2022): the student on noisy inputs
+    x~ = x + N(0, sigma^2 I) (unclamped) matches a frozen teacher's logits on the same x~,
+    alpha * mean_b ||f_S(x~) - f_T(x~)||_2 + (1 - alpha) * CE(f_S(x~), y) (losses.CRTLoss,
+    through multi_teacher_loss kind "l2"); alpha = 1 as in the paper. The teacher is meant to
+    be a smoothed classifier's base model trained by a certified method (SmoothAdv, ...)."""
+    name = "crt"
+
+    def __init__(self, teacher: nn.Module, sigma: float = 0.25, alpha: float = 1.0, noise_samples: int = 1,
+                 teacher_path: Optional[str] = None):
+        _WithTeacher.__init__(self, teacher, teacher_path)
+        _Noisy.__init__(self, sigma, noise_samples)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"CRT: alpha must be a number in [0, 1], got {alpha!r}")
+        self.loss = CRTLoss(alpha=float(alpha))
+
+    def settings(self):
+        return {**_Noisy.settings(self), "alpha": self.loss.alpha, "teacher": self.teacher_path}
+
+    def batch_loss(self, batch):
+        m = self.noise_samples
+        noisy = _copies(batch.x, gaussian_noise(batch.x, m, self.sigma, batch.generator))
+        with torch.no_grad():
+            teacher_logits = self._teacher_on(noisy.device)(noisy)
+        logits = batch.net(noisy)
+        self.loss.backend = batch.backend
+        return self.loss(logits, teacher_logits, batch.y.repeat_interleave(m)), _per_image(logits, m)
+
+
+RECIPES = {cls.name: cls for cls in (Standard, PGDAT, FastAT, RRM, KD, ARD, IBP, Gaussian, SmoothAdv, CRT)}
+TEACHER_RECIPES = ("rrm", "kd", "ard", "crt")
