@@ -44,7 +44,7 @@ def test_triton_launches_under_the_operands_device(monkeypatch):
     with FakeTensorMode():
         x = torch.empty(4, 3, 8, device="cuda:1")
         for norm in ("linf", "l2"):
-            triton_pgd.pgd_step_triton(x, x, x, 0.1, 0.01, None, None, norm, 0.0, 1.0, False)
+            triton_pgd.pgd_step_triton(x, x, x, torch.empty_like(x), 0.1, 0.01, norm, 0.0, 1.0, False)
     assert seen == [1, 1]
     assert current["index"] == 0  # the caller's current device is given back
 
