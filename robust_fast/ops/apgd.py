@@ -92,10 +92,9 @@ def run_apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x_n
     chosen = _backend.resolve(backend, x.device.type)
     with op_range("apgd_step"):
         if chosen == "cpp":
-            eta_tensor = eta if isinstance(eta, torch.Tensor) else torch.full(
-                (x.shape[0],), eta, dtype=torch.float64, device=x.device)
-            args = (x, x_prev, grad, x_nat, eta_tensor, *schema_pair(eps), momentum, norm,
-                    clip_min, clip_max)
+            (eta_value, eta_per_sample), (eps_value, eps_per_sample) = schema_pair(eta), schema_pair(eps)
+            args = (x, x_prev, grad, x_nat, eta_value, eps_value, eta_per_sample, eps_per_sample,
+                    momentum, norm, clip_min, clip_max)
             if in_place:
                 torch.ops.robust_fast.apgd_step_(*args)
                 return x
@@ -144,12 +143,14 @@ def _register_fake_and_autograd() -> None:
         return
 
     @torch.library.register_fake("robust_fast::apgd_step")
-    def _(x, x_prev, grad, x_nat, eta, eps, eps_per_sample, momentum, norm, clip_min, clip_max):
+    def _(x, x_prev, grad, x_nat, eta, eps, eta_per_sample, eps_per_sample, momentum, norm,
+          clip_min, clip_max):
         return output_layout_like("apgd_step", ("x", x), ("x_prev", x_prev), ("grad", grad),
                                   ("x_nat", x_nat))
 
     @torch.library.register_fake("robust_fast::apgd_step_")
-    def _(x, x_prev, grad, x_nat, eta, eps, eps_per_sample, momentum, norm, clip_min, clip_max):
+    def _(x, x_prev, grad, x_nat, eta, eps, eta_per_sample, eps_per_sample, momentum, norm,
+          clip_min, clip_max):
         return None
 
     def _not_differentiable(ctx, grad_output):
