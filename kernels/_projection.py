@@ -19,7 +19,7 @@ L2_MIN_BLOCK = 128
 
 
 @triton.jit
-def _clamp_like_torch(value, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+def clamp_like_torch(value, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
     # torch.clamp: max with lo, then min with hi; a NaN stays NaN.
     if HAS_LO:
         value = tl.where(value < lo, lo, value)
@@ -29,14 +29,14 @@ def _clamp_like_torch(value, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr)
 
 
 @triton.jit
-def _clamp_to_radius(delta, radius):
+def clamp_to_radius(delta, radius):
     # linf_project of pgd_math.h: the difference clamped to [-radius, radius].
     delta = tl.where(delta < -radius, -radius, delta)
     return tl.where(delta > radius, radius, delta)
 
 
 @triton.jit
-def _fp32_to_bf16_rne(value):
+def fp32_to_bf16_rne(value):
     # Round to nearest even by hand (as c10::round_to_nearest_even): a GPU's cast does the same,
     # while the interpreter's fp32 -> bf16 cast truncates.
     bits = value.to(tl.uint32, bitcast=True)
@@ -46,31 +46,31 @@ def _fp32_to_bf16_rne(value):
 
 
 @triton.jit
-def _store_result(out_ptr, offsets, result, mask):
+def store_result(out_ptr, offsets, result, mask):
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(out_ptr + offsets, _fp32_to_bf16_rne(result), mask=mask)
+        tl.store(out_ptr + offsets, fp32_to_bf16_rne(result), mask=mask)
     else:
         tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _fp64(value):
+def as_fp64(value):
     # A scalar argument in fp64. Compiled, it already is one (annotated tl.float64); the
     # interpreter passes a Python float, which tl.cast would round through fp32 on the way.
     return tl.full([], value, tl.float64)
 
 
 @triton.jit
-def _radius(sample, value, ptr, PER_SAMPLE: tl.constexpr, mask):
+def sample_radius(sample, value, ptr, PER_SAMPLE: tl.constexpr, mask):
     # A radius of `sample` (a scalar or a block of indices) in fp64.
-    radius = _fp64(value)
+    radius = as_fp64(value)
     if PER_SAMPLE:
         radius = tl.load(ptr + sample, mask=mask, other=0.0)
     return radius
 
 
 @triton.jit
-def _block_sums(x_ptr, grad_ptr, x_nat_ptr, offsets, mask, COMPUTE_DTYPE: tl.constexpr):
+def block_sums(x_ptr, grad_ptr, x_nat_ptr, offsets, mask, COMPUTE_DTYPE: tl.constexpr):
     # Each element's products in COMPUTE_DTYPE (d rounded to the input dtype, as in C++).
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
@@ -80,7 +80,7 @@ def _block_sums(x_ptr, grad_ptr, x_nat_ptr, offsets, mask, COMPUTE_DTYPE: tl.con
 
 
 @triton.jit
-def _l2_coefficients(grad_sq, delta_dot_grad, delta_sq, eps, alpha, min_grad_sq):
+def l2_coefficients(grad_sq, delta_dot_grad, delta_sq, eps, alpha, min_grad_sq):
     # l2_coefficients of pgd_math.h, in fp64. A norm that under- or overflowed (or is NaN) means
     # no move; the where()s keep the unselected branches free of 0*inf and x/0.
     moves = (grad_sq >= min_grad_sq) & (grad_sq > 0.0) & (grad_sq < float("inf"))

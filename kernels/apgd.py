@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ._common import on_device_of
-from ._projection import (_block_sums, _clamp_like_torch, _clamp_to_radius, _fp64,
-                          _l2_coefficients, _radius, _store_result, launch, radius_arguments)
+from ._projection import (as_fp64, block_sums, clamp_like_torch, clamp_to_radius, l2_coefficients,
+                          launch, radius_arguments, sample_radius, store_result)
 
 
 @triton.jit
@@ -49,18 +49,18 @@ def _apgd_step_linf_kernel(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, out_ptr, prev
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     x_nat = tl.load(x_nat_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     sample = offsets // sample_numel
-    eta_v = _radius(sample, eta, eta_ptr, ETA_PER_SAMPLE, mask).to(COMPUTE_DTYPE)
-    eps_v = _radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, mask).to(COMPUTE_DTYPE)
-    lo = _fp64(clip_lo).to(COMPUTE_DTYPE)
-    hi = _fp64(clip_hi).to(COMPUTE_DTYPE)
+    eta_v = sample_radius(sample, eta, eta_ptr, ETA_PER_SAMPLE, mask).to(COMPUTE_DTYPE)
+    eps_v = sample_radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, mask).to(COMPUTE_DTYPE)
+    lo = as_fp64(clip_lo).to(COMPUTE_DTYPE)
+    hi = as_fp64(clip_hi).to(COMPUTE_DTYPE)
     # z: pgd_step's L-inf step (a NaN or zero gradient makes no move).
     step = tl.where(g > 0, eta_v, tl.where(g < 0, -eta_v, 0.0))
-    z = _clamp_like_torch(x_nat + _clamp_to_radius(x + step - x_nat, eps_v), lo, hi, HAS_LO, HAS_HI)
-    moved = _momentum_point(x, z, x_prev, _fp64(a).to(COMPUTE_DTYPE),
-                            _fp64(one_minus_a).to(COMPUTE_DTYPE))
-    delta = _clamp_to_radius(moved - x_nat, eps_v)
-    result = _clamp_like_torch(x_nat + delta, lo, hi, HAS_LO, HAS_HI)
-    _store_result(out_ptr, offsets, result, mask)
+    z = clamp_like_torch(x_nat + clamp_to_radius(x + step - x_nat, eps_v), lo, hi, HAS_LO, HAS_HI)
+    moved = _momentum_point(x, z, x_prev, as_fp64(a).to(COMPUTE_DTYPE),
+                            as_fp64(one_minus_a).to(COMPUTE_DTYPE))
+    delta = clamp_to_radius(moved - x_nat, eps_v)
+    result = clamp_like_torch(x_nat + delta, lo, hi, HAS_LO, HAS_HI)
+    store_result(out_ptr, offsets, result, mask)
     if WRITE_PREV:
         tl.store(prev_out_ptr + offsets, x_raw, mask=mask)
 
@@ -77,7 +77,7 @@ def _l2_moved(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, offsets, mask, step_scale,
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     scale_c = step_scale.to(COMPUTE_DTYPE)
     stepped = tl.where(scale_c != 0.0, x + scale_c * g, x)
-    z = _clamp_like_torch(x_nat + (stepped - x_nat) * factor.to(COMPUTE_DTYPE), lo, hi, HAS_LO, HAS_HI)
+    z = clamp_like_torch(x_nat + (stepped - x_nat) * factor.to(COMPUTE_DTYPE), lo, hi, HAS_LO, HAS_HI)
     moved = _momentum_point(x, z, x_prev, a, one_minus_a)
     return x_raw, x_nat, moved.to(x_raw.dtype).to(COMPUTE_DTYPE)
 
@@ -95,25 +95,25 @@ def _apgd_step_l2_kernel(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, out_ptr, prev_o
     if WIDE_INDEX:
         sample = sample.to(tl.int64)
     first = sample * sample_numel
-    eta_v = _radius(sample, eta, eta_ptr, ETA_PER_SAMPLE, True)
-    eps_v = _radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, True)
+    eta_v = sample_radius(sample, eta, eta_ptr, ETA_PER_SAMPLE, True)
+    eps_v = sample_radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, True)
     # Pass 1: z's coefficients, as pgd_step computes them.
     grad_sq = tl.zeros([BLOCK], dtype=tl.float64)
     delta_dot_grad = tl.zeros([BLOCK], dtype=tl.float64)
     delta_sq = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, sample_numel, BLOCK):
         within = start + tl.arange(0, BLOCK)
-        gg, dg, dd = _block_sums(x_ptr, grad_ptr, x_nat_ptr, first + within,
+        gg, dg, dd = block_sums(x_ptr, grad_ptr, x_nat_ptr, first + within,
                                  within < sample_numel, COMPUTE_DTYPE)
         grad_sq += gg.to(tl.float64)
         delta_dot_grad += dg.to(tl.float64)
         delta_sq += dd.to(tl.float64)
-    step_scale, factor = _l2_coefficients(tl.sum(grad_sq, axis=0), tl.sum(delta_dot_grad, axis=0),
-                                          tl.sum(delta_sq, axis=0), eps_v, eta_v, _fp64(min_grad_sq))
-    a_c = _fp64(a).to(COMPUTE_DTYPE)
-    one_minus_a_c = _fp64(one_minus_a).to(COMPUTE_DTYPE)
-    lo = _fp64(clip_lo).to(COMPUTE_DTYPE)
-    hi = _fp64(clip_hi).to(COMPUTE_DTYPE)
+    step_scale, factor = l2_coefficients(tl.sum(grad_sq, axis=0), tl.sum(delta_dot_grad, axis=0),
+                                          tl.sum(delta_sq, axis=0), eps_v, eta_v, as_fp64(min_grad_sq))
+    a_c = as_fp64(a).to(COMPUTE_DTYPE)
+    one_minus_a_c = as_fp64(one_minus_a).to(COMPUTE_DTYPE)
+    lo = as_fp64(clip_lo).to(COMPUTE_DTYPE)
+    hi = as_fp64(clip_hi).to(COMPUTE_DTYPE)
     # Pass 2: the squared distance of the momentum point from x_nat.
     moved_sq = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, sample_numel, BLOCK):
@@ -134,8 +134,8 @@ def _apgd_step_l2_kernel(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, out_ptr, prev_o
         x_raw, x_nat, moved = _l2_moved(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, first + within, mask,
                                         step_scale, factor, a_c, one_minus_a_c, lo, hi, HAS_LO,
                                         HAS_HI, COMPUTE_DTYPE)
-        result = _clamp_like_torch(x_nat + (moved - x_nat) * projection, lo, hi, HAS_LO, HAS_HI)
-        _store_result(out_ptr, first + within, result, mask)
+        result = clamp_like_torch(x_nat + (moved - x_nat) * projection, lo, hi, HAS_LO, HAS_HI)
+        store_result(out_ptr, first + within, result, mask)
         if WRITE_PREV:
             tl.store(prev_out_ptr + first + within, x_raw, mask=mask)
 

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from ._common import on_device_of, tl_accumulation_dtype
-from ._projection import (_block_sums, _clamp_like_torch, _clamp_to_radius, _fp64,
-                          _l2_coefficients, _radius, _store_result, box_arguments, l2_block,
-                          launch, needs_int64, radius_arguments, smallest_reliable_grad_sq)
+from ._projection import (as_fp64, block_sums, box_arguments, clamp_like_torch, clamp_to_radius,
+                          l2_block, l2_coefficients, launch, needs_int64, radius_arguments,
+                          sample_radius, smallest_reliable_grad_sq, store_result)
 
 PARTIALS_BLOCK = 128  # partial sums a finalize program adds at a time
 INTERPRETER_PROGRAMS = 8  # "the device's width" under the interpreter, where there is no device
@@ -34,10 +34,10 @@ INTERPRETER_PROGRAMS = 8  # "the device's width" under the interpreter, where th
 def _signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE: tl.constexpr,
                   ALPHA_PER_SAMPLE: tl.constexpr, TARGETED: tl.constexpr, mask):
     # eps and alpha of `sample` in fp64; alpha carries the sign of the step.
-    alpha_v = _radius(sample, alpha, alpha_ptr, ALPHA_PER_SAMPLE, mask)
+    alpha_v = sample_radius(sample, alpha, alpha_ptr, ALPHA_PER_SAMPLE, mask)
     if TARGETED:
         alpha_v = -alpha_v
-    return _radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, mask), alpha_v
+    return sample_radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, mask), alpha_v
 
 
 @triton.jit
@@ -65,10 +65,10 @@ def _pgd_step_linf_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, numel, sample_num
     # alpha * sign(g) without a multiply; a NaN (or zero) gradient makes no move.
     step = tl.where(g > 0, alpha_v, tl.where(g < 0, -alpha_v, 0.0))
     stepped = x + step
-    delta = _clamp_to_radius(stepped - x_nat, eps_v)
-    result = _clamp_like_torch(x_nat + delta, _fp64(clip_lo).to(COMPUTE_DTYPE),
-                               _fp64(clip_hi).to(COMPUTE_DTYPE), HAS_LO, HAS_HI)
-    _store_result(out_ptr, offsets, result, mask)
+    delta = clamp_to_radius(stepped - x_nat, eps_v)
+    result = clamp_like_torch(x_nat + delta, as_fp64(clip_lo).to(COMPUTE_DTYPE),
+                               as_fp64(clip_hi).to(COMPUTE_DTYPE), HAS_LO, HAS_HI)
+    store_result(out_ptr, offsets, result, mask)
 
 
 @triton.jit
@@ -84,10 +84,10 @@ def _l2_write(x_ptr, grad_ptr, x_nat_ptr, out_ptr, offsets, mask, step_scale, fa
         stepped = x + scale_c * g
     else:
         stepped = x
-    result = _clamp_like_torch(x_nat + (stepped - x_nat) * factor.to(COMPUTE_DTYPE),
-                               _fp64(clip_lo).to(COMPUTE_DTYPE), _fp64(clip_hi).to(COMPUTE_DTYPE),
+    result = clamp_like_torch(x_nat + (stepped - x_nat) * factor.to(COMPUTE_DTYPE),
+                               as_fp64(clip_lo).to(COMPUTE_DTYPE), as_fp64(clip_hi).to(COMPUTE_DTYPE),
                                HAS_LO, HAS_HI)
-    _store_result(out_ptr, offsets, result, mask)
+    store_result(out_ptr, offsets, result, mask)
 
 
 @triton.jit
@@ -109,16 +109,16 @@ def _pgd_step_l2_sample_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, sample_numel
     delta_sq = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
     for start in range(0, sample_numel, BLOCK):
         within = start + tl.arange(0, BLOCK)
-        gg, dg, dd = _block_sums(x_ptr, grad_ptr, x_nat_ptr, first + within,
+        gg, dg, dd = block_sums(x_ptr, grad_ptr, x_nat_ptr, first + within,
                                  within < sample_numel, COMPUTE_DTYPE)
         grad_sq += gg
         delta_dot_grad += dg
         delta_sq += dd
     eps_v, alpha_v = _signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
                                    ALPHA_PER_SAMPLE, TARGETED, True)
-    step_scale, factor = _l2_coefficients(
+    step_scale, factor = l2_coefficients(
         tl.sum(grad_sq.to(tl.float64), axis=0), tl.sum(delta_dot_grad.to(tl.float64), axis=0),
-        tl.sum(delta_sq.to(tl.float64), axis=0), eps_v, alpha_v, _fp64(min_grad_sq))
+        tl.sum(delta_sq.to(tl.float64), axis=0), eps_v, alpha_v, as_fp64(min_grad_sq))
     for start in range(0, sample_numel, BLOCK):
         within = start + tl.arange(0, BLOCK)
         _l2_write(x_ptr, grad_ptr, x_nat_ptr, out_ptr, first + within, within < sample_numel,
@@ -136,7 +136,7 @@ def _pgd_step_l2_sums_kernel(x_ptr, grad_ptr, x_nat_ptr, partials_ptr, sample_nu
     sample = pid // blocks_per_sample
     block = pid - sample * blocks_per_sample
     within = block * BLOCK + tl.arange(0, BLOCK)
-    gg, dg, dd = _block_sums(x_ptr, grad_ptr, x_nat_ptr, sample * sample_numel + within,
+    gg, dg, dd = block_sums(x_ptr, grad_ptr, x_nat_ptr, sample * sample_numel + within,
                              within < sample_numel, COMPUTE_DTYPE)
     tl.store(partials_ptr + pid * 3 + 0, tl.sum(gg.to(tl.float64), axis=0))
     tl.store(partials_ptr + pid * 3 + 1, tl.sum(dg.to(tl.float64), axis=0))
@@ -163,8 +163,8 @@ def _pgd_step_l2_finalize_kernel(partials_ptr, coefficients_ptr, blocks_per_samp
         delta_sq += tl.load(row + 2, mask=keep, other=0.0)
     eps_v, alpha_v = _signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
                                    ALPHA_PER_SAMPLE, TARGETED, True)
-    step_scale, factor = _l2_coefficients(tl.sum(grad_sq, axis=0), tl.sum(delta_dot_grad, axis=0),
-                                          tl.sum(delta_sq, axis=0), eps_v, alpha_v, _fp64(min_grad_sq))
+    step_scale, factor = l2_coefficients(tl.sum(grad_sq, axis=0), tl.sum(delta_dot_grad, axis=0),
+                                          tl.sum(delta_sq, axis=0), eps_v, alpha_v, as_fp64(min_grad_sq))
     tl.store(coefficients_ptr + sample * 2 + 0, step_scale)
     tl.store(coefficients_ptr + sample * 2 + 1, factor)
 
