@@ -92,7 +92,8 @@ def run_apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x_n
     chosen = _backend.resolve(backend, x.device.type)
     with op_range("apgd_step"):
         if chosen == "cpp":
-            (eta_value, eta_per_sample), (eps_value, eps_per_sample) = schema_pair(eta), schema_pair(eps)
+            eta_value, eta_per_sample = schema_pair(eta)
+            eps_value, eps_per_sample = schema_pair(eps)
             args = (x, x_prev, grad, x_nat, eta_value, eps_value, eta_per_sample, eps_per_sample,
                     momentum, norm, clip_min, clip_max)
             if in_place:

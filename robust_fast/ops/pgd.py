@@ -161,7 +161,8 @@ def run_pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, e
     chosen = _backend.resolve(backend, x_adv.device.type)
     with op_range("pgd_step"):
         if chosen == "cpp":
-            (eps_value, eps_per_sample), (alpha_value, alpha_per_sample) = schema_pair(eps), schema_pair(alpha)
+            eps_value, eps_per_sample = schema_pair(eps)
+            alpha_value, alpha_per_sample = schema_pair(alpha)
             args = (x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample, alpha_per_sample,
                     norm, clip_min, clip_max, targeted)
             if out is None:
