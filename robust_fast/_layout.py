@@ -23,7 +23,7 @@ Named = Tuple[str, torch.Tensor]
 def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     """c10's TensorImpl::is_non_overlapping_and_dense (not bound in Python): the dimensions of
     size >= 2, ordered by stride, are contiguous; an empty tensor counts as dense."""
-    if t.numel() == 0:
+    if t.is_contiguous() or t.numel() == 0:  # the usual case, without the Python loop
         return True
     expected = 1
     for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) >= 2):
@@ -42,8 +42,10 @@ def _walks_as_it_lies(first: torch.Tensor, others: Sequence[torch.Tensor]) -> bo
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:
     """The bytes [first, end) that t's elements may occupy."""
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return start, start + extent * t.element_size()
 
 
