@@ -201,13 +201,15 @@ def schema_pair(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
 
 def apply_pgd_step(x_adv, grad, x_nat, eps: float, alpha: float, eps_per_sample, alpha_per_sample,
                    norm, clip_min, clip_max, targeted, out=None, backend=None) -> torch.Tensor:
-    """run_pgd_step with each radius as a pair (value, per-sample tensor or None)."""
+    """run_pgd_step with each radius as a pair (value, per-sample tensor or None): the form
+    robust_fast.attacks still passes; it goes when the attacks pass radii as they are."""
     return run_pgd_step(x_adv, grad, x_nat, eps if eps_per_sample is None else eps_per_sample,
                         alpha if alpha_per_sample is None else alpha_per_sample, norm, clip_min,
                         clip_max, targeted, out, backend)
 
 
 def split_radius(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
+    """schema_pair, under the name robust_fast.attacks imports (it goes with apply_pgd_step)."""
     return schema_pair(radius)
 
 
