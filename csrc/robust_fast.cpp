@@ -16,14 +16,16 @@ TORCH_LIBRARY(robust_fast, m) {
       "float? clip_max, bool targeted, Tensor(a!) out) -> ()");
   // One APGD step (Croce & Hein 2020): z = P(x + eta*s), x_new = P(x + a(z - x) + (1 - a)(x - x_prev)),
   // s = sign(grad) (linf) or grad/||grad|| (l2), P the projection onto the eps-ball around x_nat
-  // and the box. eta: float64 (B,) step sizes; eps: the scalar, or eps_per_sample (B,).
+  // and the box. eta/eps: as pgd_step's eps/alpha, the scalar or (when given) a float64 (B,) tensor.
   m.def(
-      "apgd_step(Tensor x, Tensor x_prev, Tensor grad, Tensor x_nat, Tensor eta, float eps, "
-      "Tensor? eps_per_sample, float momentum, str norm, float? clip_min, float? clip_max) -> Tensor");
+      "apgd_step(Tensor x, Tensor x_prev, Tensor grad, Tensor x_nat, float eta, float eps, "
+      "Tensor? eta_per_sample, Tensor? eps_per_sample, float momentum, str norm, float? clip_min, "
+      "float? clip_max) -> Tensor");
   // The same step in place, as the attack loop takes it: x <- x_new and x_prev <- x.
   m.def(
-      "apgd_step_(Tensor(a!) x, Tensor(b!) x_prev, Tensor grad, Tensor x_nat, Tensor eta, float eps, "
-      "Tensor? eps_per_sample, float momentum, str norm, float? clip_min, float? clip_max) -> ()");
+      "apgd_step_(Tensor(a!) x, Tensor(b!) x_prev, Tensor grad, Tensor x_nat, float eta, float eps, "
+      "Tensor? eta_per_sample, Tensor? eps_per_sample, float momentum, str norm, float? clip_min, "
+      "float? clip_max) -> ()");
   // The multi-teacher loss and, in the same pass over each row, its gradient.
   // student (B, D) or (B, K, D); teachers (K, B, D); weights None, (K,) or (B, K).
   // Returns (loss, row_losses (B, K) unweighted in float32/float64, grad_student, grad_teachers):

@@ -161,6 +161,30 @@ def test_in_place_and_inputs_stay(backend, device, norm):
 
 @pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("norm", NORMS)
+def test_in_place_on_strided_views_of_separate_memory(backend, device, norm):
+    """x and x_prev are views that are not dense, each over its own memory: the step goes
+    through temporaries and lands in them."""
+    x, x_prev, grad, x_nat, eta = make_inputs((3, 4, 6, 5), device=device)
+    expected = reference(x, x_prev, grad, x_nat, eta, 0.05, norm)
+    x_work, prev_work = (torch.stack([t, t], dim=-1)[..., 0] for t in (x, x_prev))
+    returned = robust_fast.apgd_step(x_work, prev_work, grad, x_nat, eta=eta, eps=0.05, norm=norm,
+                                     in_place=True, backend=backend)
+    assert returned is x_work
+    assert_matches(x_work, expected, torch.float32)
+    assert torch.equal(prev_work, x)
+
+
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
+def test_in_place_refuses_x_and_x_prev_overlapping_in_part(backend, device):
+    buffer = torch.rand(4, 6, device=device)
+    x, x_prev = buffer[:3], buffer[1:]
+    grad, x_nat = torch.randn(3, 6, device=device), torch.rand(3, 6, device=device)
+    with pytest.raises(ValueError, match="separate memory"):
+        robust_fast.apgd_step(x, x_prev, grad, x_nat, eta=0.01, eps=0.1, in_place=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend, device", PAIRS_AND_REFERENCE)
+@pytest.mark.parametrize("norm", NORMS)
 def test_empty_batch_and_float_eta(backend, device, norm):
     empty = torch.empty(0, 3, 4, 4, device=device)
     out = robust_fast.apgd_step(empty, empty.clone(), empty, empty, eta=0.1, eps=0.1, norm=norm, backend=backend)
@@ -213,11 +237,11 @@ cpp_only = pytest.mark.skipif(robust_fast._build.cpp_unavailable_reason("cpu") i
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 def test_opcheck(norm, layout):
     x, x_prev, grad, x_nat, eta = make_inputs((3, 2, 5, 4), layout=layout)
-    args = (x, x_prev, grad, x_nat, eta, 0.05, None, 0.75, norm, 0.0, 1.0)
+    args = (x, x_prev, grad, x_nat, 0.0, 0.05, eta, None, 0.75, norm, 0.0, 1.0)
     torch.library.opcheck(torch.ops.robust_fast.apgd_step.default, args)
     per_sample = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     torch.library.opcheck(torch.ops.robust_fast.apgd_step.default,
-                          (x, x_prev, grad, x_nat, eta, 0.0, per_sample, 1.0, norm, None, None))
+                          (x, x_prev, grad, x_nat, 0.0, 0.0, eta, per_sample, 1.0, norm, None, None))
     torch.library.opcheck(torch.ops.robust_fast.apgd_step_.default, (x.clone(), x_prev.clone()) + args[2:])
 
 
@@ -255,8 +279,8 @@ def test_not_differentiable(backend, device):
 @cpp_only
 def test_direct_op_call_refuses_backward():
     x, x_prev, grad, x_nat, eta = make_inputs((2, 3))
-    out = torch.ops.robust_fast.apgd_step(x.requires_grad_(), x_prev, grad, x_nat, eta, 0.1, None, 0.75,
-                                          "linf", 0.0, 1.0)
+    out = torch.ops.robust_fast.apgd_step(x.requires_grad_(), x_prev, grad, x_nat, 0.0, 0.1, eta, None,
+                                          0.75, "linf", 0.0, 1.0)
     with pytest.raises(RuntimeError, match="not differentiable"):
         out.sum().backward()
 
@@ -301,6 +325,19 @@ def call(**overrides):
 def test_bad_input_names_the_argument(overrides, error, words):
     with pytest.raises(error, match=words):
         call(**overrides)
+
+
+@cpp_only
+def test_op_in_place_refuses_written_tensors_that_share_memory():
+    buffer = torch.rand(4, 6)
+    grad, x_nat = torch.randn(3, 6), torch.rand(3, 6)
+    args = (grad, x_nat, 0.01, 0.1, None, None, 0.75, "linf", 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="x and x_prev are both written"):
+        torch.ops.robust_fast.apgd_step_(buffer[:3], buffer[:3], *args)
+    with pytest.raises(RuntimeError, match="x partially overlaps x_prev"):
+        torch.ops.robust_fast.apgd_step_(buffer[:3], buffer[1:], *args)
+    with pytest.raises(RuntimeError, match="x partially overlaps grad"):
+        torch.ops.robust_fast.apgd_step_(buffer[:3], torch.rand(3, 6), buffer[1:], x_nat, *args[2:])
 
 
 def test_in_place_needs_separate_x_and_x_prev():

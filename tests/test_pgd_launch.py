@@ -44,7 +44,7 @@ def test_triton_launches_under_the_operands_device(monkeypatch):
     with FakeTensorMode():
         x = torch.empty(4, 3, 8, device="cuda:1")
         for norm in ("linf", "l2"):
-            triton_pgd.pgd_step_triton(x, x, x, 0.1, 0.01, None, None, norm, 0.0, 1.0, False)
+            triton_pgd.pgd_step_triton(x, x, x, torch.empty_like(x), 0.1, 0.01, norm, 0.0, 1.0, False)
     assert seen == [1, 1]
     assert current["index"] == 0  # the caller's current device is given back
 
@@ -260,7 +260,7 @@ def test_attack_step_captures_in_a_cuda_graph(backend):
     """A step with no host synchronisation can be captured; a sync would abort the capture."""
     if unavailable_reason(backend, "cuda") is not None:
         pytest.skip(str(unavailable_reason(backend, "cuda")))
-    from robust_fast.ops.pgd import apply_pgd_step
+    from robust_fast.ops.pgd import run_pgd_step
 
     model = _small_model().cuda().eval()
     x = torch.rand(8, 3, 4, 4, device="cuda")
@@ -270,8 +270,7 @@ def test_attack_step_captures_in_a_cuda_graph(backend):
 
     def step():
         grad, _ = attacks.input_gradient(model, x_adv, y)
-        apply_pgd_step(x_adv, grad, x, 0.0, 0.01, eps, None, "l2", 0.0, 1.0, False, out=x_adv,
-                       backend=backend)
+        run_pgd_step(x_adv, grad, x, eps, 0.01, "l2", 0.0, 1.0, False, out=x_adv, backend=backend)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

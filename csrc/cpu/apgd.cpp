@@ -26,11 +26,11 @@ struct Rows {
 };
 
 template <typename scalar_t>
-Rows<scalar_t> rows_of(const ApgdProblem& p, at::Tensor& x_out, at::Tensor& prev_out) {
+Rows<scalar_t> rows_of(const ApgdProblem& p) {
   return {p.x.const_data_ptr<scalar_t>(), p.x_prev.const_data_ptr<scalar_t>(),
           p.grad.const_data_ptr<scalar_t>(), p.x_nat.const_data_ptr<scalar_t>(),
-          x_out.mutable_data_ptr<scalar_t>(),
-          prev_out.defined() ? prev_out.mutable_data_ptr<scalar_t>() : nullptr};
+          p.out.mutable_data_ptr<scalar_t>(),
+          p.prev_out.defined() ? p.prev_out.mutable_data_ptr<scalar_t>() : nullptr};
 }
 
 // ivdep: out may alias x and prev x_prev, but element i is read before it is written.
@@ -51,16 +51,16 @@ void linf_piece(const Rows<scalar_t>& r, int64_t begin, int64_t end, double eps_
   }
 }
 
-void linf_kernel(const ApgdProblem& p, at::Tensor& x_out, at::Tensor& prev_out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_out.scalar_type(), "apgd_step_cpu", [&] {
-    const Rows<scalar_t> r = rows_of<scalar_t>(p, x_out, prev_out);
-    const double* eta = p.eta.const_data_ptr<double>();
-    for_each_sample_piece(x_out.numel(), p.sample_numel, [&](int64_t s, int64_t b, int64_t e) {
+void linf_kernel(const ApgdProblem& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.out.scalar_type(), "apgd_step_cpu", [&] {
+    const Rows<scalar_t> r = rows_of<scalar_t>(p);
+    for_each_sample_piece(p.out.numel(), p.sample_numel, [&](int64_t s, int64_t b, int64_t e) {
       const double eps = value_for_sample(p.eps_per_sample, p.eps, s);
+      const double eta = value_for_sample(p.eta_per_sample, p.eta, s);
       if (r.prev != nullptr) {
-        linf_piece<scalar_t, true>(r, b, e, eps, eta[s], p.momentum, p.clip_lo, p.clip_hi);
+        linf_piece<scalar_t, true>(r, b, e, eps, eta, p.momentum, p.clip_lo, p.clip_hi);
       } else {
-        linf_piece<scalar_t, false>(r, b, e, eps, eta[s], p.momentum, p.clip_lo, p.clip_hi);
+        linf_piece<scalar_t, false>(r, b, e, eps, eta, p.momentum, p.clip_lo, p.clip_hi);
       }
     });
   });
@@ -134,34 +134,34 @@ void l2_sample(const Rows<scalar_t>& r, int64_t first, int64_t n, double eps, do
   }
 }
 
-void l2_kernel(const ApgdProblem& p, at::Tensor& x_out, at::Tensor& prev_out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_out.scalar_type(), "apgd_step_l2_cpu", [&] {
-    const Rows<scalar_t> r = rows_of<scalar_t>(p, x_out, prev_out);
-    const double* eta = p.eta.const_data_ptr<double>();
+void l2_kernel(const ApgdProblem& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.out.scalar_type(), "apgd_step_l2_cpu", [&] {
+    const Rows<scalar_t> r = rows_of<scalar_t>(p);
     const int64_t n = p.sample_numel;
     // Whole samples per task: the three passes over a sample stay in one core's cache.
     const int64_t samples_per_task = std::max<int64_t>(1, kCpuGrainSize / std::max<int64_t>(n, 1));
     at::parallel_for(0, p.batch, samples_per_task, [&](int64_t first, int64_t last) {
       for (int64_t s = first; s < last; ++s) {
-        l2_sample(r, s * n, n, value_for_sample(p.eps_per_sample, p.eps, s), eta[s], p);
+        l2_sample(r, s * n, n, value_for_sample(p.eps_per_sample, p.eps, s),
+                  value_for_sample(p.eta_per_sample, p.eta, s), p);
       }
     });
   });
 }
 
-void apgd_kernel_cpu(const ApgdProblem& problem, at::Tensor& x_out, at::Tensor& prev_out) {
+void apgd_step_cpu(const ApgdProblem& problem) {
   if (problem.l2) {
-    l2_kernel(problem, x_out, prev_out);
+    l2_kernel(problem);
   } else {
-    linf_kernel(problem, x_out, prev_out);
+    linf_kernel(problem);
   }
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CPU, m) {
-  m.impl("apgd_step", &apgd_step_entry<apgd_kernel_cpu>);
-  m.impl("apgd_step_", &apgd_step_in_place_entry<apgd_kernel_cpu>);
+  m.impl("apgd_step", &apgd_step_entry<apgd_step_cpu>);
+  m.impl("apgd_step_", &apgd_step_in_place_entry<apgd_step_cpu>);
 }
 
 }  // namespace robust_fast

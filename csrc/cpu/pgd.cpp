@@ -34,7 +34,8 @@ void linf_piece(const scalar_t* x, const scalar_t* g, const scalar_t* xn, scalar
   }
 }
 
-void linf_kernel(const PgdProblem& p, at::Tensor& out) {
+void linf_kernel(const PgdProblem& p) {
+  const at::Tensor& out = p.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pgd_step_cpu", [&] {
     const scalar_t* x = p.x_adv.const_data_ptr<scalar_t>();
     const scalar_t* g = p.grad.const_data_ptr<scalar_t>();
@@ -68,7 +69,8 @@ L2Coefficients<double> sample_coefficients(const PgdProblem& p, int64_t sample, 
                                 p.min_grad_sq);
 }
 
-void l2_kernel(const PgdProblem& p, at::Tensor& out) {
+void l2_kernel(const PgdProblem& p) {
+  const at::Tensor& out = p.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pgd_step_l2_cpu", [&] {
     const scalar_t* x = p.x_adv.const_data_ptr<scalar_t>();
     const scalar_t* g = p.grad.const_data_ptr<scalar_t>();
@@ -114,19 +116,19 @@ void l2_kernel(const PgdProblem& p, at::Tensor& out) {
   });
 }
 
-void pgd_kernel_cpu(const PgdProblem& problem, at::Tensor& out) {
+void pgd_step_cpu(const PgdProblem& problem) {
   if (problem.l2) {
-    l2_kernel(problem, out);
+    l2_kernel(problem);
   } else {
-    linf_kernel(problem, out);
+    linf_kernel(problem);
   }
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CPU, m) {
-  m.impl("pgd_step", &pgd_step_entry<pgd_kernel_cpu>);
-  m.impl("pgd_step_out", &pgd_step_out_entry<pgd_kernel_cpu>);
+  m.impl("pgd_step", &pgd_step_entry<pgd_step_cpu>);
+  m.impl("pgd_step_out", &pgd_step_out_entry<pgd_step_cpu>);
 }
 
 }  // namespace robust_fast

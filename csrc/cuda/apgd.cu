@@ -32,12 +32,12 @@ struct ApgdOperands {
   const scalar_t *x, *x_prev, *grad, *x_nat;
   scalar_t* out;   // may alias x: each element is read, then written, by the same thread
   scalar_t* prev;  // receives x (may alias x_prev), or nullptr
-  const double* eta;
+  const double* eta_per_sample;  // or nullptr for eta
   const double* eps_per_sample;  // or nullptr for eps
 };
 
 struct ApgdScalars {
-  double eps, a, one_minus_a, clip_lo, clip_hi, min_grad_sq;
+  double eta, eps, a, one_minus_a, clip_lo, clip_hi, min_grad_sq;
 };
 
 template <typename scalar_t>
@@ -50,7 +50,8 @@ __global__ void apgd_linf_kernel(ApgdOperands<scalar_t> op, int64_t numel, int64
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
     const int64_t sample = i / sample_numel;
-    const auto eta = static_cast<opmath_t>(op.eta[sample]);
+    const auto eta =
+        static_cast<opmath_t>(op.eta_per_sample != nullptr ? op.eta_per_sample[sample] : s.eta);
     const auto eps = static_cast<opmath_t>(op.eps_per_sample != nullptr ? op.eps_per_sample[sample] : s.eps);
     const scalar_t x_raw = op.x[i];
     const opmath_t x = x_raw, xn = op.x_nat[i];
@@ -90,6 +91,7 @@ __global__ void apgd_l2_kernel(ApgdOperands<scalar_t> op, int64_t batch, int64_t
   for (int64_t sample = blockIdx.x; sample < batch; sample += gridDim.x) {
     const int64_t begin = sample * sample_numel, end = begin + sample_numel;
     const double eps = op.eps_per_sample != nullptr ? op.eps_per_sample[sample] : s.eps;
+    const double eta = op.eta_per_sample != nullptr ? op.eta_per_sample[sample] : s.eta;
     // Pass 1: <g,g>, <d,g>, <d,d>; products in opmath_t, sums in double.
     L2Sums sums{0.0, 0.0, 0.0};
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
@@ -102,7 +104,7 @@ __global__ void apgd_l2_kernel(ApgdOperands<scalar_t> op, int64_t batch, int64_t
     }
     sums = block_sum(sums);
     const L2Coefficients<double> c = l2_coefficients<double>(
-        sums.grad_sq, sums.delta_dot_grad, sums.delta_sq, eps, op.eta[sample], s.min_grad_sq);
+        sums.grad_sq, sums.delta_dot_grad, sums.delta_sq, eps, eta, s.min_grad_sq);
     const auto step_scale = static_cast<opmath_t>(broadcast_from_thread0(c.step_scale));
     const auto factor = static_cast<opmath_t>(broadcast_from_thread0(c.factor));
     // Pass 2: the squared distance of the momentum point from x_nat.
@@ -133,19 +135,20 @@ int64_t elementwise_blocks(int64_t numel) {
   return std::max<int64_t>(1, std::min((numel + kThreads - 1) / kThreads, resident));
 }
 
-void apgd_kernel_cuda(const ApgdProblem& p, at::Tensor& x_out, at::Tensor& prev_out) {
+void apgd_step_cuda(const ApgdProblem& p) {
+  const at::Tensor& x_out = p.out;
   if (p.batch == 0 || x_out.numel() == 0) return;
   // Launch on the operands' device (make_apgd_problem has checked they share one).
   const c10::cuda::CUDAGuard device_guard(x_out.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const ApgdScalars scalars{p.eps, p.momentum, 1.0 - p.momentum, p.clip_lo, p.clip_hi, p.min_grad_sq};
+  const ApgdScalars scalars{p.eta, p.eps, p.momentum, 1.0 - p.momentum, p.clip_lo, p.clip_hi, p.min_grad_sq};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_out.scalar_type(), "apgd_step_cuda", [&] {
     const ApgdOperands<scalar_t> op{
         p.x.const_data_ptr<scalar_t>(), p.x_prev.const_data_ptr<scalar_t>(),
         p.grad.const_data_ptr<scalar_t>(), p.x_nat.const_data_ptr<scalar_t>(),
         x_out.mutable_data_ptr<scalar_t>(),
-        prev_out.defined() ? prev_out.mutable_data_ptr<scalar_t>() : nullptr,
-        p.eta.const_data_ptr<double>(),
+        p.prev_out.defined() ? p.prev_out.mutable_data_ptr<scalar_t>() : nullptr,
+        p.eta_per_sample.defined() ? p.eta_per_sample.const_data_ptr<double>() : nullptr,
         p.eps_per_sample.defined() ? p.eps_per_sample.const_data_ptr<double>() : nullptr};
     if (p.l2) {
       const auto blocks = static_cast<unsigned>(std::min(p.batch, kMaxGridX));
@@ -162,8 +165,8 @@ void apgd_kernel_cuda(const ApgdProblem& p, at::Tensor& x_out, at::Tensor& prev_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CUDA, m) {
-  m.impl("apgd_step", &apgd_step_entry<apgd_kernel_cuda>);
-  m.impl("apgd_step_", &apgd_step_in_place_entry<apgd_kernel_cuda>);
+  m.impl("apgd_step", &apgd_step_entry<apgd_step_cuda>);
+  m.impl("apgd_step_", &apgd_step_in_place_entry<apgd_step_cuda>);
 }
 
 }  // namespace robust_fast

@@ -321,7 +321,8 @@ void launch_l2(const Operands<scalar_t>& op, const PgdProblem& p, cudaStream_t s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void pgd_kernel_cuda(const PgdProblem& p, at::Tensor& out) {
+void pgd_step_cuda(const PgdProblem& p) {
+  const at::Tensor& out = p.out;
   if (p.batch == 0 || out.numel() == 0) return;
   // Launch on the operands' device (make_pgd_problem has checked they share one).
   const c10::cuda::CUDAGuard device_guard(out.device());
@@ -356,8 +357,8 @@ void pgd_kernel_cuda(const PgdProblem& p, at::Tensor& out) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CUDA, m) {
-  m.impl("pgd_step", &pgd_step_entry<pgd_kernel_cuda>);
-  m.impl("pgd_step_out", &pgd_step_out_entry<pgd_kernel_cuda>);
+  m.impl("pgd_step", &pgd_step_entry<pgd_step_cuda>);
+  m.impl("pgd_step_out", &pgd_step_out_entry<pgd_step_cuda>);
 }
 
 }  // namespace robust_fast

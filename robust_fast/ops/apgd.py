@@ -15,8 +15,9 @@ import torch
 
 from robust_fast import _backend, _build
 from robust_fast._checks import check_clip, check_floating_tensor
+from robust_fast._layout import kernel_layout, overlap
 from robust_fast._profiling import op_range
-from robust_fast.ops.pgd import Radius, check_radius, output_layout_like
+from robust_fast.ops.pgd import Radius, check_radius, output_layout_like, schema_pair
 from robust_fast.reference.apgd import apgd_step_reference
 
 NORMS = ("linf", "l2")
@@ -29,16 +30,6 @@ def _check_momentum(momentum) -> float:
     if math.isnan(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"apgd_step: momentum must be in [0, 1], got {momentum}")
     return momentum
-
-
-def prepare_eta(eta, batch: int, x: torch.Tensor, caller: str = "apgd_step") -> torch.Tensor:
-    """The step sizes as the kernels take them: a float64 (B,) tensor on x's device (a float is
-    broadcast). Values must be >= 0 and finite (read back once on CPU; on a GPU an asynchronous
-    device-side assertion, no host synchronisation)."""
-    scalar, per_sample = check_radius("eta", eta, batch, x, caller)
-    if per_sample is None:
-        return torch.full((batch,), scalar, dtype=torch.float64, device=x.device)
-    return per_sample
 
 
 def apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *,
@@ -76,45 +67,44 @@ def apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x_nat: 
         raise ValueError(f"apgd_step: norm must be one of {NORMS}, got {norm!r}")
     norm = norm.lower()
     batch = x.shape[0]
-    eta = prepare_eta(eta, batch, x)
-    eps_value, eps_per_sample = check_radius("eps", eps, batch, x, "apgd_step")
+    eta = check_radius("eta", eta, batch, x, "apgd_step")
+    eps = check_radius("eps", eps, batch, x, "apgd_step")
     momentum = _check_momentum(momentum)
     clip_min, clip_max = check_clip(clip, caller="apgd_step")
     if not isinstance(in_place, bool):
         raise TypeError(f"apgd_step: in_place must be a bool, got {type(in_place).__name__}")
     if in_place and x.numel() > 0 and (x_prev is x or (not torch.compiler.is_compiling()
-                                                     and x_prev.data_ptr() == x.data_ptr())):
+                                                     and overlap(x, x_prev) != "none")):
         raise ValueError("apgd_step: in_place needs x and x_prev in separate memory")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, x_prev, grad, x_nat)):
         raise RuntimeError("apgd_step is not differentiable: call it under torch.no_grad() "
                            "or on detached tensors")
-    return apply_apgd_step(x, x_prev, grad, x_nat, eta, eps_value, eps_per_sample, momentum,
-                           norm, clip_min, clip_max, in_place, backend)
+    return run_apgd_step(x, x_prev, grad, x_nat, eta, eps, momentum, norm, clip_min, clip_max,
+                         in_place, backend)
 
 
-def apply_apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor,
-                    eta: torch.Tensor, eps: float, eps_per_sample: Optional[torch.Tensor],
-                    momentum: float, norm: str, clip_min: Optional[float],
-                    clip_max: Optional[float], in_place: bool,
-                    backend: Optional[str] = None) -> torch.Tensor:
+def run_apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor,
+                  eta: Radius, eps: Radius, momentum: float, norm: str,
+                  clip_min: Optional[float], clip_max: Optional[float], in_place: bool,
+                  backend: Optional[str] = None) -> torch.Tensor:
     """apgd_step on arguments already validated (by apgd_step, or once at an attack's entry):
-    no checks and no host synchronisation. eta: float64 (B,) on x's device; eps_per_sample the
-    same or None."""
+    no checks and no host synchronisation."""
     chosen = _backend.resolve(backend, x.device.type)
     with op_range("apgd_step"):
         if chosen == "cpp":
-            args = (x, x_prev, grad, x_nat, eta, eps, eps_per_sample, momentum, norm, clip_min, clip_max)
+            eta_value, eta_per_sample = schema_pair(eta)
+            eps_value, eps_per_sample = schema_pair(eps)
+            args = (x, x_prev, grad, x_nat, eta_value, eps_value, eta_per_sample, eps_per_sample,
+                    momentum, norm, clip_min, clip_max)
             if in_place:
                 torch.ops.robust_fast.apgd_step_(*args)
                 return x
             return torch.ops.robust_fast.apgd_step(*args)
         if chosen == "triton":
-            from robust_fast.kernels.apgd import apgd_step_triton
-            return apgd_step_triton(x, x_prev, grad, x_nat, eta, eps, eps_per_sample, momentum,
-                                    norm, clip_min, clip_max, in_place)
-        result = apgd_step_reference(x, x_prev, grad, x_nat, eta=eta,
-                                     eps=eps if eps_per_sample is None else eps_per_sample,
-                                     momentum=momentum, norm=norm, clip_min=clip_min, clip_max=clip_max)
+            return _apgd_step_triton(x, x_prev, grad, x_nat, eta, eps, momentum, norm, clip_min,
+                                     clip_max, in_place)
+        result = apgd_step_reference(x, x_prev, grad, x_nat, eta=eta, eps=eps, momentum=momentum,
+                                     norm=norm, clip_min=clip_min, clip_max=clip_max)
         if not in_place:
             return result
         x_prev.copy_(x)
@@ -122,16 +112,47 @@ def apply_apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x
         return x
 
 
+def _apgd_step_triton(x, x_prev, grad, x_nat, eta, eps, momentum, norm, clip_min, clip_max, in_place):
+    # Imported on first use: triton is optional, and slow to import.
+    from robust_fast.kernels.apgd import apgd_step_triton
+
+    operands = (("x", x), ("x_prev", x_prev), ("grad", grad), ("x_nat", x_nat))
+    written = (("x", x), ("x_prev", x_prev)) if in_place else ()
+    layout = kernel_layout("apgd_step", operands, written)
+    scalars = (eta, eps, momentum, norm, clip_min, clip_max)
+    if not in_place:
+        return apgd_step_triton(*layout.operands, torch.empty_like(layout.operands[0]), None, *scalars)
+    if layout.writes_directly:
+        apgd_step_triton(*layout.operands, x, x_prev, *scalars)
+        return x
+    out, prev_out = torch.empty_like(layout.operands[0]), torch.empty_like(layout.operands[0])
+    apgd_step_triton(*layout.operands, out, prev_out, *scalars)
+    x.copy_(out)
+    x_prev.copy_(prev_out)
+    return x
+
+
+def apply_apgd_step(x, x_prev, grad, x_nat, eta: torch.Tensor, eps: float, eps_per_sample,
+                    momentum, norm, clip_min, clip_max, in_place, backend=None) -> torch.Tensor:
+    """run_apgd_step with eps as a pair (value, per-sample tensor or None): the form
+    robust_fast.apgd still passes; it goes when the attack passes radii as they are."""
+    return run_apgd_step(x, x_prev, grad, x_nat, eta, eps if eps_per_sample is None else eps_per_sample,
+                         momentum, norm, clip_min, clip_max, in_place, backend)
+
+
 def _register_fake_and_autograd() -> None:
     if _build.compiled_library_error() is not None:
         return
 
     @torch.library.register_fake("robust_fast::apgd_step")
-    def _(x, x_prev, grad, x_nat, eta, eps, eps_per_sample, momentum, norm, clip_min, clip_max):
-        return output_layout_like(x, x_prev, grad, x_nat)
+    def _(x, x_prev, grad, x_nat, eta, eps, eta_per_sample, eps_per_sample, momentum, norm,
+          clip_min, clip_max):
+        return output_layout_like("apgd_step", ("x", x), ("x_prev", x_prev), ("grad", grad),
+                                  ("x_nat", x_nat))
 
     @torch.library.register_fake("robust_fast::apgd_step_")
-    def _(x, x_prev, grad, x_nat, eta, eps, eps_per_sample, momentum, norm, clip_min, clip_max):
+    def _(x, x_prev, grad, x_nat, eta, eps, eta_per_sample, eps_per_sample, momentum, norm,
+          clip_min, clip_max):
         return None
 
     def _not_differentiable(ctx, grad_output):

@@ -14,10 +14,13 @@ import torch
 
 from robust_fast import _backend, _build
 from robust_fast._checks import check_clip, check_floating_tensor
-from robust_fast._layout import walks_as_it_lies
+from robust_fast._layout import kernel_layout
 from robust_fast._profiling import op_range
 from robust_fast.reference.pgd import pgd_step_reference
 
+# A radius (eps, alpha; apgd_step's eta) from an op's entry to its kernels: a float, or a float64
+# tensor of shape (B,) on the operands' device, contiguous (check_radius makes one). Only at the
+# C++ op's boundary does it become the schema's pair (float, Tensor?): schema_pair.
 Radius = Union[float, torch.Tensor]
 NORMS = ("linf", "l2")
 STEP_SIZES = ("alpha", "eta")  # radii that must also be finite
@@ -28,12 +31,13 @@ def _check_operand(name: str, value) -> torch.Tensor:
 
 
 def check_radius(name: str, value, batch: int, x: torch.Tensor,
-                 caller: str = "pgd_step") -> Tuple[float, Optional[torch.Tensor]]:
-    """(scalar, None) for a number, (0.0, float64 tensor of shape (B,) on x's device) for a
-    tensor. Never reads a value back from a GPU: there, a 0-dim tensor becomes a per-sample one
-    and bad values fail asynchronously (torch._assert_async); see prepare_radius."""
+                 caller: str = "pgd_step") -> Radius:
+    """The radius as the kernels take it: a float for a number (or a 0-dim CPU tensor), else a
+    float64 (B,) tensor on x's device. Never reads a value back from a GPU: there, a 0-dim
+    tensor becomes a per-sample one and bad values fail asynchronously (torch._assert_async);
+    see prepare_radius."""
     if type(value) is float and value >= 0 and value != math.inf:  # the common case, fast
-        return value, None
+        return value
     if isinstance(value, torch.Tensor):
         if value.is_complex() or not (value.is_floating_point() or value.dtype in
                                       (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
@@ -50,7 +54,7 @@ def check_radius(name: str, value, batch: int, x: torch.Tensor,
             per_sample = value.detach().to(device=x.device, dtype=torch.float64).contiguous()
             if not torch.compiler.is_compiling():
                 _check_radius_values(name, per_sample, caller, x.device.type == "cpu")
-            return 0.0, per_sample
+            return per_sample
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{caller}: {name} must be a float or a tensor of shape ({batch},), "
                         f"got {type(value).__name__}")
@@ -59,7 +63,7 @@ def check_radius(name: str, value, batch: int, x: torch.Tensor,
         raise ValueError(f"{caller}: {name} must be >= 0 and not NaN, got {value}")
     if name in STEP_SIZES and math.isinf(value):
         raise ValueError(f"{caller}: {name} must be finite, got inf")
-    return value, None
+    return value
 
 
 def _check_radius_values(name: str, per_sample: torch.Tensor, caller: str, read_back: bool) -> None:
@@ -81,12 +85,10 @@ def prepare_radius(name: str, value, batch: int, x: torch.Tensor, caller: str) -
     """A radius validated once, at an attack's entry, for apply_pgd_step in its loop: a float,
     or a float64 (B,) tensor on x's device. Reads the values back (once) so that a bad one is
     a ValueError here rather than an asynchronous failure inside the loop."""
-    scalar, per_sample = check_radius(name, value, batch, x, caller)
-    if per_sample is None:
-        return scalar
-    if x.device.type != "cpu":
-        _check_radius_values(name, per_sample, caller, read_back=True)
-    return per_sample
+    radius = check_radius(name, value, batch, x, caller)
+    if isinstance(radius, torch.Tensor) and x.device.type != "cpu":
+        _check_radius_values(name, radius, caller, read_back=True)
+    return radius
 
 
 def _check_norm(norm) -> str:
@@ -130,8 +132,8 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
             raise TypeError(f"pgd_step: {name} must have x_adv's dtype {x_adv.dtype}, got {other.dtype}")
     norm = _check_norm(norm)
     batch = x_adv.shape[0]
-    eps_value, eps_per_sample = check_radius("eps", eps, batch, x_adv)
-    alpha_value, alpha_per_sample = check_radius("alpha", alpha, batch, x_adv)
+    eps = check_radius("eps", eps, batch, x_adv)
+    alpha = check_radius("alpha", alpha, batch, x_adv)
     clip_min, clip_max = check_clip(clip)
     if not isinstance(targeted, bool):
         raise TypeError(f"pgd_step: targeted must be a bool, got {type(targeted).__name__}")
@@ -145,52 +147,75 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, *, ep
         raise RuntimeError("pgd_step is not differentiable: call it under torch.no_grad() "
                            "or on detached tensors")
 
-    return apply_pgd_step(x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample,
-                          alpha_per_sample, norm, clip_min, clip_max, targeted, out, backend)
+    return run_pgd_step(x_adv, grad, x_nat, eps, alpha, norm, clip_min, clip_max, targeted, out,
+                        backend)
 
 
-def apply_pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: float,
-                   alpha: float, eps_per_sample: Optional[torch.Tensor],
-                   alpha_per_sample: Optional[torch.Tensor], norm: str,
-                   clip_min: Optional[float], clip_max: Optional[float], targeted: bool,
-                   out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """pgd_step on arguments already validated (by pgd_step, or once at an attack's entry):
-    no checks and no host synchronisation, so an attack's loop can call it every step.
-    eps_per_sample / alpha_per_sample: float64 (B,) tensors on x_adv's device, or None."""
+def run_pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: Radius,
+                 alpha: Radius, norm: str, clip_min: Optional[float], clip_max: Optional[float],
+                 targeted: bool, out: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """pgd_step on arguments already validated (by pgd_step, or once at an attack's entry, with
+    prepare_radius): no checks and no host synchronisation, so an attack's loop can call it
+    every step."""
     chosen = _backend.resolve(backend, x_adv.device.type)
     with op_range("pgd_step"):
         if chosen == "cpp":
-            args = (x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample,
+            eps_value, eps_per_sample = schema_pair(eps)
+            alpha_value, alpha_per_sample = schema_pair(alpha)
+            args = (x_adv, grad, x_nat, eps_value, alpha_value, eps_per_sample, alpha_per_sample,
                     norm, clip_min, clip_max, targeted)
             if out is None:
                 return torch.ops.robust_fast.pgd_step(*args)
             torch.ops.robust_fast.pgd_step_out(*args, out)
             return out
         if chosen == "triton":
-            from robust_fast.kernels.pgd import pgd_step_triton
-            return pgd_step_triton(x_adv, grad, x_nat, eps, alpha, eps_per_sample,
-                                   alpha_per_sample, norm, clip_min, clip_max, targeted, out)
-        result = pgd_step_reference(
-            x_adv, grad, x_nat,
-            eps=eps if eps_per_sample is None else eps_per_sample,
-            alpha=alpha if alpha_per_sample is None else alpha_per_sample,
-            norm=norm, clip_min=clip_min, clip_max=clip_max, targeted=targeted)
+            return _pgd_step_triton(x_adv, grad, x_nat, eps, alpha, norm, clip_min, clip_max,
+                                    targeted, out)
+        result = pgd_step_reference(x_adv, grad, x_nat, eps=eps, alpha=alpha, norm=norm,
+                                    clip_min=clip_min, clip_max=clip_max, targeted=targeted)
         if out is None:
             return result
         out.copy_(result)
         return out
 
 
-def split_radius(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
-    """A prepared radius as apply_pgd_step takes it: (float, None) or (0.0, per-sample tensor)."""
+def _pgd_step_triton(x_adv, grad, x_nat, eps, alpha, norm, clip_min, clip_max, targeted, out):
+    # Imported on first use: triton is optional, and slow to import.
+    from robust_fast.kernels.pgd import pgd_step_triton
+
+    written = () if out is None else (("out", out),)
+    layout = kernel_layout("pgd_step", (("x_adv", x_adv), ("grad", grad), ("x_nat", x_nat)), written)
+    target = out if out is not None and layout.writes_directly else torch.empty_like(layout.operands[0])
+    pgd_step_triton(*layout.operands, target, eps, alpha, norm, clip_min, clip_max, targeted)
+    if out is None or target is out:
+        return target
+    out.copy_(target)
+    return out
+
+
+def schema_pair(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
+    """A radius as the C++ schemas take it: (float, None), or (0.0, per-sample tensor)."""
     return (0.0, radius) if isinstance(radius, torch.Tensor) else (radius, None)
 
 
-def output_layout_like(x_adv: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """An empty result with the strides the C++ kernels give theirs (for the fake kernels)."""
-    if walks_as_it_lies(x_adv, *others):
-        return torch.empty_like(x_adv)
-    return torch.empty(x_adv.shape, dtype=x_adv.dtype, device=x_adv.device)
+def apply_pgd_step(x_adv, grad, x_nat, eps: float, alpha: float, eps_per_sample, alpha_per_sample,
+                   norm, clip_min, clip_max, targeted, out=None, backend=None) -> torch.Tensor:
+    """run_pgd_step with each radius as a pair (value, per-sample tensor or None): the form
+    robust_fast.attacks still passes; it goes when the attacks pass radii as they are."""
+    return run_pgd_step(x_adv, grad, x_nat, eps if eps_per_sample is None else eps_per_sample,
+                        alpha if alpha_per_sample is None else alpha_per_sample, norm, clip_min,
+                        clip_max, targeted, out, backend)
+
+
+def split_radius(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
+    """schema_pair, under the name robust_fast.attacks imports (it goes with apply_pgd_step)."""
+    return schema_pair(radius)
+
+
+def output_layout_like(op: str, *operands: Tuple[str, torch.Tensor]) -> torch.Tensor:
+    """An empty result with the strides the kernels give theirs (for the fake kernels)."""
+    return torch.empty_like(kernel_layout(op, operands).operands[0])
 
 
 def _register_fake_and_autograd() -> None:
@@ -200,7 +225,7 @@ def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("robust_fast::pgd_step")
     def _(x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample, norm,
           clip_min, clip_max, targeted):
-        return output_layout_like(x_adv, grad, x_nat)
+        return output_layout_like("pgd_step", ("x_adv", x_adv), ("grad", grad), ("x_nat", x_nat))
 
     @torch.library.register_fake("robust_fast::pgd_step_out")
     def _(x_adv, grad, x_nat, eps, alpha, eps_per_sample, alpha_per_sample, norm,
