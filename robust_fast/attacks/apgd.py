@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
 from robust_fast.attacks._common import check_attack_arguments, chunks, clean_predictions
-from robust_fast.ops.apgd import apply_apgd_step
+from robust_fast.ops.apgd import run_apgd_step
 
 LOSSES = ("ce", "dlr")
 MOMENTUM = 0.75  # the weight of the new step after the first (the paper's alpha)
@@ -184,8 +184,8 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
 
     for i in range(steps):
         with op_range("attack_step"):
-            apply_apgd_step(x, x_prev, grad, x_nat, eta, eps, None, 1.0 if i == 0 else MOMENTUM,
-                            norm, low, high, True, backend)
+            run_apgd_step(x, x_prev, grad, x_nat, eta, eps, 1.0 if i == 0 else MOMENTUM,
+                          norm, low, high, True, backend)
             loss_new, logits, grad = _loss_logits_grad(model, x, y, target, loss)
             increases += (loss_new > loss_now).to(torch.int32)
             loss_now = loss_new

@@ -18,7 +18,7 @@ from torch import nn
 from robust_fast._checks import check_clip
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.ops.pgd import apply_pgd_step, prepare_radius, split_radius
+from robust_fast.ops.pgd import prepare_radius, run_pgd_step
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Radius = Union[float, torch.Tensor]
@@ -125,10 +125,7 @@ def _join(value: Radius, more: Radius) -> Radius:
 def _step_in_place(x_act, grad, x_nat, eps: Radius, alpha: Radius, step_options) -> None:
     """One PGD step of the active rows, on radii prepared at the attack's entry: no checks,
     no host synchronisation."""
-    eps_value, eps_per_sample = split_radius(eps)
-    alpha_value, alpha_per_sample = split_radius(alpha)
-    apply_pgd_step(x_act, grad, x_nat, eps_value, alpha_value, eps_per_sample, alpha_per_sample,
-                   out=x_act, **step_options)
+    run_pgd_step(x_act, grad, x_nat, eps, alpha, out=x_act, **step_options)
 
 
 def _step_size(alpha: Radius, grad: torch.Tensor, eps_for_division: float) -> Radius:
@@ -139,7 +136,7 @@ def _step_size(alpha: Radius, grad: torch.Tensor, eps_for_division: float) -> Ra
     norms = grad.reshape(grad.shape[0], -1).norm(p=2, dim=1)
     scale = norms / (norms + eps_for_division)
     scale = torch.where(torch.isfinite(scale), scale, 0.0)  # a NaN gradient makes no move anyway
-    return alpha * scale.to(torch.float64)  # a per-sample radius, as apply_pgd_step takes it
+    return alpha * scale.to(torch.float64)  # a per-sample radius, as run_pgd_step takes it
 
 
 def _attack_in_chunks(model, x, y, x_adv, *, eps, alpha, steps, loss_fn, pool, division, step_options):
@@ -278,13 +275,12 @@ def fgsm(model, x: torch.Tensor, y: torch.Tensor, *, eps: Radius = 8 / 255, clip
          backend: Optional[str] = None) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al.): one L-inf step of size eps from x."""
     _check_attack_inputs(model, x, y)
-    eps_value, eps_per_sample = split_radius(prepare_radius("eps", eps, x.shape[0], x, caller="fgsm"))
+    eps = prepare_radius("eps", eps, x.shape[0], x, caller="fgsm")
     low, high = check_clip(clip, caller="fgsm")
     if not isinstance(targeted, bool):
         raise TypeError(f"fgsm: targeted must be a bool, got {type(targeted).__name__}")
     x = x.detach()
     with modules_in_mode(model, model_training), op_range("fgsm"), torch.no_grad():
         grad, _ = input_gradient(model, x, y, loss_fn)
-        return apply_pgd_step(x, grad, x, eps_value, eps_value, eps_per_sample, eps_per_sample,
-                              "linf", low, high, targeted, backend=backend)
+        return run_pgd_step(x, grad, x, eps, eps, "linf", low, high, targeted, backend=backend)
 

@@ -132,14 +132,6 @@ def _apgd_step_triton(x, x_prev, grad, x_nat, eta, eps, momentum, norm, clip_min
     return x
 
 
-def apply_apgd_step(x, x_prev, grad, x_nat, eta: torch.Tensor, eps: float, eps_per_sample,
-                    momentum, norm, clip_min, clip_max, in_place, backend=None) -> torch.Tensor:
-    """run_apgd_step with eps as a pair (value, per-sample tensor or None): the form
-    robust_fast.apgd still passes; it goes when the attack passes radii as they are."""
-    return run_apgd_step(x, x_prev, grad, x_nat, eta, eps if eps_per_sample is None else eps_per_sample,
-                         momentum, norm, clip_min, clip_max, in_place, backend)
-
-
 def _register_fake_and_autograd() -> None:
     if _build.compiled_library_error() is not None:
         return

@@ -82,7 +82,7 @@ def _check_radius_values(name: str, per_sample: torch.Tensor, caller: str, read_
 
 
 def prepare_radius(name: str, value, batch: int, x: torch.Tensor, caller: str) -> Radius:
-    """A radius validated once, at an attack's entry, for apply_pgd_step in its loop: a float,
+    """A radius validated once, at an attack's entry, for run_pgd_step in its loop: a float,
     or a float64 (B,) tensor on x's device. Reads the values back (once) so that a bad one is
     a ValueError here rather than an asynchronous failure inside the loop."""
     radius = check_radius(name, value, batch, x, caller)
@@ -197,20 +197,6 @@ def _pgd_step_triton(x_adv, grad, x_nat, eps, alpha, norm, clip_min, clip_max, t
 def schema_pair(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
     """A radius as the C++ schemas take it: (float, None), or (0.0, per-sample tensor)."""
     return (0.0, radius) if isinstance(radius, torch.Tensor) else (radius, None)
-
-
-def apply_pgd_step(x_adv, grad, x_nat, eps: float, alpha: float, eps_per_sample, alpha_per_sample,
-                   norm, clip_min, clip_max, targeted, out=None, backend=None) -> torch.Tensor:
-    """run_pgd_step with each radius as a pair (value, per-sample tensor or None): the form
-    robust_fast.attacks still passes; it goes when the attacks pass radii as they are."""
-    return run_pgd_step(x_adv, grad, x_nat, eps if eps_per_sample is None else eps_per_sample,
-                        alpha if alpha_per_sample is None else alpha_per_sample, norm, clip_min,
-                        clip_max, targeted, out, backend)
-
-
-def split_radius(radius: Radius) -> Tuple[float, Optional[torch.Tensor]]:
-    """schema_pair, under the name robust_fast.attacks imports (it goes with apply_pgd_step)."""
-    return schema_pair(radius)
 
 
 def output_layout_like(op: str, *operands: Tuple[str, torch.Tensor]) -> torch.Tensor:
