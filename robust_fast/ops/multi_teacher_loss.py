@@ -255,7 +255,10 @@ class _EagerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):  # (not a separate setup_context: apply then skips binding the arguments)
         inputs, (forward_launcher, backward_launcher) = args[:-1], args[-1]
-        with _below_autograd():
+        if forward_launcher is _cpp_op:
+            with _below_autograd():
+                output = _cpp_op(*inputs)
+        else:  # a Triton launcher reaches no autograd key (and torch.compile can trace it)
             output = forward_launcher(*inputs)
         _save(ctx, inputs, output, backward_launcher)
         return output[0]
