@@ -247,10 +247,10 @@ def setup_context(ctx, inputs, output) -> None:
 
 class _EagerLoss(torch.autograd.Function):
     """An eager call's entry into the autograd above: apply(*op arguments, (forward launcher,
-    backward launcher)). It returns the loss alone and calls the launcher below the autograd
-    keys, so a C++ call skips the op's registered autograd (a Python layer that would only
-    redispatch, with four outputs to set up): measurably less per call than entering through
-    the op (docs/architecture.md, things that bite)."""
+    backward launcher)). It returns the loss alone and calls the C++ op below the autograd
+    keys, skipping the op's registered autograd (a Python layer that would only redispatch,
+    with four outputs to set up): measurably less per call than entering through the op
+    (docs/architecture.md, things that bite)."""
 
     @staticmethod
     def forward(ctx, *args):  # (not a separate setup_context: apply then skips binding the arguments)
