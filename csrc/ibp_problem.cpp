@@ -2,6 +2,9 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <array>
 
 namespace robust_fast {
 
@@ -125,29 +128,6 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_linear(
   return {c_out.view(shape), r_out.view(shape)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ibp_linear_backward(
-    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
-    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
-    std::array<bool, 3> output_mask) {
-  check_pair("_ibp_linear_backward", center, radius);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor gc = grad_center.reshape({-1, out});
-  const at::Tensor gr = grad_radius.reshape({-1, out});
-  at::Tensor grad_c = empty_like_nothing(center), grad_r = empty_like_nothing(center);
-  at::Tensor grad_w = empty_like_nothing(weight), grad_b = empty_like_nothing(weight);
-  if (output_mask[0]) {
-    grad_c = at::mm(gc, weight).view(center.sizes());
-    grad_r = at::mm(gr, abs_of(weight, abs_weight)).view(center.sizes());
-  }
-  if (output_mask[1]) {
-    // d|W|/dW = sign(W) (0 at 0, as torch.abs's gradient).
-    grad_w = at::mm(gc.t(), center.reshape({-1, in}));
-    grad_w.addcmul_(at::sign(weight), at::mm(gr.t(), radius.reshape({-1, in})));
-  }
-  if (output_mask[2]) grad_b = gc.sum(0);
-  return {grad_c, grad_r, grad_w, grad_b};
-}
-
 std::tuple<at::Tensor, at::Tensor> run_ibp_conv2d(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& abs_weight,
@@ -172,7 +152,34 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_conv2d(
   return {with_leading(c_out, center), with_leading(r_out, center)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ibp_conv2d_backward(
+namespace {
+
+// The backwards of the products are the vendor's products again (at::mm, at::convolution_backward),
+// which run on any device: one kernel for every backend (registered below).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ibp_linear_backward(
+    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
+    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
+    std::array<bool, 3> output_mask) {
+  check_pair("_ibp_linear_backward", center, radius);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const at::Tensor gc = grad_center.reshape({-1, out});
+  const at::Tensor gr = grad_radius.reshape({-1, out});
+  at::Tensor grad_c = empty_like_nothing(center), grad_r = empty_like_nothing(center);
+  at::Tensor grad_w = empty_like_nothing(weight), grad_b = empty_like_nothing(weight);
+  if (output_mask[0]) {
+    grad_c = at::mm(gc, weight).view(center.sizes());
+    grad_r = at::mm(gr, abs_of(weight, abs_weight)).view(center.sizes());
+  }
+  if (output_mask[1]) {
+    // d|W|/dW = sign(W) (0 at 0, as torch.abs's gradient).
+    grad_w = at::mm(gc.t(), center.reshape({-1, in}));
+    grad_w.addcmul_(at::sign(weight), at::mm(gr.t(), radius.reshape({-1, in})));
+  }
+  if (output_mask[2]) grad_b = gc.sum(0);
+  return {grad_c, grad_r, grad_w, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ibp_conv2d_backward(
     const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
     const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -203,6 +210,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ibp_conv2d_backwa
   }
   if (!output_mask[2]) grad_b = empty_like_nothing(weight);
   return {grad_c, grad_r, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robust_fast, CompositeExplicitAutograd, m) {
+  m.impl("_ibp_linear_backward", &ibp_linear_backward);
+  m.impl("_ibp_conv2d_backward", &ibp_conv2d_backward);
 }
 
 }  // namespace robust_fast

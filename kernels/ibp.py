@@ -9,22 +9,26 @@ maps the interval through ReLU before the only store. The same kernel with W.T i
 gives the input gradients (grad_center @ W, grad_radius @ |W|).
 
 Convolution takes the simpler route: F.unfold (im2col) of the center and the radius, then the
-linear kernel per group, the result folded back to (N, C_out, H_out, W_out); autograd runs
-through unfold and the linear Function.
+linear kernel per group, the result folded back to (N, C_out, H_out, W_out); its backward is the
+linear kernel's on the columns, folded back by F.fold (unfold's adjoint).
 
 _ibp_relu_kernel / _ibp_relu_backward_kernel: elementwise over one flat dense layout.
+
+Each launcher returns what the C++ op of the same name returns (ibp_linear_triton as
+torch.ops.robust_fast.ibp_linear, _ibp_linear_backward_triton as _ibp_linear_backward, ...; |W|
+is taken on load, so no abs_weight). robust_fast/ops/ibp.py validates the arguments, lays the
+elementwise operands out (one shared dense layout) and owns the autograd.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from robust_fast._layout import is_non_overlapping_and_dense
+from ._common import on_device_of, tl_accumulation_dtype
 
 BLOCK_M = 32
 BLOCK_N = 32
@@ -96,10 +100,6 @@ def _ibp_relu_backward_kernel(gco_ptr, gro_ptr, c_ptr, r_ptr, gc_ptr, gr_ptr, n,
     tl.store(gr_ptr + offsets, (through_hi - through_lo).to(gr_ptr.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 # --------------------------------------------------------------------------------------------
 # launchers
 
@@ -113,143 +113,177 @@ def _dual_products(x_c: torch.Tensor, x_r: torch.Tensor, w: torch.Tensor, w_stri
     if m == 0 or n == 0:
         return c_out, r_out
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    with _on_device_of(x_c):
+    with on_device_of(x_c):
         _ibp_linear_kernel[grid](
             x_c, x_r, w, bias if bias is not None else x_c, c_out, r_out, m, n, k,
             x_c.stride(0), x_c.stride(1), x_r.stride(0), x_r.stride(1), w_stride_n, w_stride_k,
-            HAS_BIAS=bias is not None, RELU=relu, ACC=_acc(x_c.dtype),
+            HAS_BIAS=bias is not None, RELU=relu, ACC=tl_accumulation_dtype(x_c.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return c_out, r_out
 
 
-def _on_device_of(t: torch.Tensor):
-    """Launch on the tensor's GPU, whichever device is current."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def _input_grads(grad_c: torch.Tensor, grad_r: torch.Tensor, w: torch.Tensor):
+    """(grad_c @ w, grad_r @ |w|) for 2-D w (N, K): the dual products with w.T."""
+    return _dual_products(grad_c, grad_r, w, w.stride(1), w.stride(0), w.shape[1], None, False)
 
 
-def _elementwise_inputs(*tensors: torch.Tensor):
-    first = tensors[0]
-    if is_non_overlapping_and_dense(first) and all(t.stride() == first.stride() for t in tensors):
-        return tensors
-    return tuple(t.contiguous() for t in tensors)
+def _weight_grad(grad_c: torch.Tensor, grad_r: torch.Tensor, x_c: torch.Tensor, x_r: torch.Tensor,
+                 w: torch.Tensor) -> torch.Tensor:
+    # d|W|/dW = sign(W) (0 at 0, as torch.abs's gradient).
+    return grad_c.t().mm(x_c).addcmul_(torch.sign(w), grad_r.t().mm(x_r))
 
 
-def _relu_forward(center: torch.Tensor, radius: torch.Tensor):
-    center, radius = _elementwise_inputs(center, radius)
-    c_out, r_out = torch.empty_like(center), torch.empty_like(center)
-    n = center.numel()
-    if n:
-        with _on_device_of(center):
-            _ibp_relu_kernel[(triton.cdiv(n, BLOCK_ELEMENTS),)](
-                center, radius, c_out, r_out, n, ACC=_acc(center.dtype), BLOCK=BLOCK_ELEMENTS)
-    return c_out, r_out
-
-
-def _relu_backward(grad_center, grad_radius, center, radius):
-    grad_center, grad_radius, center, radius = _elementwise_inputs(grad_center, grad_radius, center, radius)
-    gc, gr = torch.empty_like(center), torch.empty_like(center)
-    n = center.numel()
-    if n:
-        with _on_device_of(center):
-            _ibp_relu_backward_kernel[(triton.cdiv(n, BLOCK_ELEMENTS),)](
-                grad_center, grad_radius, center, radius, gc, gr, n, ACC=_acc(center.dtype),
-                BLOCK=BLOCK_ELEMENTS)
-    return gc, gr
-
-
-# --------------------------------------------------------------------------------------------
-# autograd
-
-class TritonIBPLinear(torch.autograd.Function):
-    """(center, radius) (M, K) through W (N, K) and bias; relu only without autograd."""
-
-    @staticmethod
-    def forward(ctx, center, radius, weight, bias, relu):
-        ctx.save_for_backward(center, radius, weight)
-        ctx.has_bias = bias is not None
-        return _dual_products(center, radius, weight, weight.stride(0), weight.stride(1),
-                              weight.shape[0], bias, relu)
-
-    @staticmethod
-    def backward(ctx, grad_center, grad_radius):
-        center, radius, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        gc = gr = gw = gb = None
-        if need[0] or need[1]:
-            # The same kernel with W.T: (grad_center @ W, grad_radius @ |W|).
-            gc, gr = _dual_products(grad_center, grad_radius, weight, weight.stride(1), weight.stride(0),
-                                    weight.shape[1], None, False)
-        if need[2]:
-            gw = grad_center.t().mm(center).addcmul_(torch.sign(weight), grad_radius.t().mm(radius))
-        if ctx.has_bias and need[3]:
-            gb = grad_center.sum(0)
-        return gc, gr, gw, gb, None
-
-
-class TritonIBPRelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, center, radius):
-        ctx.save_for_backward(center, radius)
-        return _relu_forward(center, radius)
-
-    @staticmethod
-    def backward(ctx, grad_center, grad_radius):
-        center, radius = ctx.saved_tensors
-        return _relu_backward(grad_center, grad_radius, center, radius)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _nothing(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
 
 
 def ibp_relu_triton(center: torch.Tensor, radius: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return TritonIBPRelu.apply(center, radius)
+    """center and radius in one shared dense layout; the outputs in it too."""
+    c_out, r_out = torch.empty_like(center), torch.empty_like(center)
+    n = center.numel()
+    if n:
+        with on_device_of(center):
+            _ibp_relu_kernel[(triton.cdiv(n, BLOCK_ELEMENTS),)](
+                center, radius, c_out, r_out, n, ACC=tl_accumulation_dtype(center.dtype),
+                BLOCK=BLOCK_ELEMENTS)
+    return c_out, r_out
+
+
+def _ibp_relu_backward_triton(grad_center: torch.Tensor, grad_radius: torch.Tensor, center: torch.Tensor,
+                              radius: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All four in one shared dense layout; the gradients in it too."""
+    gc, gr = torch.empty_like(center), torch.empty_like(center)
+    n = center.numel()
+    if n:
+        with on_device_of(center):
+            _ibp_relu_backward_kernel[(triton.cdiv(n, BLOCK_ELEMENTS),)](
+                grad_center, grad_radius, center, radius, gc, gr, n,
+                ACC=tl_accumulation_dtype(center.dtype), BLOCK=BLOCK_ELEMENTS)
+    return gc, gr
 
 
 def ibp_linear_triton(center: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor], relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """robust_fast.ibp_linear on the Triton backend (arguments validated by it)."""
-    if relu and _needs_grad(center, radius, weight, bias):
-        return ibp_relu_triton(*ibp_linear_triton(center, radius, weight, bias, False))
+    """(center @ W.T + b, radius @ |W|.T) for center, radius (..., in), then ReLU if relu."""
     leading = tuple(center.shape[:-1])
     c2 = center.reshape(-1, center.shape[-1])
     r2 = radius.reshape(-1, radius.shape[-1])
-    c_out, r_out = TritonIBPLinear.apply(c2, r2, weight, bias, relu)
+    c_out, r_out = _dual_products(c2, r2, weight, weight.stride(0), weight.stride(1), weight.shape[0],
+                                  bias, relu)
     return c_out.view(leading + (weight.shape[0],)), r_out.view(leading + (weight.shape[0],))
+
+
+def _ibp_linear_backward_triton(grad_center: torch.Tensor, grad_radius: torch.Tensor, center: torch.Tensor,
+                                radius: torch.Tensor, weight: torch.Tensor, output_mask: Sequence[bool]
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (center, radius), weight and bias; output_mask = (center and radius, weight,
+    bias), an empty tensor where not asked for."""
+    out_features, in_features = weight.shape
+    gc = grad_center.reshape(-1, out_features)
+    gr = grad_radius.reshape(-1, out_features)
+    grad_c, grad_r, grad_w, grad_b = _nothing(center), _nothing(center), _nothing(weight), _nothing(weight)
+    if output_mask[0]:
+        grad_c, grad_r = _input_grads(gc, gr, weight)
+        grad_c, grad_r = grad_c.view(center.shape), grad_r.view(center.shape)
+    if output_mask[1]:
+        grad_w = _weight_grad(gc, gr, center.reshape(-1, in_features), radius.reshape(-1, in_features), weight)
+    if output_mask[2]:
+        grad_b = gc.sum(0)
+    return grad_c, grad_r, grad_w, grad_b
+
+
+def _conv_geometry(center: torch.Tensor, weight: torch.Tensor, stride, padding, dilation):
+    """(center as (N, C, H, W), (H_out, W_out), F.unfold's arguments)."""
+    images = center.reshape((-1,) + tuple(center.shape[-3:]))
+    height, width = images.shape[-2:]
+    kh, kw = weight.shape[-2:]
+    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    unfold = dict(kernel_size=(kh, kw), dilation=dilation, padding=padding, stride=stride)
+    return images, (out_h, out_w), unfold
+
+
+def _columns(images: torch.Tensor, unfold: dict, positions: int) -> torch.Tensor:
+    # (N, C*kh*kw, L) -> (N*L, C*kh*kw): one row per output position.
+    cols = F.unfold(images, **unfold)
+    return cols.transpose(1, 2).reshape(positions, cols.shape[1])
+
+
+def _fold_columns(cols: torch.Tensor, images: torch.Tensor, length: int, unfold: dict) -> torch.Tensor:
+    """_columns' adjoint: rows (N*L, C*kh*kw) summed back onto images shaped as `images`."""
+    cols = cols.reshape(images.shape[0], length, cols.shape[1]).transpose(1, 2)
+    return F.fold(cols, output_size=tuple(images.shape[-2:]), **unfold)
+
+
+def _group_weights(weight: torch.Tensor, groups: int) -> List[torch.Tensor]:
+    """Group g's weight as the (out_channels / groups, in_channels / groups * kh * kw) matrix."""
+    per_group = weight.shape[0] // groups
+    return [weight[g * per_group:(g + 1) * per_group].reshape(per_group, -1) for g in range(groups)]
 
 
 def ibp_conv2d_triton(center: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int], groups: int, relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """robust_fast.ibp_conv2d on the Triton backend: im2col, then the linear kernel per group."""
-    if relu and _needs_grad(center, radius, weight, bias):
-        return ibp_relu_triton(*ibp_conv2d_triton(center, radius, weight, bias, stride, padding,
-                                                  dilation, groups, False))
-    leading = tuple(center.shape[:-3])
-    c = center.reshape((-1,) + tuple(center.shape[-3:]))
-    r = radius.reshape((-1,) + tuple(radius.shape[-3:]))
-    batch, channels, height, width = c.shape
-    out_channels, per_group, kh, kw = weight.shape
-    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    unfold = dict(kernel_size=(kh, kw), dilation=dilation, padding=padding, stride=stride)
-    # (N, C*kh*kw, L) -> (N*L, C*kh*kw): one row per output position.
-    cols_c = F.unfold(c, **unfold).transpose(1, 2).reshape(batch * out_h * out_w, channels * kh * kw)
-    cols_r = F.unfold(r, **unfold).transpose(1, 2).reshape(batch * out_h * out_w, channels * kh * kw)
-    rows = per_group * kh * kw
+    """F.conv2d of center (..., C, H, W) with W and b, of radius with |W|: im2col, then the linear
+    kernel per group; ReLU in its epilogue if relu. The outputs are channels-last views."""
+    c, (out_h, out_w), unfold = _conv_geometry(center, weight, stride, padding, dilation)
+    r = radius.reshape(c.shape)
+    positions = c.shape[0] * out_h * out_w
+    cols_c, cols_r = _columns(c, unfold, positions), _columns(r, unfold, positions)
+    out_channels = weight.shape[0]
+    rows = cols_c.shape[1] // groups
     out_per_group = out_channels // groups
     pieces_c, pieces_r = [], []
-    for g in range(groups):
-        w_g = weight[g * out_per_group:(g + 1) * out_per_group].reshape(out_per_group, rows)
+    for g, w_g in enumerate(_group_weights(weight, groups)):
         b_g = None if bias is None else bias[g * out_per_group:(g + 1) * out_per_group]
-        pc, pr = TritonIBPLinear.apply(cols_c[:, g * rows:(g + 1) * rows], cols_r[:, g * rows:(g + 1) * rows],
-                                       w_g, b_g, relu)
+        pc, pr = _dual_products(cols_c[:, g * rows:(g + 1) * rows], cols_r[:, g * rows:(g + 1) * rows],
+                                w_g, w_g.stride(0), w_g.stride(1), out_per_group, b_g, relu)
         pieces_c.append(pc)
         pieces_r.append(pr)
     out_c = pieces_c[0] if groups == 1 else torch.cat(pieces_c, dim=1)
     out_r = pieces_r[0] if groups == 1 else torch.cat(pieces_r, dim=1)
-    shape = leading + (out_h, out_w, out_channels)
+    shape = tuple(center.shape[:-3]) + (out_h, out_w, out_channels)
     # (N*L, C_out) -> (..., C_out, H_out, W_out), a channels-last view.
-    out_c = out_c.reshape(shape).movedim(-1, -3)
-    out_r = out_r.reshape(shape).movedim(-1, -3)
-    return out_c, out_r
+    return out_c.reshape(shape).movedim(-1, -3), out_r.reshape(shape).movedim(-1, -3)
+
+
+def _ibp_conv2d_backward_triton(grad_center: torch.Tensor, grad_radius: torch.Tensor, center: torch.Tensor,
+                                radius: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                                padding: Sequence[int], dilation: Sequence[int], groups: int,
+                                output_mask: Sequence[bool]
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (center, radius), weight and bias, as _ibp_linear_backward_triton's on the
+    columns of im2col: the columns' gradients folded back (F.fold), the weight's from the
+    columns (recomputed, not kept from the forward pass)."""
+    c, (out_h, out_w), unfold = _conv_geometry(center, weight, stride, padding, dilation)
+    out_channels = weight.shape[0]
+    positions = c.shape[0] * out_h * out_w
+    # (..., C_out, H_out, W_out) -> (N*L, C_out), the rows of the forward pass.
+    gc = grad_center.reshape((-1,) + tuple(grad_center.shape[-3:])).movedim(1, -1).reshape(positions, out_channels)
+    gr = grad_radius.reshape((-1,) + tuple(grad_radius.shape[-3:])).movedim(1, -1).reshape(positions, out_channels)
+    grad_c, grad_r, grad_w, grad_b = _nothing(center), _nothing(center), _nothing(weight), _nothing(weight)
+    out_per_group = out_channels // groups
+    weights = _group_weights(weight, groups)
+    if output_mask[0]:
+        pieces_c, pieces_r = [], []
+        for g, w_g in enumerate(weights):
+            pc, pr = _input_grads(gc[:, g * out_per_group:(g + 1) * out_per_group],
+                                  gr[:, g * out_per_group:(g + 1) * out_per_group], w_g)
+            pieces_c.append(pc)
+            pieces_r.append(pr)
+        cols_c = pieces_c[0] if groups == 1 else torch.cat(pieces_c, dim=1)
+        cols_r = pieces_r[0] if groups == 1 else torch.cat(pieces_r, dim=1)
+        grad_c = _fold_columns(cols_c, c, out_h * out_w, unfold).reshape(center.shape)
+        grad_r = _fold_columns(cols_r, c, out_h * out_w, unfold).reshape(center.shape)
+    if output_mask[1]:
+        cols_c = _columns(c, unfold, positions)
+        cols_r = _columns(radius.reshape(c.shape), unfold, positions)
+        rows = cols_c.shape[1] // groups
+        grad_w = torch.cat([
+            _weight_grad(gc[:, g * out_per_group:(g + 1) * out_per_group],
+                         gr[:, g * out_per_group:(g + 1) * out_per_group],
+                         cols_c[:, g * rows:(g + 1) * rows], cols_r[:, g * rows:(g + 1) * rows], w_g)
+            for g, w_g in enumerate(weights)]).view(weight.shape)
+    if output_mask[2]:
+        grad_b = gc.sum(0)
+    return grad_c, grad_r, grad_w, grad_b

@@ -8,18 +8,20 @@ coefficients follow, and pass 2 writes the gradient (a shared (B, D) student's g
 over the teachers in the accumulation dtype, in place, by the program that owns the sample).
 Sums and the gradient run in float32 (float64 for float64 inputs). No atomics: deterministic.
 
-TritonMultiTeacherLoss is the autograd glue (Liger-Kernel's layout: kernel, launcher and
-Function in one file); its forward and backward are those of the C++ op
-(robust_fast/ops/multi_teacher_loss.py).
+The launchers return what the C++ ops return (multi_teacher_loss_triton as
+torch.ops.robust_fast.multi_teacher_loss, _multi_teacher_loss_backward_triton as
+_multi_teacher_loss_backward); robust_fast/ops/multi_teacher_loss.py validates the arguments,
+gives every row a unit stride, and owns the autograd.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import accumulation_dtype, on_device_of, tl_accumulation_dtype
 
 KIND_CODES = {"cosine": 0, "l2": 1, "l2_normalized": 2, "l1": 3, "mse": 4, "kl": 5}
 MAX_BLOCK = 1024
@@ -184,20 +186,11 @@ def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
             tl.store(rows_ptr + b * K + k, loss.to(rows_ptr.dtype.element_ty))
 
 
-def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch(student, teachers, coef, want_rows, student_grad, teacher_grad, kind, temperature):
-    """(row_losses or None, grad_student or None, grad_teachers or None)."""
-    student, teachers = _unit_stride_rows(student), _unit_stride_rows(teachers)
+    """(row_losses or None, grad_student or None, grad_teachers or None). Rows have a unit stride."""
     count, batch, dim = teachers.shape
     shared = student.dim() == 2
-    acc = _accumulation_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     rows = torch.empty((batch, count), dtype=acc, device=student.device) if want_rows else None
     # A shared student's gradient sums over the teachers: in the accumulation dtype.
     gs_dtype = acc if (shared and count > 1) else student.dtype
@@ -207,30 +200,18 @@ def _launch(student, teachers, coef, want_rows, student_grad, teacher_grad, kind
         temp = torch.tensor([temperature], dtype=acc, device=student.device)
         placeholder = temp
         block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(dim)))
-        with _on_device(student.device):
-            _launch_kernel(student, teachers, coef, rows, gs, gt, temp, placeholder, batch, count, dim,
-                           shared, want_rows, student_grad, teacher_grad, kind, acc, block)
+        with on_device_of(student):
+            _multi_teacher_loss_kernel[(batch,)](
+                student, teachers, coef if coef is not None else placeholder,
+                rows if rows is not None else placeholder, gs if gs is not None else placeholder,
+                gt if gt is not None else placeholder, temp,
+                batch, count, dim, student.stride(0), 0 if shared else student.stride(1),
+                teachers.stride(0), teachers.stride(1),
+                KIND=KIND_CODES[kind], SHARED=shared, HAS_ROWS=want_rows, STUDENT_GRAD=student_grad,
+                TEACHER_GRAD=teacher_grad, ACC=tl_accumulation_dtype(student.dtype), BLOCK=block)
     if gs is not None and gs.dtype != student.dtype:
         gs = gs.to(student.dtype)
     return rows, gs, gt
-
-
-def _on_device(device: torch.device):
-    """Launch on the tensors' GPU, whichever is current (a no-op for CPU tensors)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _launch_kernel(student, teachers, coef, rows, gs, gt, temp, placeholder, batch, count, dim,
-                   shared, want_rows, student_grad, teacher_grad, kind, acc, block):
-    _multi_teacher_loss_kernel[(batch,)](
-        student, teachers, coef if coef is not None else placeholder,
-        rows if rows is not None else placeholder, gs if gs is not None else placeholder,
-        gt if gt is not None else placeholder, temp,
-        batch, count, dim, student.stride(0), 0 if shared else student.stride(1),
-        teachers.stride(0), teachers.stride(1),
-        KIND=KIND_CODES[kind], SHARED=shared, HAS_ROWS=want_rows, STUDENT_GRAD=student_grad,
-        TEACHER_GRAD=teacher_grad, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK=block)
 
 
 def multi_teacher_loss_triton(student: torch.Tensor, teachers: torch.Tensor,
@@ -238,9 +219,10 @@ def multi_teacher_loss_triton(student: torch.Tensor, teachers: torch.Tensor,
                               reduction: str, student_grad: bool, teacher_grad: bool
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What torch.ops.robust_fast.multi_teacher_loss returns, computed by the Triton kernel:
-    (loss, row_losses, grad_student, grad_teachers); arguments validated by robust_fast.ops."""
+    (loss, row_losses, grad_student, grad_teachers). Rows with a unit stride (robust_fast.ops
+    packs any other)."""
     count, batch, _ = teachers.shape
-    acc = _accumulation_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     w = None if weights is None else weights.to(acc).expand(batch, count)
     reduced = reduction != "none"
     scale = 1.0 / batch if reduction == "mean" and batch > 0 else 1.0
@@ -262,32 +244,13 @@ def multi_teacher_loss_triton(student: torch.Tensor, teachers: torch.Tensor,
             gt if gt is not None else teachers.new_empty((0,)))
 
 
-def multi_teacher_loss_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
-                                       teachers: torch.Tensor, kind: str, temperature: float,
-                                       student_grad: bool, teacher_grad: bool
-                                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _multi_teacher_loss_backward_triton(grad_rows: torch.Tensor, student: torch.Tensor,
+                                        teachers: torch.Tensor, kind: str, temperature: float,
+                                        student_grad: bool, teacher_grad: bool
+                                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """What torch.ops.robust_fast._multi_teacher_loss_backward returns."""
-    coef = grad_rows.to(_accumulation_dtype(student.dtype)).contiguous()
+    coef = grad_rows.to(accumulation_dtype(student.dtype)).contiguous()
     _, gs, gt = _launch(student, teachers, coef, False, student_grad, teacher_grad, kind, temperature)
     return (gs if gs is not None else student.new_empty((0,)),
             gt if gt is not None else teachers.new_empty((0,)))
 
-
-class TritonMultiTeacherLoss(torch.autograd.Function):
-    """multi_teacher_loss_triton with the C++ op's autograd."""
-
-    @staticmethod
-    def forward(student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad):
-        return multi_teacher_loss_triton(student, teachers, weights, kind, temperature, reduction,
-                                         student_grad, teacher_grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        from robust_fast.ops.multi_teacher_loss import setup_context
-        setup_context(ctx, inputs, output)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, *unused):
-        from robust_fast.ops.multi_teacher_loss import backward
-        return backward(ctx, grad_loss, backward_rows=multi_teacher_loss_backward_triton)

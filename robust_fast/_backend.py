@@ -1,12 +1,19 @@
 """Backend choice: per call (backend=), per block (use_backend), per process (set_backend),
 or from the environment variable ROBUST_FAST_BACKEND. "auto" takes the C++ kernel for the
-tensor's device and falls back to the reference, with one warning, when it cannot run."""
+tensor's device and falls back to the reference, with one warning, when it cannot run.
+
+The contract every op in robust_fast/ops follows: call resolve(backend, tensor.device.type)
+once per call, then branch on its answer in one order, "cpp" (torch.ops.robust_fast), then
+"triton" (the launchers of triton_kernels(family)), else "reference"."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 import threading
 import warnings
+from types import ModuleType
 from typing import Iterator, Optional
 
 from robust_fast import _build
@@ -60,7 +67,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def resolve(requested: Optional[str], device_type: str) -> str:
-    """The concrete backend ("cpp", "triton" or "reference") that will run a call."""
+    """The concrete backend, "cpp", "triton" or "reference", that runs a call on tensors of
+    device_type (requested None: get_backend()). Raises BackendUnavailableError when the
+    requested backend cannot run there; "auto" never chooses "triton"."""
     name = get_backend() if requested is None else _check_name(requested, "backend")
     if name == "reference":
         return name
@@ -82,3 +91,12 @@ def resolve(requested: Optional[str], device_type: str) -> str:
         warnings.warn(f"robust_fast: using the reference backend on {device_type}: {reason}",
                       RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+def triton_kernels(family: str) -> ModuleType:
+    """robust_fast.kernels.<family> (kernels/<family>.py), the Triton launchers of a family.
+    Imported on first use, not with robust_fast: Triton is optional, and its interpreter reads
+    TRITON_INTERPRET when a kernel module is imported. Call it after resolve chose "triton"."""
+    name = f"robust_fast.kernels.{family}"
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)

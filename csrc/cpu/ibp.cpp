@@ -91,10 +91,10 @@ void ibp_relu_cpu(const at::Tensor& center, const at::Tensor& radius, const at::
   });
 }
 
-void ibp_relu_backward_cpu(const at::Tensor& grad_center_out, const at::Tensor& grad_radius_out,
-                           const at::Tensor& center, const at::Tensor& radius,
-                           const at::Tensor& grad_center, const at::Tensor& grad_radius) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, center.scalar_type(), "ibp_relu_backward_cpu", [&] {
+void _ibp_relu_backward_cpu(const at::Tensor& grad_center_out, const at::Tensor& grad_radius_out,
+                            const at::Tensor& center, const at::Tensor& radius,
+                            const at::Tensor& grad_center, const at::Tensor& grad_radius) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, center.scalar_type(), "_ibp_relu_backward_cpu", [&] {
     const scalar_t* gco = grad_center_out.const_data_ptr<scalar_t>();
     const scalar_t* gro = grad_radius_out.const_data_ptr<scalar_t>();
     const scalar_t* c = center.const_data_ptr<scalar_t>();
@@ -107,31 +107,13 @@ void ibp_relu_backward_cpu(const at::Tensor& grad_center_out, const at::Tensor& 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ibp_linear_backward_cpu(
-    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
-    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
-    std::array<bool, 3> output_mask) {
-  return run_ibp_linear_backward(grad_center, grad_radius, center, radius, weight, abs_weight, output_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ibp_conv2d_backward_cpu(
-    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
-    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
-  return run_ibp_conv2d_backward(grad_center, grad_radius, center, radius, weight, abs_weight, stride,
-                                 padding, dilation, groups, output_mask);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CPU, m) {
   m.impl("ibp_relu", &ibp_relu_entry<ibp_relu_cpu>);
-  m.impl("_ibp_relu_backward", &ibp_relu_backward_entry<ibp_relu_backward_cpu>);
+  m.impl("_ibp_relu_backward", &ibp_relu_backward_entry<_ibp_relu_backward_cpu>);
   m.impl("ibp_linear", &ibp_linear_entry<ibp_relu_cpu>);
-  m.impl("_ibp_linear_backward", &ibp_linear_backward_cpu);
   m.impl("ibp_conv2d", &ibp_conv2d_entry<ibp_relu_cpu>);
-  m.impl("_ibp_conv2d_backward", &ibp_conv2d_backward_cpu);
 }
 
 }  // namespace robust_fast

@@ -68,14 +68,14 @@ void ibp_relu_cuda(const at::Tensor& center, const at::Tensor& radius, const at:
   });
 }
 
-void ibp_relu_backward_cuda(const at::Tensor& grad_center_out, const at::Tensor& grad_radius_out,
-                            const at::Tensor& center, const at::Tensor& radius,
-                            const at::Tensor& grad_center, const at::Tensor& grad_radius) {
+void _ibp_relu_backward_cuda(const at::Tensor& grad_center_out, const at::Tensor& grad_radius_out,
+                             const at::Tensor& center, const at::Tensor& radius,
+                             const at::Tensor& grad_center, const at::Tensor& grad_radius) {
   const int64_t n = center.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(center.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, center.scalar_type(), "ibp_relu_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, center.scalar_type(), "_ibp_relu_backward_cuda", [&] {
     ibp_relu_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         grad_center_out.const_data_ptr<scalar_t>(), grad_radius_out.const_data_ptr<scalar_t>(),
         center.const_data_ptr<scalar_t>(), radius.const_data_ptr<scalar_t>(),
@@ -84,33 +84,13 @@ void ibp_relu_backward_cuda(const at::Tensor& grad_center_out, const at::Tensor&
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ibp_linear_backward_cuda(
-    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
-    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
-    std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard device_guard(center.device());
-  return run_ibp_linear_backward(grad_center, grad_radius, center, radius, weight, abs_weight, output_mask);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ibp_conv2d_backward_cuda(
-    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
-    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard device_guard(center.device());
-  return run_ibp_conv2d_backward(grad_center, grad_radius, center, radius, weight, abs_weight, stride,
-                                 padding, dilation, groups, output_mask);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_fast, CUDA, m) {
   m.impl("ibp_relu", &ibp_relu_entry<ibp_relu_cuda>);
-  m.impl("_ibp_relu_backward", &ibp_relu_backward_entry<ibp_relu_backward_cuda>);
+  m.impl("_ibp_relu_backward", &ibp_relu_backward_entry<_ibp_relu_backward_cuda>);
   m.impl("ibp_linear", &ibp_linear_entry<ibp_relu_cuda>);
-  m.impl("_ibp_linear_backward", &ibp_linear_backward_cuda);
   m.impl("ibp_conv2d", &ibp_conv2d_entry<ibp_relu_cuda>);
-  m.impl("_ibp_conv2d_backward", &ibp_conv2d_backward_cuda);
 }
 
 }  // namespace robust_fast

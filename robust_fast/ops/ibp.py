@@ -6,9 +6,11 @@ refreshed when the weight changes (robust_fast/_abs_weight.py). ibp_relu maps it
 [relu(lower), relu(upper)]; relu=True on a product applies it in the same call (on the C++
 path in place on the products' fresh outputs, in the Triton linear kernel in its epilogue).
 
-The C++ ops (torch.ops.robust_fast.ibp_linear / ibp_conv2d / ibp_relu and their backwards
-_ibp_*_backward) get their fake kernels and autograd here; the Triton backend
-(robust_fast.kernels.ibp) carries its own autograd.Functions.
+This file owns the ops: the checks, the layout the elementwise kernels walk, the dispatch, the
+fake kernels of the C++ ops (torch.ops.robust_fast.ibp_linear / ibp_conv2d / ibp_relu and their
+backwards _ibp_*_backward) and their autograd, defined once per op and registered on it. The
+Triton backend (the launchers of kernels/ibp.py, with the C++ ops' signatures in _TritonOps)
+enters the same autograd through _TritonAutograd.
 """
 from __future__ import annotations
 
@@ -94,17 +96,16 @@ def ibp_linear(center: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor,
                          f"got {tuple(center.shape)}")
     chosen = _backend.resolve(backend, center.device.type)
     with op_range(op):
-        if chosen == "reference":
+        if chosen == "cpp":
+            run, abs_weight = _cpp_op, cached_abs_weight(weight)
+        elif chosen == "triton":
+            run, abs_weight = _triton_op, None  # the Triton kernel takes |W| on load
+        else:
             return ibp_linear_reference(center, radius, weight, bias, relu)
-        if chosen == "triton":
-            from robust_fast.kernels.ibp import ibp_linear_triton
-            return ibp_linear_triton(center, radius, weight, bias, relu)
-        abs_weight = cached_abs_weight(weight)
         if relu and _needs_grad(center, radius, weight, bias):
             # Fused, the backward would have to recompute the products: keep the pre-activation.
-            box = torch.ops.robust_fast.ibp_linear(center, radius, weight, bias, abs_weight, False)
-            return torch.ops.robust_fast.ibp_relu(*box)
-        return torch.ops.robust_fast.ibp_linear(center, radius, weight, bias, abs_weight, relu)
+            return run("ibp_relu", *run("ibp_linear", center, radius, weight, bias, abs_weight, False))
+        return run("ibp_linear", center, radius, weight, bias, abs_weight, relu)
 
 
 def ibp_conv2d(center: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor,
@@ -137,16 +138,16 @@ def ibp_conv2d(center: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor,
                              f"is smaller than the dilated kernel {tuple(weight.shape[-2:])}")
     chosen = _backend.resolve(backend, center.device.type)
     with op_range(op):
-        if chosen == "reference":
+        if chosen == "cpp":
+            run, abs_weight = _cpp_op, cached_abs_weight(weight)
+        elif chosen == "triton":
+            run, abs_weight = _triton_op, None
+        else:
             return ibp_conv2d_reference(center, radius, weight, bias, stride, padding, dilation, groups, relu)
-        if chosen == "triton":
-            from robust_fast.kernels.ibp import ibp_conv2d_triton
-            return ibp_conv2d_triton(center, radius, weight, bias, stride, padding, dilation, groups, relu)
-        abs_weight = cached_abs_weight(weight)
         args = (center, radius, weight, bias, abs_weight, stride, padding, dilation, groups)
         if relu and _needs_grad(center, radius, weight, bias):
-            return torch.ops.robust_fast.ibp_relu(*torch.ops.robust_fast.ibp_conv2d(*args, False))
-        return torch.ops.robust_fast.ibp_conv2d(*args, relu)
+            return run("ibp_relu", *run("ibp_conv2d", *args, False))
+        return run("ibp_conv2d", *args, relu)
 
 
 def ibp_relu(center: torch.Tensor, radius: torch.Tensor, *, backend: Optional[str] = None) -> Box:
@@ -156,20 +157,157 @@ def ibp_relu(center: torch.Tensor, radius: torch.Tensor, *, backend: Optional[st
     _check_box(op, center, radius)
     chosen = _backend.resolve(backend, center.device.type)
     with op_range(op):
-        if chosen == "reference":
-            return ibp_relu_reference(center, radius)
+        if chosen == "cpp":
+            return torch.ops.robust_fast.ibp_relu(center, radius)
         if chosen == "triton":
-            from robust_fast.kernels.ibp import ibp_relu_triton
-            return ibp_relu_triton(center, radius)
-        return torch.ops.robust_fast.ibp_relu(center, radius)
+            return _triton_op("ibp_relu", center, radius)
+        return ibp_relu_reference(center, radius)
 
 
 # --------------------------------------------------------------------------------------------
-# fake kernels and autograd of the C++ ops
+# the backends, as the C++ ops' signatures
+
+def _cpp_op(name: str, *args) -> Box:
+    """torch.ops.robust_fast.<name>: its registered autograd below runs when a gradient is wanted."""
+    return getattr(torch.ops.robust_fast, name)(*args)
+
 
 def _same_dense_layout(first: torch.Tensor, *others: torch.Tensor) -> bool:
     return is_non_overlapping_and_dense(first) and all(o.stride() == first.stride() for o in others)
 
+
+def _elementwise_layout(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The elementwise kernels walk flat memory: one dense layout shared by all operands, else
+    all packed (csrc/ibp_problem.cpp decides alike for the C++ kernels)."""
+    return tensors if _same_dense_layout(*tensors) else tuple(t.contiguous() for t in tensors)
+
+
+class _TritonOps:
+    """The Triton launchers (kernels/ibp.py) with the C++ ops' signatures, their operands laid out
+    as the launchers take them: what the autograd below calls in place of torch.ops.robust_fast."""
+
+    @staticmethod
+    def ibp_linear(center, radius, weight, bias, abs_weight, relu):
+        return _triton_kernels().ibp_linear_triton(center, radius, weight, bias, relu)
+
+    @staticmethod
+    def _ibp_linear_backward(grad_center, grad_radius, center, radius, weight, abs_weight, output_mask):
+        return _triton_kernels()._ibp_linear_backward_triton(grad_center, grad_radius, center, radius, weight,
+                                                             output_mask)
+
+    @staticmethod
+    def ibp_conv2d(center, radius, weight, bias, abs_weight, stride, padding, dilation, groups, relu):
+        return _triton_kernels().ibp_conv2d_triton(center, radius, weight, bias, stride, padding, dilation,
+                                                   groups, relu)
+
+    @staticmethod
+    def _ibp_conv2d_backward(grad_center, grad_radius, center, radius, weight, abs_weight, stride, padding,
+                             dilation, groups, output_mask):
+        return _triton_kernels()._ibp_conv2d_backward_triton(grad_center, grad_radius, center, radius, weight,
+                                                             stride, padding, dilation, groups, output_mask)
+
+    @staticmethod
+    def ibp_relu(center, radius):
+        return _triton_kernels().ibp_relu_triton(*_elementwise_layout(center, radius))
+
+    @staticmethod
+    def _ibp_relu_backward(grad_center, grad_radius, center, radius):
+        center, radius, grad_center, grad_radius = _elementwise_layout(center, radius, grad_center, grad_radius)
+        return _triton_kernels()._ibp_relu_backward_triton(grad_center, grad_radius, center, radius)
+
+
+def _triton_kernels():
+    return _backend.triton_kernels("ibp")
+
+
+def _triton_op(name: str, *args) -> Box:
+    """_TritonOps.<name>; under autograd through the op's own setup_context and backward."""
+    if _needs_grad(*(a for a in args if isinstance(a, torch.Tensor))):
+        return _TritonAutograd.apply(*args, name)
+    return getattr(_TritonOps, name)(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd: one setup_context and backward per op, for either backend (backend_ops: the set of
+# ops the backward calls, torch.ops.robust_fast when registered on the C++ op)
+
+_CPP_OPS = torch.ops.robust_fast
+
+
+def _linear_setup(ctx, inputs, output, backend_ops=_CPP_OPS) -> None:
+    center, radius, weight, bias, abs_weight, relu = inputs
+    ctx.relu, ctx.backend_ops = relu, backend_ops
+    ctx.save_for_backward(center, radius, weight, bias, abs_weight)
+
+
+def _linear_backward(ctx, grad_center, grad_radius):
+    center, radius, weight, bias, abs_weight = ctx.saved_tensors
+    ops = ctx.backend_ops
+    if ctx.relu:  # only direct op calls get here (the public function does not fuse under autograd)
+        pre = ops.ibp_linear(center, radius, weight, bias, abs_weight, False)
+        grad_center, grad_radius = ops._ibp_relu_backward(grad_center, grad_radius, *pre)
+    need = ctx.needs_input_grad
+    mask = [need[0] or need[1], need[2], bias is not None and need[3]]
+    gc, gr, gw, gb = ops._ibp_linear_backward(grad_center, grad_radius, center, radius, weight, abs_weight, mask)
+    return (gc if need[0] else None, gr if need[1] else None, gw if mask[1] else None,
+            gb if mask[2] else None, None, None)
+
+
+def _conv_setup(ctx, inputs, output, backend_ops=_CPP_OPS) -> None:
+    center, radius, weight, bias, abs_weight, stride, padding, dilation, groups, relu = inputs
+    ctx.settings = (stride, padding, dilation, groups)
+    ctx.relu, ctx.backend_ops = relu, backend_ops
+    ctx.save_for_backward(center, radius, weight, bias, abs_weight)
+
+
+def _conv_backward(ctx, grad_center, grad_radius):
+    center, radius, weight, bias, abs_weight = ctx.saved_tensors
+    ops = ctx.backend_ops
+    if ctx.relu:
+        pre = ops.ibp_conv2d(center, radius, weight, bias, abs_weight, *ctx.settings, False)
+        grad_center, grad_radius = ops._ibp_relu_backward(grad_center, grad_radius, *pre)
+    need = ctx.needs_input_grad
+    mask = [need[0] or need[1], need[2], bias is not None and need[3]]
+    gc, gr, gw, gb = ops._ibp_conv2d_backward(grad_center, grad_radius, center, radius, weight, abs_weight,
+                                              *ctx.settings, mask)
+    return (gc if need[0] else None, gr if need[1] else None, gw if mask[1] else None,
+            gb if mask[2] else None) + (None,) * 6
+
+
+def _relu_setup(ctx, inputs, output, backend_ops=_CPP_OPS) -> None:
+    ctx.backend_ops = backend_ops
+    ctx.save_for_backward(*inputs)
+
+
+def _relu_backward(ctx, grad_center, grad_radius):
+    center, radius = ctx.saved_tensors
+    return ctx.backend_ops._ibp_relu_backward(grad_center, grad_radius, center, radius)
+
+
+_AUTOGRAD = {"ibp_linear": (_linear_setup, _linear_backward), "ibp_conv2d": (_conv_setup, _conv_backward),
+             "ibp_relu": (_relu_setup, _relu_backward)}
+
+
+class _TritonAutograd(torch.autograd.Function):
+    """A Triton call under autograd: apply(*op arguments, op name) runs _TritonOps.<name> with the
+    op's setup_context and backward above (those registered on the C++ op), backend_ops
+    _TritonOps. The Triton backend has no op of its own to register them on."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        inputs, name = args[:-1], args[-1]
+        output = getattr(_TritonOps, name)(*inputs)
+        _AUTOGRAD[name][0](ctx, inputs, output, backend_ops=_TritonOps)
+        ctx.name = name
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(_AUTOGRAD[ctx.name][1](ctx, *grads)) + (None,)
+
+
+# --------------------------------------------------------------------------------------------
+# fake kernels of the C++ ops, and the registration
 
 def _relu_outputs_like(center: torch.Tensor, *others: torch.Tensor) -> Box:
     """The C++ elementwise kernels' outputs: the inputs' shared dense layout, else contiguous."""
@@ -189,54 +327,6 @@ def _conv_outputs_like(center, weight, bias, stride, padding, dilation, groups) 
     r_out = torch.empty_like(c_out)
     leading = tuple(center.shape[:-3])
     return c_out.view(leading + tuple(c_out.shape[1:])), r_out.view(leading + tuple(r_out.shape[1:]))
-
-
-def _linear_setup(ctx, inputs, output) -> None:
-    center, radius, weight, bias, abs_weight, relu = inputs
-    ctx.relu = relu
-    ctx.save_for_backward(center, radius, weight, bias, abs_weight)
-
-
-def _linear_backward(ctx, grad_center, grad_radius):
-    center, radius, weight, bias, abs_weight = ctx.saved_tensors
-    if ctx.relu:  # only direct op calls get here (the public function does not fuse under autograd)
-        pre = torch.ops.robust_fast.ibp_linear(center, radius, weight, bias, abs_weight, False)
-        grad_center, grad_radius = torch.ops.robust_fast._ibp_relu_backward(grad_center, grad_radius, *pre)
-    need = ctx.needs_input_grad
-    mask = [need[0] or need[1], need[2], bias is not None and need[3]]
-    gc, gr, gw, gb = torch.ops.robust_fast._ibp_linear_backward(
-        grad_center, grad_radius, center, radius, weight, abs_weight, mask)
-    return (gc if need[0] else None, gr if need[1] else None, gw if mask[1] else None,
-            gb if mask[2] else None, None, None)
-
-
-def _conv_setup(ctx, inputs, output) -> None:
-    center, radius, weight, bias, abs_weight, stride, padding, dilation, groups, relu = inputs
-    ctx.settings = (stride, padding, dilation, groups)
-    ctx.relu = relu
-    ctx.save_for_backward(center, radius, weight, bias, abs_weight)
-
-
-def _conv_backward(ctx, grad_center, grad_radius):
-    center, radius, weight, bias, abs_weight = ctx.saved_tensors
-    if ctx.relu:
-        pre = torch.ops.robust_fast.ibp_conv2d(center, radius, weight, bias, abs_weight, *ctx.settings, False)
-        grad_center, grad_radius = torch.ops.robust_fast._ibp_relu_backward(grad_center, grad_radius, *pre)
-    need = ctx.needs_input_grad
-    mask = [need[0] or need[1], need[2], bias is not None and need[3]]
-    gc, gr, gw, gb = torch.ops.robust_fast._ibp_conv2d_backward(
-        grad_center, grad_radius, center, radius, weight, abs_weight, *ctx.settings, mask)
-    return (gc if need[0] else None, gr if need[1] else None, gw if mask[1] else None,
-            gb if mask[2] else None) + (None,) * 6
-
-
-def _relu_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _relu_backward(ctx, grad_center, grad_radius):
-    center, radius = ctx.saved_tensors
-    return torch.ops.robust_fast._ibp_relu_backward(grad_center, grad_radius, center, radius)
 
 
 def _register_fake_and_autograd() -> None:

@@ -6,14 +6,16 @@ backward then only scales the saved gradient by the upstream gradient. Reduction
 upstream gradient is only known in backward) computes the gradients in backward, by the same
 kernel, from the (B, K) upstream gradient.
 
-The C++ op (torch.ops.robust_fast.multi_teacher_loss, and its backward
-_multi_teacher_loss_backward) gets its fake kernels and its autograd here; the Triton backend
-runs the same autograd logic through a torch.autograd.Function.
+This file owns the op: the checks, the layout (rows with a unit stride), the dispatch, the
+fake kernels of the C++ op (torch.ops.robust_fast.multi_teacher_loss, and its backward
+_multi_teacher_loss_backward) and its autograd, defined once (_save, backward) and registered
+on the op. Eager calls on either backend (C++, or the Triton launchers of
+kernels/multi_teacher_loss.py) enter that same autograd through _EagerLoss.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -145,55 +147,69 @@ def multi_teacher_loss(student: torch.Tensor, teachers: Teachers, *,
 
     chosen = _backend.resolve(backend, student.device.type)
     with op_range(OP):
-        if chosen == "reference":
+        if chosen == "cpp":
+            launchers = _cpp_launchers
+        elif chosen == "triton":
+            student, teachers = _unit_stride_rows(student), _unit_stride_rows(teachers)
+            kernels = _backend.triton_kernels(OP)
+            launchers = (kernels.multi_teacher_loss_triton, kernels._multi_teacher_loss_backward_triton)
+        else:
             return multi_teacher_loss_reference(student, teachers, weights=weights, kind=kind,
                                                 temperature=temperature, reduction=reduction)
         student_grad = grad_on and student.requires_grad
         teacher_grad = teachers_need_grad
-        if chosen == "cpp":
-            args = (student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad)
-            weights_grad = grad_on and weights is not None and weights.requires_grad
-            if (student_grad or teacher_grad or weights_grad) and not torch.compiler.is_compiling():
-                # Eagerly, a plain autograd.Function around the op costs less per call than the
-                # op's registered autograd (the same setup_context and backward): that path is for
-                # torch.compile and direct torch.ops calls.
-                if reduction != "none" and not weights_grad:
-                    return _CppSavedGradients.apply(*args)
-                return _CppMultiTeacherLoss.apply(*args)[0]
-            return _cpp_op(*args)[0]
-        from robust_fast.kernels.multi_teacher_loss import TritonMultiTeacherLoss
-        return TritonMultiTeacherLoss.apply(student, teachers, weights, kind, temperature, reduction,
-                                            student_grad, teacher_grad)[0]
+        args = (student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad)
+        if chosen == "cpp" and torch.compiler.is_compiling():
+            return _cpp_op(*args)[0]  # traced through the op's fake kernel and registered autograd
+        if student_grad or teacher_grad or (grad_on and weights is not None and weights.requires_grad):
+            return _EagerLoss.apply(*args, launchers)
+        with _below_autograd():  # nothing to differentiate: straight to the kernel
+            return launchers[0](*args)[0]
+
+
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels walk each row with a unit stride (the C++ op packs alike); any other is packed once."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
-# autograd, shared by the C++ op and the Triton Function
+# autograd: defined once (_save, backward) for every backend and route
 
-def setup_context(ctx, inputs, output) -> None:
+def _save(ctx, inputs, output, backward_rows: Callable) -> None:
+    """Keeps what backward reads. backward_rows is the backend's _multi_teacher_loss_backward
+    (the C++ op or the Triton launcher), for gradients the forward pass did not compute."""
     student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad = inputs
     _, row_losses, grad_student, grad_teachers = output
+    need_student, need_teachers, need_weights = ctx.needs_input_grad[:3]
+    # The saved-gradient fast path: a reduced loss whose every wanted gradient came with the
+    # forward pass (the usual training step) keeps only those; backward only scales them.
+    ctx.from_forward = (reduction != "none" and not need_weights and (student_grad or not need_student)
+                        and (teacher_grad or not need_teachers))
+    if ctx.from_forward:
+        ctx.save_for_backward(grad_student, grad_teachers)
+        return
+    ctx.backward_rows = backward_rows
     ctx.kind, ctx.temperature, ctx.reduction = kind, temperature, reduction
     ctx.student_grad, ctx.teacher_grad = student_grad, teacher_grad
     ctx.batch = teachers.shape[1]
     ctx.weights_shape = None if weights is None else tuple(weights.shape)
-    ctx.mark_non_differentiable(row_losses, grad_student, grad_teachers)
-    # No zero tensors for the outputs nobody differentiates (grad_student alone is (B, D)).
-    ctx.set_materialize_grads(False)
     ctx.save_for_backward(student, teachers, weights, row_losses, grad_student, grad_teachers)
 
 
-def backward(ctx, grad_loss, *unused, backward_rows: Callable):
-    """Gradients of (student, teachers, weights); backward_rows is the device's
-    _multi_teacher_loss_backward (C++ op or Triton launcher)."""
-    student, teachers, weights, row_losses, grad_student, grad_teachers = ctx.saved_tensors
-    need_student, need_teachers, need_weights = ctx.needs_input_grad[:3]
-    out_student = out_teachers = out_weights = None
+def backward(ctx, grad_loss, *unused):
+    """Gradients of (student, teachers, weights) and None for the other five arguments."""
     if grad_loss is None:
         return (None,) * 8
+    need_student, need_teachers, need_weights = ctx.needs_input_grad[:3]
+    if ctx.from_forward:
+        grad_student, grad_teachers = ctx.saved_tensors
+        return ((_scaled(grad_student, grad_loss) if need_student else None,
+                 _scaled(grad_teachers, grad_loss) if need_teachers else None) + (None,) * 6)
+    student, teachers, weights, row_losses, grad_student, grad_teachers = ctx.saved_tensors
+    out_student = out_teachers = out_weights = None
     reduced = ctx.reduction != "none"
     scale = 1.0 / ctx.batch if ctx.reduction == "mean" and ctx.batch > 0 else 1.0
-    # Saved in the forward pass: only scale it (and skip even that for an upstream 1 on CPU,
-    # the loss.backward() of a training step).
+    # A gradient saved in the forward pass is only scaled (e.g. when weights need one too).
     have_student = reduced and ctx.student_grad and grad_student.numel() == student.numel()
     have_teachers = reduced and ctx.teacher_grad and grad_teachers.numel() == teachers.numel()
     if need_student and have_student:
@@ -207,8 +223,8 @@ def backward(ctx, grad_loss, *unused, backward_rows: Callable):
         coef = coef.expand(row_losses.shape) if reduced else coef
         if weights is not None:
             coef = coef * weights.to(row_losses.dtype)
-        gs, gt = backward_rows(coef.contiguous(), student, teachers, ctx.kind, ctx.temperature,
-                               missing_student, missing_teachers)
+        gs, gt = ctx.backward_rows(coef.contiguous(), student, teachers, ctx.kind, ctx.temperature,
+                                   missing_student, missing_teachers)
         out_student = gs if missing_student else out_student
         out_teachers = gt if missing_teachers else out_teachers
     if need_weights:
@@ -220,51 +236,44 @@ def backward(ctx, grad_loss, *unused, backward_rows: Callable):
     return out_student, out_teachers, out_weights, None, None, None, None, None
 
 
-# The C++ op's overload, looked up once (through the overload packet a call costs more); set
-# when robust_fast._C loaded.
-_cpp_op: Optional[Callable] = None
+def setup_context(ctx, inputs, output) -> None:
+    """The registered autograd's (torch.compile, direct torch.ops calls): four outputs, the loss
+    the only differentiable one."""
+    ctx.mark_non_differentiable(*output[1:])
+    # No zero tensors for the outputs nobody differentiates (grad_student alone is (B, D)).
+    ctx.set_materialize_grads(False)
+    _save(ctx, inputs, output, _cpp_backward_op)
 
 
-class _CppMultiTeacherLoss(torch.autograd.Function):
-    """torch.ops.robust_fast.multi_teacher_loss with its registered autograd, for eager calls."""
+class _EagerLoss(torch.autograd.Function):
+    """An eager call's entry into the autograd above: apply(*op arguments, (forward launcher,
+    backward launcher)). It returns the loss alone and calls the C++ op below the autograd
+    keys, skipping the op's registered autograd (a Python layer that would only redispatch,
+    with four outputs to set up): measurably less per call than entering through the op
+    (docs/architecture.md, things that bite)."""
 
     @staticmethod
     def forward(ctx, *args):  # (not a separate setup_context: apply then skips binding the arguments)
-        # Below the autograd dispatch keys: this Function is the autograd, so the op's own
-        # registered autograd (a Python layer that would only redispatch) is skipped.
-        with _below_autograd():
-            output = _cpp_op(*args)
-        setup_context(ctx, args, output)
-        return output
+        inputs, (forward_launcher, backward_launcher) = args[:-1], args[-1]
+        if forward_launcher is _cpp_op:
+            with _below_autograd():
+                output = _cpp_op(*inputs)
+        else:  # a Triton launcher reaches no autograd key (and torch.compile can trace it)
+            output = forward_launcher(*inputs)
+        _save(ctx, inputs, output, backward_launcher)
+        return output[0]
 
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: a second derivative would be wrong
-    def backward(ctx, grad_loss, *unused):
-        return backward(ctx, grad_loss, backward_rows=torch.ops.robust_fast._multi_teacher_loss_backward)
-
-
-class _CppSavedGradients(torch.autograd.Function):
-    """The eager C++ op for a reduced loss whose input gradients all come with the forward pass
-    (the usual training step; weights need no gradient). Backward only scales them, so they
-    are all this keeps, and its one output is the loss: less for autograd to set up and to
-    free on every call than _CppMultiTeacherLoss."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        with _below_autograd():
-            loss, _, grad_student, grad_teachers = _cpp_op(*args)
-        ctx.save_for_backward(grad_student, grad_teachers)
-        return loss
-
-    @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        # An input needs a gradient only if it required grad, and then the forward pass
-        # computed it (student_grad, teacher_grad follow requires_grad).
-        grad_student, grad_teachers = ctx.saved_tensors
-        need_student, need_teachers = ctx.needs_input_grad[:2]
-        return ((_scaled(grad_student, grad_loss) if need_student else None,
-                 _scaled(grad_teachers, grad_loss) if need_teachers else None) + (None,) * 6)
+        return backward(ctx, grad_loss) + (None,)
+
+
+# The C++ op's overloads, looked up once (through the overload packet a call costs more); set
+# when robust_fast._C loaded.
+_cpp_op: Optional[Callable] = None
+_cpp_backward_op: Optional[Callable] = None
+_cpp_launchers: Optional[Tuple[Callable, Callable]] = None
 
 
 def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -286,33 +295,31 @@ def grads_shapes(student, teachers, reduction, student_grad, teacher_grad):
     return gs, gt
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _register_fake_and_autograd() -> None:
-    global _cpp_op
+    global _cpp_op, _cpp_backward_op, _cpp_launchers
     if _build.compiled_library_error() is not None:
         return
     _cpp_op = torch.ops.robust_fast.multi_teacher_loss.default
+    _cpp_backward_op = torch.ops.robust_fast._multi_teacher_loss_backward.default
+    _cpp_launchers = (_cpp_op, _cpp_backward_op)
 
     @torch.library.register_fake("robust_fast::multi_teacher_loss")
     def _(student, teachers, weights, kind, temperature, reduction, student_grad, teacher_grad):
         count, batch, _dim = teachers.shape
         loss_shape = (batch, count) if reduction == "none" else ()
         loss = student.new_empty(loss_shape)
-        rows = student.new_empty((batch, count), dtype=accumulation_dtype(student.dtype))
+        rows = student.new_empty((batch, count), dtype=_accumulation_dtype(student.dtype))
         return (loss, rows) + grads_shapes(student, teachers, reduction, student_grad, teacher_grad)
 
     @torch.library.register_fake("robust_fast::_multi_teacher_loss_backward")
     def _(grad_rows, student, teachers, kind, temperature, student_grad, teacher_grad):
         return grads_shapes(student, teachers, "sum", student_grad, teacher_grad)
 
-    def _cpp_backward(ctx, grad_loss, *unused):
-        return backward(ctx, grad_loss, backward_rows=torch.ops.robust_fast._multi_teacher_loss_backward)
-
-    torch.library.register_autograd("robust_fast::multi_teacher_loss", _cpp_backward,
-                                    setup_context=setup_context)
+    torch.library.register_autograd("robust_fast::multi_teacher_loss", backward, setup_context=setup_context)
 
 
 _register_fake_and_autograd()

@@ -2,13 +2,14 @@
 // vendor products (at::addmm / at::mm, at::convolution) on the center and the radius, the |W|
 // of a weight when the caller has none cached, and the ReLU epilogue through the device's
 // elementwise kernel. Kept free of kernel code so nvcc and the C++ compiler both include it.
+// The backwards of the products (_ibp_linear_backward, _ibp_conv2d_backward) need no device
+// kernel: csrc/ibp_problem.cpp registers them once, for every backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
-#include <array>
 #include <tuple>
 
 namespace robust_fast {
@@ -35,21 +36,12 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_linear(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& abs_weight, bool relu,
     IntervalReluKernel kernel);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ibp_linear_backward(
-    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
-    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
-    std::array<bool, 3> output_mask);
 
 std::tuple<at::Tensor, at::Tensor> run_ibp_conv2d(
     const at::Tensor& center, const at::Tensor& radius, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& abs_weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     bool relu, IntervalReluKernel kernel);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_ibp_conv2d_backward(
-    const at::Tensor& grad_center, const at::Tensor& grad_radius, const at::Tensor& center,
-    const at::Tensor& radius, const at::Tensor& weight, const c10::optional<at::Tensor>& abs_weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask);
 
 // Entry points with the schemas' signatures, one instantiation per device kernel.
 template <IntervalReluKernel Kernel>
