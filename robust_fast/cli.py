@@ -8,6 +8,10 @@ import pkgutil
 import sys
 from typing import List, Optional
 
+from robust_fast.demo import add_demo_parser, run_demo
+from robust_fast.info import info_lines
+from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
+
 # Short names of benchmarks whose module is named after the op family.
 ALIASES = {"loss": "multi_teacher_loss"}
 
@@ -37,24 +41,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "(of the checkout, else of the current directory) unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
-    from robust_fast.demo import add_demo_parser
-    from robust_fast.train.commands import add_eval_parser, add_train_parser
     add_demo_parser(commands)
     add_train_parser(commands)
     add_eval_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
-        from robust_fast.info import info_lines
         print("\n".join(info_lines()))
         return 0
     if args.command == "demo":
-        from robust_fast.demo import run_demo
         return run_demo(args)
     if args.command == "train":
-        from robust_fast.train.commands import run_train
         return run_train(args)
     if args.command == "eval":
-        from robust_fast.train.commands import run_eval
         return run_eval(args)
     return _run_benchmark(args.name, args.args)
 

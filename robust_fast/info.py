@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+import robust_fast
 from robust_fast import _build
 
 
@@ -30,7 +31,6 @@ def backend_status() -> Dict[str, Dict[str, Optional[str]]]:
 
 
 def info_lines() -> List[str]:
-    import robust_fast
     lines = [
         f"robust_fast {robust_fast.__version__}",
         f"python      {platform.python_version()} ({sys.executable})",

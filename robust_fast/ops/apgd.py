@@ -113,9 +113,7 @@ def run_apgd_step(x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, x_n
 
 
 def _apgd_step_triton(x, x_prev, grad, x_nat, eta, eps, momentum, norm, clip_min, clip_max, in_place):
-    # Imported on first use: triton is optional, and slow to import.
-    from robust_fast.kernels.apgd import apgd_step_triton
-
+    apgd_step_triton = _backend.triton_kernels("apgd").apgd_step_triton
     operands = (("x", x), ("x_prev", x_prev), ("grad", grad), ("x_nat", x_nat))
     written = (("x", x), ("x_prev", x_prev)) if in_place else ()
     layout = kernel_layout("apgd_step", operands, written)

@@ -181,13 +181,10 @@ def run_pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, e
 
 
 def _pgd_step_triton(x_adv, grad, x_nat, eps, alpha, norm, clip_min, clip_max, targeted, out):
-    # Imported on first use: triton is optional, and slow to import.
-    from robust_fast.kernels.pgd import pgd_step_triton
-
     written = () if out is None else (("out", out),)
     layout = kernel_layout("pgd_step", (("x_adv", x_adv), ("grad", grad), ("x_nat", x_nat)), written)
     target = out if out is not None and layout.writes_directly else torch.empty_like(layout.operands[0])
-    pgd_step_triton(*layout.operands, target, eps, alpha, norm, clip_min, clip_max, targeted)
+    _backend.triton_kernels("pgd").pgd_step_triton(*layout.operands, target, eps, alpha, norm, clip_min, clip_max, targeted)
     if out is None or target is out:
         return target
     out.copy_(target)

@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from robust_fast.data import load_fashion_mnist
+from robust_fast.models import build_model
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
@@ -122,9 +124,6 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from robust_fast.data import load_fashion_mnist
-    from robust_fast.models import build_model
-
     if args.threads:
         torch.set_num_threads(args.threads)
     joined = dist_util.init_from_env()
@@ -192,8 +191,6 @@ ATTACK_NAMES = {"pgd": "PGD", "apgd": "APGD-CE", "auto": "AutoAttack-style"}
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from robust_fast.data import load_fashion_mnist
-
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state, map_location=dist_util.default_device())
     eps = args.eps if args.eps is not None else float(state["config"].get("eval_eps", 0.1))

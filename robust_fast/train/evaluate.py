@@ -12,6 +12,7 @@ from torch import nn
 
 from robust_fast._modes import modules_in_mode
 from robust_fast.attacks import apgd, auto_attack, pgd
+from robust_fast.certify import certify as ibp_certify
 from robust_fast.data import batches
 
 ATTACKS = ("pgd", "apgd", "auto")
@@ -74,7 +75,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
             with modules_in_mode(model, False), torch.no_grad():
                 fooled_free += int((model(x_adv).argmax(dim=1) == y).sum())
         if certify == "ibp":
-            from robust_fast.certify import certify as ibp_certify
             certified += int(ibp_certify(model, x, y, eps, backend=backend).sum())
     n = images.shape[0]
     result: Dict[str, Any] = {"n": n, "clean_acc": clean / n if n else math.nan}
