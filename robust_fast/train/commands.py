@@ -15,7 +15,8 @@ from robust_fast.models import build_model
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, evaluate
+from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, evaluate
+from robust_fast.train.evaluate_smoothing import SmoothingSettings
 from robust_fast.train.loop import fit
 from robust_fast.train.recipes import (ARD, CRT, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Gaussian,
                                        SmoothAdv, Standard)
@@ -156,21 +157,62 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind):
+    """An argparse type: a number of `kind` > 0 (argparse names the option in its error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}, got {text!r}")
+        if not value > 0 or (kind is float and value == float("inf")):
+            raise argparse.ArgumentTypeError(f"must be {'>= 1' if kind is int else '> 0 and finite'}, got {text}")
+        return value
+    return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+SMOOTHING_OPTIONS = (("--sigma", "sigma"), ("--n0", "n0"), ("--n", "n"), ("--smoothing-alpha", "smoothing_alpha"))
+
+
 def add_eval_parser(commands) -> None:
-    p = commands.add_parser("eval", help="clean and robust accuracy (PGD-20 by default, APGD or AutoAttack-style) "
-                                         "and optionally IBP-certified accuracy of a checkpoint on Fashion-MNIST's test set")
+    p = commands.add_parser("eval", help="clean and robust accuracy (PGD-20 by default, APGD or AutoAttack-style; "
+                                         "L-inf or L2) and optionally IBP- or randomized-smoothing-certified accuracy "
+                                         "of a checkpoint on Fashion-MNIST's test set (under torchrun the smoothing "
+                                         "certification is split across processes)")
     p.add_argument("checkpoint")
     p.add_argument("--attack", choices=ATTACKS, default="pgd",
                    help="pgd (default), apgd (APGD-CE) or auto (APGD-CE, APGD-T, Square in turn)")
-    p.add_argument("--certify", choices=CERTIFIERS, default=None, help="also the IBP-certified accuracy")
-    p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: the run's)")
+    p.add_argument("--no-attack", action="store_true", help="no attack: clean accuracy (and certificates) only")
+    p.add_argument("--norm", choices=NORMS, default="linf", help="the attack's ball: linf (default) or l2")
+    p.add_argument("--certify", choices=CERTIFIERS, default=None,
+                   help="also the certified accuracy: ibp (at eps, L-inf) or smoothing (Gaussian randomized "
+                        "smoothing, L2; needs --sigma)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="the attack's radius: L-inf (default: the run's) or, with --norm l2, L2 (required)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--no-early-stop", action="store_true")
+    p.add_argument("--sigma", type=_positive(float), default=None, help="smoothing: the noise's standard deviation")
+    p.add_argument("--n0", type=_positive(int), default=None,
+                   help=f"smoothing: noise samples that choose the class (default {SmoothingSettings.n0})")
+    p.add_argument("--n", type=_positive(int), default=None,
+                   help=f"smoothing: noise samples that bound its probability (default {SmoothingSettings.n})")
+    p.add_argument("--smoothing-alpha", type=_probability, default=None,
+                   help=f"smoothing: the certificate's failure probability (default {SmoothingSettings.alpha})")
     p.add_argument("--samples", type=int, default=None, help="the first N test images (default all)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive(int), default=500,
+                   help="inputs through the model at once: the attack's images, the certification's noisy copies")
+    p.add_argument("--seed", type=int, default=0, help="seeds the attack's random starts and the smoothing noise")
     p.add_argument("--data", default=None)
     p.add_argument("--json", default=None, help="write the numbers here (default: eval.json next to the checkpoint)")
     p.add_argument("--backend", default=None)
@@ -190,27 +232,82 @@ def format_table(rows: List[Dict[str, Any]], columns) -> str:
 ATTACK_NAMES = {"pgd": "PGD", "apgd": "APGD-CE", "auto": "AutoAttack-style"}
 
 
+def _eval_usage_error(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with a combination of eval's options (each option is checked by argparse)."""
+    if args.certify == "smoothing" and args.sigma is None:
+        return "--certify smoothing needs --sigma (the noise's standard deviation)"
+    given = [flag for flag, key in SMOOTHING_OPTIONS if getattr(args, key) is not None]
+    if args.certify != "smoothing" and given:
+        return f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --certify smoothing only"
+    if args.norm == "l2" and args.certify == "ibp":
+        return "--certify ibp certifies L-inf balls: it does not go with --norm l2"
+    if args.norm == "l2" and args.eps is None and not args.no_attack:
+        return "--norm l2 needs --eps (the L2 radius; the run's eps is an L-inf radius)"
+    if args.samples is not None and args.samples < 1:
+        return f"--samples must be >= 1, got {args.samples}"
+    return None
+
+
+def _smoothing_table(row: Dict[str, Any]) -> str:
+    """Certified accuracy of the smoothed classifier against L2 radius, as the papers tabulate it."""
+    by_radius = row["certified_acc_by_radius"]
+    columns = [("sigma", "sigma", "g")] + [(f"r = {r}", f"r{r}", ".1%") for r in by_radius] + [
+        ("ACR", "acr", ".3f"), ("abstained", "abstain_rate", ".1%"), ("certify time s", "certify_time_s", ".1f")]
+    cells = {**row, **{f"r{r}": a for r, a in by_radius.items()}}
+    note = (f"randomized smoothing: certified accuracy (n0 {row['smoothing_n0']}, n {row['smoothing_n']}, "
+            f"alpha {row['smoothing_alpha']:g}, seed {row['smoothing_seed']}, "
+            f"{row['certify_processes']} process{'es' if row['certify_processes'] > 1 else ''})")
+    return note + "\n" + format_table([cells], columns)
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    problem = _eval_usage_error(args)
+    if problem:
+        print(f"robust-fast eval: {problem}", file=sys.stderr)
+        return 2
+    joined = dist_util.init_from_env()
+    try:
+        return _eval(args)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state, map_location=dist_util.default_device())
     eps = args.eps if args.eps is not None else float(state["config"].get("eval_eps", 0.1))
     images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
+    smoothing = None
+    if args.certify == "smoothing":
+        given = {k: v for k, v in (("n0", args.n0), ("n", args.n), ("alpha", args.smoothing_alpha)) if v is not None}
+        smoothing = SmoothingSettings(sigma=args.sigma, **given)
     try:
         numbers = evaluate(model, images, labels, eps=eps, steps=args.steps, alpha=args.alpha,
                            restarts=args.restarts, early_stop=not args.no_early_stop, batch_size=args.batch_size,
-                           seed=args.seed, attack=args.attack, certify=args.certify, backend=args.backend)
+                           seed=args.seed, robust=not args.no_attack, attack=args.attack, certify=args.certify,
+                           backend=args.backend, norm=args.norm, smoothing=smoothing)
     except TypeError as error:  # a layer interval bound propagation does not support
         print(f"robust-fast eval: {error}", file=sys.stderr)
         return 2
+    if not dist_util.is_main():  # rank 0 prints and writes
+        return 0
     row = {"checkpoint": args.checkpoint, "recipe": state["recipe"], "model": (state.get("model_spec") or {}).get("name"),
            "epochs": state["epoch"], "train_time_s": state["train_time_s"], **numbers}
     restarts = f", {args.restarts} restart{'s' if args.restarts > 1 else ''}" if args.attack != "auto" else ""
-    attack = f"{ATTACK_NAMES[args.attack]}-{args.steps} acc (eps {eps:g}{restarts})"
+    ball = "L2 eps" if args.norm == "l2" else "eps"
+    attack = f"{ATTACK_NAMES[args.attack]}-{args.steps} acc ({ball} {eps:g}{restarts})"
     columns = [("recipe", "recipe", ""), ("model", "model", ""), ("test images", "n", "d"),
-               ("clean acc", "clean_acc", ".2%"), (attack, "robust_acc", ".2%")]
-    if args.certify:
+               ("clean acc", "clean_acc", ".2%")]
+    if not args.no_attack:
+        columns.append((attack, "robust_acc", ".2%"))
+    if args.certify == "ibp":
         columns.append((f"IBP-certified acc (eps {eps:g})", "certified_acc", ".2%"))
+    if args.certify == "smoothing":
+        columns.append((f"smoothed clean acc (sigma {args.sigma:g})", "smoothed_clean_acc", ".2%"))
     print(format_table([row], columns + [("training time s", "train_time_s", ".1f")]))
+    if args.certify == "smoothing":
+        print(_smoothing_table(row))
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(row, f, indent=2)

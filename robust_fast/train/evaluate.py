@@ -1,6 +1,6 @@
-"""Clean, robust (PGD, APGD or AutoAttack-style) and IBP-certified accuracy of a trained model:
-the numbers `robust-fast eval` prints (evaluate), and the two plain accuracies (accuracy,
-robust_accuracy) the PGD benchmark reports."""
+"""Clean, robust (PGD, APGD or AutoAttack-style, L-inf or L2) and certified (IBP or randomized
+smoothing) accuracy of a trained model: the numbers `robust-fast eval` prints (evaluate), and the
+two plain accuracies (accuracy, robust_accuracy) the PGD benchmark reports."""
 from __future__ import annotations
 
 import math
@@ -14,20 +14,24 @@ from robust_fast._modes import modules_in_mode
 from robust_fast.attacks import apgd, auto_attack, pgd
 from robust_fast.certify import certify as ibp_certify
 from robust_fast.data import batches
+from robust_fast.train.evaluate_smoothing import SmoothingSettings, evaluate_smoothing
 
 ATTACKS = ("pgd", "apgd", "auto")
-CERTIFIERS = ("ibp",)
+NORMS = ("linf", "l2")
+CERTIFIERS = ("ibp", "smoothing")
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 0.1,
              steps: int = 20, alpha: Optional[float] = None, restarts: int = 1, early_stop: bool = True,
              batch_size: int = 500, seed: int = 0, robust: bool = True, attack: str = "pgd",
              certify: Optional[str] = None, auto_attacks: Optional[Sequence[str]] = None,
-             backend: Optional[str] = None) -> Dict[str, Any]:
+             backend: Optional[str] = None, norm: str = "linf", smoothing: Optional[SmoothingSettings] = None,
+             progress: Optional[bool] = None) -> Dict[str, Any]:
     """{"clean_acc", "robust_acc", "n", ...} of `model` on (images in [0, 1], labels).
 
-    The attack is L-inf PGD-`steps` at eps, step alpha (eps/4 by default), a uniform random
-    start, `restarts` restarts (a sample counts as robust only if no restart fools it), early
+    The attack is PGD-`steps` in the L-inf ball of radius eps (norm="l2": the L2 ball of radius
+    eps; every attack takes the norm), step alpha (eps/4 by default), a random start,
+    `restarts` restarts (a sample counts as robust only if no restart fools it), early
     stop (a fooled sample stops moving: never weaker). Batches of batch_size go through
     attacks.pgd in order with one generator seeded by `seed`, so the same call gives the same
     numbers. robust=False: clean accuracy only. The model runs in eval mode; its modes are
@@ -37,13 +41,27 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     `restarts` restarts) or "auto" (auto_attack: APGD-CE, APGD-T and Square in turn on the
     survivors, `steps` APGD iterations, or the attacks listed in auto_attacks; the result adds
     "fooled_by", samples per attack).
-    certify="ibp": also "certified_acc", the fraction IBP certifies at eps
-    (robust_fast.certify; the model must be one interval_bounds supports).
+    certify="ibp": also "certified_acc", the fraction IBP certifies at eps (L-inf only;
+    robust_fast.certify; the model must be one interval_bounds supports).
+    certify="smoothing": certifies every image with the smoothed classifier of
+    smoothing=SmoothingSettings(sigma, n0, n, alpha) (robust_fast.certify.smoothing.certify,
+    noise seeded by `seed`, batch_size noisy copies per forward pass, progress: its bar) and adds
+    evaluate_smoothing's fields: smoothed_clean_acc, certified_acc_by_radius, acr, abstain_rate,
+    the settings and certify_time_s. Under a process group (torchrun) every rank passes the same
+    images and the certification is split across ranks (the same numbers as one process); the
+    attack runs on every rank alike.
     """
     if attack not in ATTACKS:
         raise ValueError(f"evaluate: attack must be one of {ATTACKS}, got {attack!r}")
+    if norm not in NORMS:
+        raise ValueError(f"evaluate: norm must be one of {NORMS}, got {norm!r}")
     if certify is not None and certify not in CERTIFIERS:
         raise ValueError(f"evaluate: certify must be None or one of {CERTIFIERS}, got {certify!r}")
+    if certify == "ibp" and norm != "linf":
+        raise ValueError("evaluate: certify='ibp' certifies L-inf balls: it needs norm='linf'")
+    if (certify == "smoothing") != (smoothing is not None):
+        raise ValueError("evaluate: certify='smoothing' goes with smoothing=SmoothingSettings(sigma=...), "
+                         "and smoothing with certify='smoothing' only")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
     if images.shape[0] != labels.shape[0]:
@@ -54,6 +72,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     clean = fooled_free = certified = 0
     fooled_by: Dict[str, int] = {}
     start = time.perf_counter()
+    smoothed = {}
+    if certify == "smoothing":  # first: under a process group every rank must reach it together
+        smoothed = evaluate_smoothing(model, images, labels, smoothing, seed=seed, batch_size=batch_size,
+                                      progress=progress)
     for first in range(0, images.shape[0], batch_size):
         x = images[first:first + batch_size].to(device)
         y = labels[first:first + batch_size].to(device)
@@ -61,14 +83,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
             clean += int((model(x).argmax(dim=1) == y).sum())
         if robust:
             if attack == "pgd":
-                x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+                x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, restarts=restarts,
                             early_stop=early_stop, random_start=True, generator=generator, backend=backend)
             elif attack == "apgd":
-                x_adv = apgd(model, x, y, eps=eps, steps=steps, loss="ce", restarts=restarts,
+                x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=steps, loss="ce", restarts=restarts,
                              early_stop=early_stop, generator=generator, backend=backend)
             else:
-                outcome = auto_attack(model, x, y, eps=eps, steps=steps, generator=generator, backend=backend,
-                                      **({"attacks": tuple(auto_attacks)} if auto_attacks else {}))
+                outcome = auto_attack(model, x, y, eps=eps, norm=norm, steps=steps, generator=generator,
+                                      backend=backend, **({"attacks": tuple(auto_attacks)} if auto_attacks else {}))
                 x_adv = outcome.x_adv
                 for name, count in outcome.breakdown().items():
                     fooled_by[name] = fooled_by.get(name, 0) + int(count)
@@ -79,7 +101,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     n = images.shape[0]
     result: Dict[str, Any] = {"n": n, "clean_acc": clean / n if n else math.nan}
     if robust:
-        result.update(robust_acc=fooled_free / n if n else math.nan, attack=attack, norm="linf", eps=eps,
+        result.update(robust_acc=fooled_free / n if n else math.nan, attack=attack, norm=norm, eps=eps,
                       steps=steps, restarts=restarts, early_stop=early_stop, seed=seed)
         if attack == "pgd":
             result["alpha"] = alpha
@@ -87,6 +109,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
             result["fooled_by"] = fooled_by
     if certify == "ibp":
         result.update(certified_acc=certified / n if n else math.nan, certifier="ibp", eps=eps)
+    result.update(smoothed)
     result["time_s"] = time.perf_counter() - start
     return result
 
