@@ -1,4 +1,5 @@
 #include "robust_fast/ibp_problem.h"
+#include "robust_fast/layout.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -42,14 +43,10 @@ at::Tensor abs_of(const at::Tensor& weight, const c10::optional<at::Tensor>& abs
   return abs_weight.has_value() && abs_weight->defined() ? *abs_weight : at::abs(weight);
 }
 
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
-  return a.is_non_overlapping_and_dense() && a.strides() == b.strides();
-}
-
 // The ReLU epilogue, in place on the two fresh outputs of a product (the radius's output moved
 // to the center's layout first in the rare case the two products laid them out differently).
 void relu_in_place(at::Tensor& center, at::Tensor& radius, IntervalReluKernel kernel) {
-  if (!same_dense_layout(center, radius)) {
+  if (!share_one_dense_layout(center, {radius})) {
     if (!center.is_non_overlapping_and_dense()) center = center.contiguous();
     radius = at::empty_like(center).copy_(radius);
   }
@@ -76,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_relu(const at::Tensor& center, const 
                                                 IntervalReluKernel kernel) {
   check_pair("ibp_relu", center, radius);
   // The kernels walk flat memory: one dense layout shared by both, else both packed.
-  const bool as_they_lie = same_dense_layout(center, radius);
+  const bool as_they_lie = share_one_dense_layout(center, {radius});
   const at::Tensor c = as_they_lie ? center : center.contiguous();
   const at::Tensor r = as_they_lie ? radius : radius.contiguous();
   at::Tensor c_out = at::empty_like(c);
@@ -92,8 +89,7 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_relu_backward(
   check_pair("_ibp_relu_backward", grad_center, grad_radius);
   TORCH_CHECK(grad_center.sizes() == center.sizes() && grad_center.scalar_type() == center.scalar_type(),
               "_ibp_relu_backward: the gradients must have center's shape and dtype");
-  const bool as_they_lie = same_dense_layout(center, radius) && grad_center.strides() == center.strides() &&
-                           grad_radius.strides() == center.strides();
+  const bool as_they_lie = share_one_dense_layout(center, {radius, grad_center, grad_radius});
   const at::Tensor c = as_they_lie ? center : center.contiguous();
   const at::Tensor r = as_they_lie ? radius : radius.contiguous();
   const at::Tensor gc = as_they_lie ? grad_center : grad_center.contiguous();
@@ -146,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_conv2d(
                                      dilation, false, {0, 0}, groups);
   if (relu) {
     relu_in_place(c_out, r_out, kernel);
-  } else if (!same_dense_layout(c_out, r_out)) {
+  } else if (!share_one_dense_layout(c_out, {r_out})) {
     r_out = at::empty_like(c_out).copy_(r_out);  // one layout for both outputs, as the fake kernel says
   }
   return {with_leading(c_out, center), with_leading(r_out, center)};

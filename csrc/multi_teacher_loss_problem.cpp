@@ -1,4 +1,5 @@
 #include "robust_fast/multi_teacher_loss_problem.h"
+#include "robust_fast/layout.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,15 +22,6 @@ LossKind parse_loss_kind(c10::string_view kind) {
   if (kind == "kl") return LossKind::kKl;
   TORCH_CHECK(false, "multi_teacher_loss: kind must be one of cosine, l2, l2_normalized, l1, mse, kl");
 }
-
-namespace {
-
-// Rows need a unit stride along D; anything else is packed once.
-at::Tensor unit_stride_rows(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
-}  // namespace
 
 LossProblem make_loss_problem(const at::Tensor& student, const at::Tensor& teachers,
                               c10::string_view kind, double temperature) {

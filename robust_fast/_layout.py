@@ -1,7 +1,11 @@
-"""The one memory-layout rule of the attack steps' kernels (pgd_step, apgd_step); the C++ side
-says the same in csrc/include/robust_fast/layout.h.
+"""The one memory-layout rule of every op's kernels; the C++ side says the same in
+csrc/include/robust_fast/layout.h. Kernels walk memory as it lies when the operands share one
+dense layout (contiguous and channels_last inputs qualify), else the operands are packed once:
+- elementwise kernels (ibp_relu and its backward): share_one_dense_layout;
+- row kernels (multi_teacher_loss): each row needs a unit stride, unit_stride_rows;
+- per-sample kernels (pgd_step, apgd_step): each sample also one contiguous block, kernel_layout.
 
-Operands: walked as they lie when they share one dense layout in which each sample is a
+Attack steps, in full. Operands: walked as they lie when they share one dense layout in which each sample is a
 contiguous block (contiguous and channels_last inputs qualify); anything else is packed to
 contiguous once.
 
@@ -33,11 +37,20 @@ def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def share_one_dense_layout(first: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Dense, and every other tensor with first's strides: one flat walk serves them all."""
+    return is_non_overlapping_and_dense(first) and all(o.stride() == first.stride() for o in others)
+
+
+def unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows along the last dimension with a unit stride (any strides between rows); else packed once."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def _walks_as_it_lies(first: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
     batch = first.shape[0]
     samples_are_blocks = batch <= 1 or first.stride(0) * batch == first.numel()
-    return (is_non_overlapping_and_dense(first) and samples_are_blocks
-            and all(other.stride() == first.stride() for other in others))
+    return samples_are_blocks and share_one_dense_layout(first, *others)
 
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:

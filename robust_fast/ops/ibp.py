@@ -23,7 +23,7 @@ from robust_fast import _backend, _build
 from robust_fast._abs_weight import cached_abs_weight
 from robust_fast._abs_weight import clear as clear_abs_weight_cache  # noqa: F401  (public: after .data writes)
 from robust_fast._checks import check_floating_tensor
-from robust_fast._layout import is_non_overlapping_and_dense
+from robust_fast._layout import share_one_dense_layout
 from robust_fast._profiling import op_range
 from robust_fast.reference.ibp import ibp_conv2d_reference, ibp_linear_reference, ibp_relu_reference
 
@@ -172,14 +172,10 @@ def _cpp_op(name: str, *args) -> Box:
     return getattr(torch.ops.robust_fast, name)(*args)
 
 
-def _same_dense_layout(first: torch.Tensor, *others: torch.Tensor) -> bool:
-    return is_non_overlapping_and_dense(first) and all(o.stride() == first.stride() for o in others)
-
-
 def _elementwise_layout(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """The elementwise kernels walk flat memory: one dense layout shared by all operands, else
     all packed (csrc/ibp_problem.cpp decides alike for the C++ kernels)."""
-    return tensors if _same_dense_layout(*tensors) else tuple(t.contiguous() for t in tensors)
+    return tensors if share_one_dense_layout(*tensors) else tuple(t.contiguous() for t in tensors)
 
 
 class _TritonOps:
@@ -311,7 +307,7 @@ class _TritonAutograd(torch.autograd.Function):
 
 def _relu_outputs_like(center: torch.Tensor, *others: torch.Tensor) -> Box:
     """The C++ elementwise kernels' outputs: the inputs' shared dense layout, else contiguous."""
-    if _same_dense_layout(center, *others):
+    if share_one_dense_layout(center, *others):
         return torch.empty_like(center), torch.empty_like(center)
     return (torch.empty(center.shape, dtype=center.dtype, device=center.device),
             torch.empty(center.shape, dtype=center.dtype, device=center.device))

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from robust_fast import _backend, _build
 from robust_fast._checks import check_choice, check_floating_tensor, check_positive_finite
+from robust_fast._layout import unit_stride_rows
 from robust_fast._profiling import op_range
 from robust_fast.reference.multi_teacher_loss import KINDS, REDUCTIONS, multi_teacher_loss_reference
 
@@ -150,7 +151,7 @@ def multi_teacher_loss(student: torch.Tensor, teachers: Teachers, *,
         if chosen == "cpp":
             launchers = _cpp_launchers
         elif chosen == "triton":
-            student, teachers = _unit_stride_rows(student), _unit_stride_rows(teachers)
+            student, teachers = unit_stride_rows(student), unit_stride_rows(teachers)
             kernels = _backend.triton_kernels(OP)
             launchers = (kernels.multi_teacher_loss_triton, kernels._multi_teacher_loss_backward_triton)
         else:
@@ -165,11 +166,6 @@ def multi_teacher_loss(student: torch.Tensor, teachers: Teachers, *,
             return _EagerLoss.apply(*args, launchers)
         with _below_autograd():  # nothing to differentiate: straight to the kernel
             return launchers[0](*args)[0]
-
-
-def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
-    """The kernels walk each row with a unit stride (the C++ op packs alike); any other is packed once."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-// The one memory-layout rule of the attack steps' kernels (pgd_step, apgd_step);
-// robust_fast/_layout.py says the same in Python for the Triton kernels.
+// The one memory-layout rule of every op's kernels; robust_fast/_layout.py says the same in
+// Python for the Triton kernels. Kernels walk memory as it lies when the operands share one dense
+// layout (contiguous and channels_last inputs qualify), else the operands are packed once:
+// - elementwise kernels (ibp_relu and its backward): share_one_dense_layout;
+// - row kernels (multi_teacher_loss): each row needs a unit stride, unit_stride_rows;
+// - per-sample kernels (pgd_step, apgd_step): each sample also one contiguous block.
 //
-// Operands: walked as they lie when they share one dense layout in which each sample is a
+// Attack steps, in full. Operands: walked as they lie when they share one dense layout in which each sample is a
 // contiguous block (contiguous and channels_last inputs qualify); anything else is packed to
 // contiguous once.
 //
@@ -26,6 +30,20 @@
 namespace robust_fast {
 
 using NamedTensor = std::pair<const char*, at::Tensor>;
+
+// Dense, and every other tensor with first's strides: one flat walk serves them all.
+inline bool share_one_dense_layout(const at::Tensor& first, std::initializer_list<at::Tensor> others) {
+  if (!first.is_non_overlapping_and_dense()) return false;
+  for (const at::Tensor& t : others) {
+    if (t.strides() != first.strides()) return false;
+  }
+  return true;
+}
+
+// Rows along the last dimension with a unit stride (any strides between rows); else packed once.
+inline at::Tensor unit_stride_rows(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
 
 // Dense, with dim 0 outermost: every sample is one contiguous block of memory.
 inline bool samples_are_contiguous_blocks(const at::Tensor& t) {
