@@ -1,18 +1,16 @@
 """The training loop and its recipes: each learns, a resumed run equals the uninterrupted one,
 the RRM teacher stays frozen, evaluation equals a hand loop over attacks.pgd, checkpoints."""
 import json
-import os
 
 import pytest
 import torch
 
 from robust_fast import attacks
-from robust_fast.models import build_model
 from robust_fast.train import (ARD, KD, PGDAT, RRM, FastAT, Recipe, Standard, TrainConfig, evaluate, fit,
                                load_checkpoint, model_from_checkpoint, train_pgd_at, train_rrm)
 from robust_fast.train.config import lr_factor
 
-SIZE = 12
+from toy_models import SIZE, student, teacher
 
 
 def toy_data(n=128, seed=0):
@@ -21,16 +19,6 @@ def toy_data(n=128, seed=0):
     labels = torch.randint(0, 2, (n,), generator=g)
     images = (0.3 + 0.4 * labels.view(-1, 1, 1, 1) + 0.15 * torch.randn(n, 1, SIZE, SIZE, generator=g)).clamp(0, 1)
     return images, labels
-
-
-def student(seed=0):
-    torch.manual_seed(seed)
-    return build_model("resnet_small", input_size=SIZE, num_classes=2, width=4, feature_dim=16)
-
-
-def teacher(seed=1):
-    torch.manual_seed(seed)
-    return build_model("wide_cnn", input_size=SIZE, num_classes=2, width=4, feature_dim=24)
 
 
 def config(**overrides):

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robust_fast.models import build_model
 from robust_fast.train import (CRT, Gaussian, SmoothAdv, Standard, TrainConfig, fit, load_checkpoint,
                                train_crt, train_gaussian, train_smoothadv)
 from robust_fast.train.recipes import Batch, SoftSmoothed, gaussian_noise
 
-SIZE = 12
+from toy_models import SIZE, student, teacher
 
 
 def toy_data(n=96, seed=0):
@@ -23,16 +22,6 @@ def toy_data(n=96, seed=0):
     labels = torch.randint(0, 2, (n,), generator=g)
     images = (0.25 + 0.5 * labels.view(-1, 1, 1, 1) + 0.1 * torch.randn(n, 1, SIZE, SIZE, generator=g)).clamp(0, 1)
     return images, labels
-
-
-def student(seed=0):
-    torch.manual_seed(seed)
-    return build_model("resnet_small", input_size=SIZE, num_classes=2, width=4, feature_dim=16)
-
-
-def teacher(seed=1):
-    torch.manual_seed(seed)
-    return build_model("wide_cnn", input_size=SIZE, num_classes=2, width=4, feature_dim=24)
 
 
 def config(**overrides):
