@@ -254,7 +254,8 @@ def test_cpp_cpu_and_cuda_draw_the_same_numbers():
     seed = torch.tensor(2024, dtype=torch.int64)
     on_cpu = torch.ops.robust_fast.gaussian_copies(x, 7, SIGMA, seed)
     on_gpu = torch.ops.robust_fast.gaussian_copies(x.cuda(), 7, SIGMA, seed.cuda())
-    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-6, atol=1e-6)
+    # the same expressions; only contractions into FMAs may differ, in the last bits
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-5, atol=1e-5)
 
 
 def test_range_shows_in_torch_profiler():
