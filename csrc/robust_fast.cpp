@@ -40,6 +40,12 @@ TORCH_LIBRARY(robust_fast, m) {
   m.def(
       "_multi_teacher_loss_backward(Tensor grad_rows, Tensor student, Tensor teachers, str kind, "
       "float temperature, bool student_grad, bool teacher_grad) -> (Tensor, Tensor)");
+  // Noisy copies for randomized smoothing: (B * copies, ...) with row b * copies + j =
+  // x[b] + sigma * N(0, I), in x's layout, x read once and the output written once. The normals
+  // are a function of (seed, output element) alone: seed an int64 tensor of one element, on the
+  // CPU or on x's device (read there by the kernel, without a host synchronisation).
+  m.def("gaussian_copies(Tensor x, int copies, float sigma, Tensor seed) -> Tensor");
+  m.def("gaussian_copies_out(Tensor x, int copies, float sigma, Tensor seed, Tensor(a!) out) -> ()");
   // Interval bound propagation in center/radius form: the box [center - radius, center + radius]
   // through a layer. Linear and conv2d: center' = layer(center) (with the bias), radius' =
   // |layer|(radius) with |W| in place of W; abs_weight: |weight| when the caller has it cached,

@@ -37,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, and which backend can run where")
     bench = commands.add_parser(
-        "bench", help="run a benchmark (pgd, loss, ibp, apgd); results go to benchmarks/results/local/ "
+        "bench", help="run a benchmark (pgd, loss, ibp, apgd, smoothing); results go to benchmarks/results/local/ "
                       "(of the checkout, else of the current directory) unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")

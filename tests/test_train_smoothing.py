@@ -83,7 +83,8 @@ def test_gaussian_loss_is_cross_entropy_on_unclamped_noisy_copies():
     model, seen = student(), []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     loss, logits = Gaussian(sigma=0.5, noise_samples=3).batch_loss(batch_of(model, x, y, seed=5))
-    noise = 0.5 * torch.randn((8, 3, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(5))
+    noise = gaussian_noise(x, 3, 0.5, torch.Generator().manual_seed(5))  # the recipe's draws: x[b] + noise[b, j]
+    assert noise.shape == (8, 3, 1, SIZE, SIZE) and abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 0.5) < 0.05
     noisy = (x.unsqueeze(1) + noise).flatten(0, 1)
     torch.testing.assert_close(seen[0], noisy)
     assert seen[0].min() < 0 and seen[0].max() > 1
@@ -97,7 +98,8 @@ def test_crt_loss_equals_a_hand_computation_on_the_same_noise(alpha, copies):
     x, y = toy_data(8)
     s, t = student(), teacher()
     loss, _ = CRT(t, sigma=0.25, alpha=alpha, noise_samples=copies).batch_loss(batch_of(s, x, y, seed=3))
-    noise = 0.25 * torch.randn((8, copies, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(3))
+    noise = gaussian_noise(x, copies, 0.25, torch.Generator().manual_seed(3))
+    assert noise.shape == (8, copies, 1, SIZE, SIZE) and abs(float(noise.std()) - 0.25) < 0.03
     noisy = (x.unsqueeze(1) + noise).flatten(0, 1)
     f_s, f_t = s(noisy), t(noisy)
     labels = y.repeat_interleave(copies)

@@ -10,14 +10,15 @@ full batches. Counts stay on the model's device and are read back once, at the e
 Random draws (the contract). Every image has its own noise stream, a torch.Generator on the
 model's device seeded from (the seed, the image's index, the stage: certify's selection, certify's
 estimation or predict); within a stream the noise comes in pieces of min(batch_size, samples
-left) rows, in order. The seed is `generator.initial_seed()` (the generator's state is neither
+left) rows, in order, each piece one call of robust_fast.gaussian_copies (which draws one seed
+from the stream). The seed is `generator.initial_seed()` (the generator's state is neither
 read nor advanced), or one draw from torch's global generator when generator is None. An
 image's index is its position in x unless `indices` says otherwise (its position in the whole
 data set, say, when a shard is certified alone). So an image's noise depends only on the seed,
 its index, n0 / n, batch_size and the device: never on the other images in the call or their
 order. Certifying images one at a time with indices=[i] gives the rows of the batched call (the
 model's own outputs may differ in the last bit between batch compositions; an argmax flips only
-at an exact tie). Different devices, or batch sizes, draw different numbers.
+at an exact tie). Different devices, backends or batch sizes draw different numbers.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from robust_fast._checks import check_positive_finite
 from robust_fast._modes import modules_in_mode
+from robust_fast.ops.noise import gaussian_copies
 
 ABSTAIN = -1
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -73,10 +75,9 @@ class SmoothedPrediction:
 
 def noisy_copies(image: torch.Tensor, copies: int, sigma: float, *, generator: torch.Generator,
                  out: torch.Tensor) -> torch.Tensor:
-    """out (copies, *image.shape) <- image + sigma * N(0, I), the noise drawn from generator.
-    The one place noise is made: a fused op can replace this body."""
-    torch.randn(out.shape, generator=generator, out=out)
-    return torch.add(image, out, alpha=sigma, out=out)
+    """out (copies, *image.shape) <- image + sigma * N(0, I) in one pass (robust_fast.gaussian_copies,
+    on the current backend), one seed drawn from generator. The one place noise is made."""
+    return gaussian_copies(image.unsqueeze(0), copies, sigma, generator=generator, out=out)
 
 
 # --------------------------------------------------------------------------------------------

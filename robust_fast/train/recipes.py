@@ -44,6 +44,7 @@ from robust_fast.certify.ibp import layers_of
 from robust_fast.certify.schedules import eps_schedule, kappa_schedule, training_eps
 from robust_fast.losses import ARDLoss, CRTLoss, FeatureProjection, KDLoss, RRMLoss
 from robust_fast.models import WithFeatures
+from robust_fast.ops.noise import gaussian_copies
 
 
 @dataclass
@@ -361,11 +362,22 @@ def _check_copies(caller: str, noise_samples) -> int:
     return noise_samples
 
 
-def gaussian_noise(x: torch.Tensor, copies: int, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """sigma * N(0, I) of shape (B, copies, *x.shape[1:]), drawn from generator: the one place
-    the training recipes make noise. Never clamped: smoothing certifies the unclamped input."""
-    shape = (x.shape[0], copies) + tuple(x.shape[1:])
-    return sigma * torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+def noisy_copies(x: torch.Tensor, copies: int, sigma: float, generator: torch.Generator,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """(B * copies, ...) noisy inputs in one pass (robust_fast.gaussian_copies): rows
+    b*copies ... b*copies + copies - 1 are x[b] + sigma * N(0, I), one seed drawn from generator.
+    The one place the training recipes make noise. Never clamped: smoothing certifies the
+    unclamped input."""
+    return gaussian_copies(x, copies, sigma, generator=generator, backend=backend)
+
+
+def gaussian_noise(x: torch.Tensor, copies: int, sigma: float, generator: torch.Generator,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """sigma * N(0, I) of shape (B, copies, *x.shape[1:]), drawn as noisy_copies draws it (the
+    noisy copies of zeros): for SmoothAdv, which keeps the noise fixed while x moves."""
+    zeros = x.new_zeros((x.shape[0],) + tuple(x.shape[1:]))
+    noise = noisy_copies(zeros, copies, sigma, generator, backend)
+    return noise.view((x.shape[0], copies) + tuple(x.shape[1:]))
 
 
 def _copies(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -397,7 +409,7 @@ class _Noisy(Recipe):
         with modules_in_mode(model, False), torch.no_grad():
             for x, y in zip(images.split(500), labels.split(500)):
                 x, y = x.to(device), y.to(device)
-                logits = model(_copies(x, gaussian_noise(x, 1, self.sigma, generator)))
+                logits = model(noisy_copies(x, 1, self.sigma, generator, backend))
                 correct += int((logits.argmax(1) == y).sum())
         return {"noisy_acc": correct / max(images.shape[0], 1)}
 
@@ -413,7 +425,7 @@ class Gaussian(_Noisy):
 
     def batch_loss(self, batch):
         m = self.noise_samples
-        noisy = _copies(batch.x, gaussian_noise(batch.x, m, self.sigma, batch.generator))
+        noisy = noisy_copies(batch.x, m, self.sigma, batch.generator, batch.backend)
         logits = batch.net(noisy)
         return F.cross_entropy(logits, batch.y.repeat_interleave(m)), _per_image(logits, m)
 
@@ -466,7 +478,7 @@ class SmoothAdv(_Noisy):
 
     def batch_loss(self, batch):
         m = self.noise_samples
-        noise = gaussian_noise(batch.x, m, self.sigma, batch.generator)
+        noise = gaussian_noise(batch.x, m, self.sigma, batch.generator, batch.backend)
         x_adv = self.attack(batch.model, batch.x, batch.y, noise, batch.backend)
         logits = batch.net(_copies(x_adv, noise))
         return F.cross_entropy(logits, batch.y.repeat_interleave(m)), _per_image(logits, m)
@@ -493,7 +505,7 @@ class CRT(_WithTeacher, _Noisy):
 
     def batch_loss(self, batch):
         m = self.noise_samples
-        noisy = _copies(batch.x, gaussian_noise(batch.x, m, self.sigma, batch.generator))
+        noisy = noisy_copies(batch.x, m, self.sigma, batch.generator, batch.backend)
         with torch.no_grad():
             teacher_logits = self._teacher_on(noisy.device)(noisy)
         logits = batch.net(noisy)
