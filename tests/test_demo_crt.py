@@ -56,7 +56,7 @@ def test_the_teacher_cache_key_names_the_certified_recipe():
     settings = CRTDemoSettings()
     key = teacher_key(settings)
     assert key["recipe"] == "smoothadv" and key["sigma"] == 0.25
-    other = CRTDemoSettings(teacher_steps=4)
+    other = CRTDemoSettings(teacher_steps=settings.teacher_steps + 1)
     assert teacher_key(other) != key
 
 
