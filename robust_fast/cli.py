@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 from robust_fast.demo import add_demo_parser, run_demo
-from robust_fast.demo_crt import add_crt_demo_options, run_crt_demo
+from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
 from robust_fast.info import info_lines
 from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
 
@@ -50,6 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\n".join(info_lines()))
         return 0
     if args.command == "demo":
+        problem = demo_usage_error(args)
+        if problem:
+            parser.error(problem)
         return run_crt_demo(args) if args.section == "crt" else run_demo(args)
     if args.command == "train":
         return run_train(args)

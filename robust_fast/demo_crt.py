@@ -252,6 +252,24 @@ def add_crt_demo_options(p) -> None:
     crt.add_argument("--certify-teacher", action="store_true", help="certify the teacher's smoothed classifier too")
 
 
+_RRM_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise")
+_CRT_OPTIONS = tuple(f"{name}_epochs" for name in STUDENTS) + (
+    "samples", "n", "teacher_epochs", "teacher_steps", "teacher_eps", "teacher_noise_samples", "smoothadv_steps",
+    "smoothadv_noise_samples")
+
+
+def demo_usage_error(args) -> Optional[str]:
+    """What is wrong with the demo's options: one section's options given to the other."""
+    crt = args.section == "crt"
+    given = [o for o in (_RRM_OPTIONS if crt else _CRT_OPTIONS) if getattr(args, o) is not None]
+    if not crt and args.certify_teacher:
+        given.append("certify_teacher")
+    if given:
+        flags = ", ".join("--" + o.replace("_", "-") for o in given)
+        return f"{flags}: not an option of `demo {args.section}`"
+    return None
+
+
 def run_crt_demo(args) -> int:
     """The `robust-fast demo crt` command."""
     previous = torch.get_num_threads()
@@ -268,12 +286,9 @@ def _run_crt_demo(args) -> int:
     for name in STUDENTS:
         if getattr(args, f"{name}_epochs") is not None:
             settings.epochs[name] = getattr(args, f"{name}_epochs")
-    for option, key in (("samples", "test_samples"), ("n", "n"), ("teacher_epochs", "teacher_epochs"),
-                        ("teacher_steps", "teacher_steps"), ("teacher_eps", "teacher_eps"),
-                        ("teacher_noise_samples", "teacher_noise_samples"), ("smoothadv_steps", "smoothadv_steps"),
-                        ("smoothadv_noise_samples", "smoothadv_noise_samples")):
+    for option in _CRT_OPTIONS[len(STUDENTS):]:
         if getattr(args, option) is not None:
-            setattr(settings, key, getattr(args, option))
+            setattr(settings, "test_samples" if option == "samples" else option, getattr(args, option))
     out = args.out or os.path.join("runs", time.strftime(f"demo-crt{'-quick' if args.quick else ''}-%Y%m%d-%H%M%S"))
     results = run(settings, out, retrain_teacher=args.retrain_teacher, data_root=args.data,
                   certify_teacher=args.certify_teacher)

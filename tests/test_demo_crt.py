@@ -92,3 +92,11 @@ def test_demo_crt_quick_writes_table_json_and_figure(tmp_path, monkeypatch, caps
     # a second run finds the teacher in the cache
     assert cli.main(["demo", "crt", "--quick", "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "results.json").read_text())["teacher"]["cached"]
+
+
+@pytest.mark.parametrize("argv", [["demo", "--crt-epochs", "2"], ["demo", "--certify-teacher"],
+                                  ["demo", "crt", "--rrm-lambda", "0.01"]])
+def test_one_sections_options_are_refused_by_the_other(argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    assert raised.value.code == 2 and "not an option of `demo" in capsys.readouterr().err
