@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from robust_fast.demo import add_demo_parser, run_demo
+from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
 from robust_fast.info import info_lines
 from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
 
@@ -41,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "(of the checkout, else of the current directory) unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
-    add_demo_parser(commands)
+    add_crt_demo_options(add_demo_parser(commands))
     add_train_parser(commands)
     add_eval_parser(commands)
     args = parser.parse_args(argv)
@@ -49,7 +50,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\n".join(info_lines()))
         return 0
     if args.command == "demo":
-        return run_demo(args)
+        problem = demo_usage_error(args)
+        if problem:
+            parser.error(problem)
+        return run_crt_demo(args) if args.section == "crt" else run_demo(args)
     if args.command == "train":
         return run_train(args)
     if args.command == "eval":

@@ -97,9 +97,11 @@ def _config(settings: DemoSettings, epochs: int) -> TrainConfig:
                        eval_eps=settings.eps)
 
 
-def robust_teacher(settings: DemoSettings, train, held_out, log=print, retrain: bool = False):
-    """(teacher, info): from the cache when a teacher with these settings was trained before."""
-    key = teacher_key(settings)
+def cached_teacher(key: Dict[str, Any], model_spec: Dict[str, Any], recipe, train, held_out, config: TrainConfig,
+                   log=print, retrain: bool = False, what: str = "teacher"):
+    """(teacher, info): the model `model_spec` trained by `recipe` under `config` (its seed also
+    seeds the initial weights), or the cached one when the same key was trained before. The
+    cache name is a hash of key: everything the weights depend on."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"demo_teacher_{digest}.pt")
     if os.path.isfile(path) and not retrain:
@@ -107,19 +109,24 @@ def robust_teacher(settings: DemoSettings, train, held_out, log=print, retrain: 
         log(f"teacher: cached {path}")
         return model_from_checkpoint(state), {"path": path, "cached": True, "train_time_s": state["train_time_s"],
                                              "key": key}
-    log(f"teacher: training {settings.teacher_model['name']} with PGD-{settings.teacher_steps} AT "
-        f"({settings.teacher_epochs} epochs); cached afterwards in {path}")
-    torch.manual_seed(settings.teacher_seed)
-    teacher = build_model(settings.teacher_model["name"], **settings.teacher_model["kwargs"])
+    log(f"teacher: training {model_spec['name']} with {what} ({config.epochs} epochs); cached afterwards in {path}")
+    torch.manual_seed(config.seed)
+    teacher = build_model(model_spec["name"], **model_spec["kwargs"])
     work = path + ".run"
-    config = _config(settings, settings.teacher_epochs)
-    config.seed = settings.teacher_seed
-    result = fit(PGDAT(eps=settings.eps, steps=settings.teacher_steps), teacher, train, config,
-                 eval_data=held_out, out_dir=work)
+    result = fit(recipe, teacher, train, config, eval_data=held_out, out_dir=work)
     os.makedirs(cache_dir(), exist_ok=True)
     os.replace(os.path.join(work, CHECKPOINT_NAME), path)
     shutil.rmtree(work, ignore_errors=True)
     return teacher.eval(), {"path": path, "cached": False, "train_time_s": result.train_time_s, "key": key}
+
+
+def robust_teacher(settings: DemoSettings, train, held_out, log=print, retrain: bool = False):
+    """(teacher, info): from the cache when a teacher with these settings was trained before."""
+    config = _config(settings, settings.teacher_epochs)
+    config.seed = settings.teacher_seed
+    return cached_teacher(teacher_key(settings), settings.teacher_model,
+                          PGDAT(eps=settings.eps, steps=settings.teacher_steps), train, held_out, config,
+                          log=log, retrain=retrain, what=f"PGD-{settings.teacher_steps} AT")
 
 
 def _recipe(name: str, settings: DemoSettings, teacher, teacher_path: str):
@@ -249,9 +256,13 @@ def table(results: Dict[str, Any]) -> str:
     return "\n".join([header, teacher_line, "", format_table(results["students"], columns), "", summary])
 
 
-def add_demo_parser(commands) -> None:
+def add_demo_parser(commands) -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="robustness transfer end to end on Fashion-MNIST (eps 0.1): a cached "
-                                         "robust teacher, a student trained four ways, one table")
+                                         "robust teacher, a student trained four ways, one table; "
+                                         "`demo crt`: certified robustness transfer (randomized smoothing)")
+    p.add_argument("section", nargs="?", choices=("rrm", "crt"), default="rrm",
+                   help="rrm (default): RRM against adversarial training at L-inf eps 0.1; crt: CRT against "
+                        "Gaussian and SmoothAdv training, certified by randomized smoothing at sigma 0.25")
     p.add_argument("--quick", action="store_true", help="the same path on a subset (a check, not a measurement)")
     p.add_argument("--out", default=None, help="results folder (default runs/demo-<time>)")
     p.add_argument("--retrain-teacher", action="store_true", help="train the teacher even when cached")
@@ -263,6 +274,7 @@ def add_demo_parser(commands) -> None:
     p.add_argument("--rrm-epochs", type=int, default=None)
     p.add_argument("--rrm-lambda", type=float, default=None, help="RRM's cross-entropy weight")
     p.add_argument("--rrm-noise", type=float, default=None, help="RRM: match on x + N(0, std^2)")
+    return p
 
 
 def choose_threads(requested: Optional[int]) -> int:
