@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from robust_fast.certify.smoothing import plot_certified_accuracy
+from robust_fast.certify.smoothing import per_image_radius, plot_certified_accuracy
 from robust_fast.data import load_fashion_mnist
 from robust_fast.demo import _machine, cached_teacher, choose_threads
 from robust_fast.models import build_model
@@ -116,13 +116,6 @@ def _recipe(name: str, settings: CRTDemoSettings, teacher, teacher_path: str):
         return SmoothAdv(sigma=settings.sigma, eps=settings.smoothadv_eps, steps=settings.smoothadv_steps,
                          noise_samples=settings.smoothadv_noise_samples)
     return CRT(teacher, sigma=settings.sigma, alpha=settings.crt_alpha, teacher_path=teacher_path)
-
-
-def per_image_radius(certificate, labels: torch.Tensor) -> torch.Tensor:
-    """Each image's certified radius where the smoothed classifier is right, 0 elsewhere: ACR is
-    its mean."""
-    right = certificate.prediction == labels.reshape(-1).cpu()
-    return torch.where(right, certificate.radius, torch.zeros_like(certificate.radius))
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = 10000, confidence: float = 0.95,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from robust_fast import cli, data
-from robust_fast.certify.smoothing import SmoothedCertificate
-from robust_fast.demo_crt import CRTDemoSettings, paired_bootstrap, per_image_radius, teacher_key
+from robust_fast.certify.smoothing import SmoothedCertificate, per_image_radius
+from robust_fast.demo_crt import CRTDemoSettings, paired_bootstrap, teacher_key
 
 needs_data = pytest.mark.skipif(not data.available(), reason="Fashion-MNIST is not installed "
                                 "(apt-get install dataset-fashion-mnist, or set ROBUST_FAST_DATA)")

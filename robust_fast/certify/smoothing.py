@@ -341,12 +341,17 @@ def certified_accuracy(result: SmoothedCertificate, labels, radii: Union[float, 
     return fractions[0] if single else fractions
 
 
+def per_image_radius(result: SmoothedCertificate, labels) -> torch.Tensor:
+    """(B,) float64: each image's certified radius where the class is right, 0 elsewhere (what a
+    paired comparison of two models on the same images resamples)."""
+    correct, radius = _correct("per_image_radius", result, labels)
+    return torch.where(correct, radius, torch.zeros_like(radius))
+
+
 def average_certified_radius(result: SmoothedCertificate, labels) -> float:
-    """ACR: the mean over images of the certified radius where the class is right, 0 elsewhere."""
-    correct, radius = _correct("average_certified_radius", result, labels)
-    if correct.shape[0] == 0:
-        return math.nan
-    return torch.where(correct, radius, torch.zeros_like(radius)).mean().item()
+    """ACR: the mean over images of per_image_radius. NaN for no images."""
+    radius = per_image_radius(result, labels)
+    return radius.mean().item() if radius.shape[0] else math.nan
 
 
 def _named(results, labels) -> Dict[str, Tuple[SmoothedCertificate, object]]:
