@@ -1,10 +1,9 @@
 """Helpers every Triton launcher shares. Like the rest of kernels/, this file imports torch and
 triton only: shape checks and layout decisions happen in robust_fast/ops before a launcher runs."""
-from __future__ import annotations
-
 import contextlib
 
 import torch
+import triton
 import triton.language as tl
 
 
@@ -22,3 +21,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def tl_accumulation_dtype(dtype: torch.dtype):
     """accumulation_dtype as the triton.language type a kernel's constexpr takes."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def program_index(WIDE_INDEX: tl.constexpr):
+    """This program's index along axis 0, in int64 when offsets may pass 2**31 - 1."""
+    pid = tl.program_id(0)
+    if WIDE_INDEX:
+        pid = pid.to(tl.int64)
+    return pid
+
+
+@triton.jit
+def flat_block(numel, BLOCK: tl.constexpr, WIDE_INDEX: tl.constexpr):
+    """The offsets of this program's BLOCK elements of a flat walk over numel, and their mask."""
+    offsets = program_index(WIDE_INDEX) * BLOCK + tl.arange(0, BLOCK)
+    return offsets, offsets < numel

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device_of
+from ._common import flat_block, on_device_of
 from ._projection import (as_fp64, block_sums, clamp_like_torch, clamp_to_radius, l2_coefficients,
                           launch, radius_arguments, sample_radius, store_result)
 
@@ -38,11 +38,7 @@ def _apgd_step_linf_kernel(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, out_ptr, prev
                            HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                            COMPUTE_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr,
                            BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE_INDEX:
-        pid = pid.to(tl.int64)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+    offsets, mask = flat_block(numel, BLOCK, WIDE_INDEX)
     x_raw = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     x = x_raw.to(COMPUTE_DTYPE)
     x_prev = tl.load(x_prev_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device_of, tl_accumulation_dtype
+from ._common import flat_block, on_device_of, tl_accumulation_dtype
 
 BLOCK = 1024
 
@@ -22,11 +22,7 @@ def _gaussian_copies_kernel(x_ptr, out_ptr, seed_ptr, seed_value, numel, sample_
                             sigma: tl.float64, SEED_ON_DEVICE: tl.constexpr,
                             COMPUTE_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr,
                             BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE_INDEX:
-        pid = pid.to(tl.int64)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+    offsets, mask = flat_block(numel, BLOCK, WIDE_INDEX)
     row = offsets // sample_numel
     source = (row // copies) * sample_numel + (offsets - row * sample_numel)
     x = tl.load(x_ptr + source, mask=mask, other=0.0).to(COMPUTE_DTYPE)

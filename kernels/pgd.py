@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device_of, tl_accumulation_dtype
+from ._common import flat_block, on_device_of, program_index, tl_accumulation_dtype
 from ._projection import (as_fp64, block_sums, box_arguments, clamp_like_torch, clamp_to_radius,
                           l2_block, l2_coefficients, launch, needs_int64, radius_arguments,
                           sample_radius, smallest_reliable_grad_sq, store_result)
@@ -48,11 +48,7 @@ def _pgd_step_linf_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, numel, sample_num
                           TARGETED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                           COMPUTE_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr,
                           BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE_INDEX:
-        pid = pid.to(tl.int64)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+    offsets, mask = flat_block(numel, BLOCK, WIDE_INDEX)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     x_nat = tl.load(x_nat_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
@@ -130,9 +126,7 @@ def _pgd_step_l2_sums_kernel(x_ptr, grad_ptr, x_nat_ptr, partials_ptr, sample_nu
                              blocks_per_sample, COMPUTE_DTYPE: tl.constexpr,
                              WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
     # Split pass 1: program (sample, block) writes its block's sums, in fp64.
-    pid = tl.program_id(0)
-    if WIDE_INDEX:
-        pid = pid.to(tl.int64)
+    pid = program_index(WIDE_INDEX)
     sample = pid // blocks_per_sample
     block = pid - sample * blocks_per_sample
     within = block * BLOCK + tl.arange(0, BLOCK)
@@ -176,9 +170,7 @@ def _pgd_step_l2_apply_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, coefficients_
                               COMPUTE_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr,
                               BLOCK: tl.constexpr):
     # Split pass 2: program (sample, block) writes its block with the sample's coefficients.
-    pid = tl.program_id(0)
-    if WIDE_INDEX:
-        pid = pid.to(tl.int64)
+    pid = program_index(WIDE_INDEX)
     sample = pid // blocks_per_sample
     block = pid - sample * blocks_per_sample
     step_scale = tl.load(coefficients_ptr + sample * 2 + 0)
