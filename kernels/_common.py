@@ -1,4 +1,4 @@
-"""Helpers every Triton launcher shares. Like the rest of kernels/, this file imports torch and
+"""Helpers the Triton kernels and their launchers share. Like the rest of kernels/, this file imports torch and
 triton only: shape checks and layout decisions happen in robust_fast/ops before a launcher runs."""
 import contextlib
 
