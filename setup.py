@@ -73,7 +73,19 @@ if build_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         # machine without one (or in pip's build environment) it has none: CI's default.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """ROBUST_FAST_BUILD_DIR names a folder that outlives pip's temporary one: ninja keeps its
+    objects and dependency log there, so a reinstall recompiles only the sources (and headers)
+    that changed, and nothing when none did."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        persistent = os.environ.get("ROBUST_FAST_BUILD_DIR")
+        if persistent:
+            self.build_temp = os.path.join(persistent, "cuda" if build_cuda() else "cpu")
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

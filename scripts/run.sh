@@ -4,7 +4,7 @@
 #                                      for the same path on a subset); results in runs/demo-<time>/
 #   bash scripts/run.sh bench [args]   the PGD benchmark (robust-fast bench pgd; results in
 #                                      benchmarks/results/local/, or --save-reference)
-#   bash scripts/run.sh test  [args]   the test suite (pytest tests/); on a machine with an NVIDIA
+#   bash scripts/run.sh test  [args]   the test suite (pytest tests/, or the tests the args name); on a machine with an NVIDIA
 #                                      GPU every (backend, device) pair runs, then the quick
 #                                      CUDA benchmark (robust-fast bench pgd --device cuda --quick)
 # The virtual environment lives outside the clone, in $ROBUST_FAST_VENV
@@ -54,22 +54,40 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ]; then
   echo "$deps" > "$stamp"
 fi
 
-echo "== building robust_fast (robust_fast._C)"
+# The build folder outlives pip's temporary one (setup.py reads ROBUST_FAST_BUILD_DIR), so a
+# changed source recompiles alone; with no source, header or torch change nothing is rebuilt.
+export ROBUST_FAST_BUILD_DIR="${ROBUST_FAST_BUILD_DIR:-$cache/build/$(printf '%s' "$PWD" | sha1sum | cut -c1-12)}"
 export MAX_JOBS="${MAX_JOBS:-2}"
-# The editable install works through an import hook (kernels/ maps to robust_fast.kernels), and
-# setuptools says so in a warning box on every build; the warning filter reaches its backend.
-PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
-  "$py" -m pip install -q --no-build-isolation --no-deps -e .
+build_stamp="$venv/.robust_fast_build"
+signature="$(
+  { echo "$PWD"; "$py" -c "import torch; print(torch.__version__)" 2>/dev/null
+    find csrc setup.py pyproject.toml -type f -printf '%p %T@ %s\n' | sort; } | sha1sum | cut -c1-40)"
+if [ -f "$build_stamp" ] && [ "$(cat "$build_stamp")" = "$signature" ] && ls robust_fast/_C*.so >/dev/null 2>&1; then
+  echo "== robust_fast is built and installed (no source changed since)"
+else
+  echo "== building robust_fast (robust_fast._C) in $ROBUST_FAST_BUILD_DIR"
+  # The editable install works through an import hook (kernels/ maps to robust_fast.kernels), and
+  # setuptools says so in a warning box on every build; the warning filter reaches its backend.
+  PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
+    "$py" -m pip install -q --no-build-isolation --no-deps -e .
+  echo "$signature" > "$build_stamp"
+fi
 "$py" -c "import robust_fast" >/dev/null
 "$venv/bin/robust-fast" info
+
+# pytest arguments that name tests (a file, a folder, file::test) replace the default tests/.
+tests=(tests)
+for arg in "$@"; do
+  if [ -e "${arg%%::*}" ]; then tests=(); break; fi
+done
 
 case "$job" in
   demo) exec "$venv/bin/robust-fast" demo "$@" ;;
   bench) exec "$venv/bin/robust-fast" bench pgd "$@" ;;
   test)
     if [ "$flavour" = gpu ]; then
-      "$py" -m pytest tests "$@"
+      "$py" -m pytest "${tests[@]}" "$@"
       exec "$venv/bin/robust-fast" bench pgd --device cuda --quick
     fi
-    exec "$py" -m pytest tests "$@" ;;
+    exec "$py" -m pytest "${tests[@]}" "$@" ;;
 esac
