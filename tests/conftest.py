@@ -1,6 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
+
+# Models the tests train (the demos' teachers, the benchmarks' models) go to a cache of their own,
+# removed at exit: the tests leave nothing in the user's ~/.cache/robust_fast.
+_TEST_CACHE = tempfile.mkdtemp(prefix="robust_fast-test-cache-")
+os.environ["ROBUST_FAST_CACHE"] = _TEST_CACHE
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
 
 # Triton kernels run on CPU tensors only in the interpreter, which must be chosen before triton
 # is first imported. Where a GPU is visible they compile and run on it instead.

@@ -1,4 +1,5 @@
 """The command line, and the profiler ranges of the ops."""
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,9 @@ def test_profiler_sees_the_named_ranges():
         attacks.pgd(model, x, y, steps=2)
     names = {event.name for event in prof.events()}
     assert {"robust_fast::pgd_step", "robust_fast::pgd", "robust_fast::attack_step"} <= names
+
+
+def test_the_tests_cache_is_their_own():
+    # conftest points ROBUST_FAST_CACHE at a temporary folder: nothing lands in ~/.cache/robust_fast
+    import tempfile
+    assert os.environ["ROBUST_FAST_CACHE"].startswith(tempfile.gettempdir())
