@@ -1,5 +1,6 @@
 """robust-fast info | demo | train <recipe> | eval <checkpoint> | bench <name> [args]
-(also: python -m robust_fast ...)."""
+(also: python -m robust_fast ...). A mistake in what was asked for prints one line; --debug
+(or ROBUST_FAST_DEBUG=1) shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import pkgutil
 import sys
 from typing import List, Optional
 
+from robust_fast._user_errors import USER_ERRORS, debug_requested
 from robust_fast.demo import add_demo_parser, run_demo
 from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
 from robust_fast.info import info_lines
@@ -34,7 +36,31 @@ def _run_benchmark(name: str, argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="robust-fast", description=__doc__)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    try:
+        return _main(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        command = next((a for a in argv if not a.startswith("-")), "")
+        print(f"robust-fast {command}: error: {error}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """A mistyped option gets one line naming it and where to look, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def _main(argv: List[str]) -> int:
+    parser = _Parser(prog="robust-fast", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the traceback (also ROBUST_FAST_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, and which backend can run where")
     bench = commands.add_parser(

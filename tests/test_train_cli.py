@@ -35,10 +35,18 @@ def test_train_resume_and_eval_commands(tmp_path, capsys):
                         restarts=2)
     assert numbers["clean_acc"] == expected["clean_acc"] and numbers["robust_acc"] == expected["robust_acc"]
 
+    # without --json nothing is written; an existing report is replaced, and the command says so
+    assert cli.main(["eval", str(out / "checkpoint.pt"), "--samples", "10", "--no-attack"]) == 0
+    assert not (out / "eval.json").exists() and "written" not in capsys.readouterr().out
+    assert cli.main(["eval", str(out / "checkpoint.pt"), "--samples", "10", "--no-attack", "--out", str(report)]) == 0
+    assert f"replaced: {report}" in capsys.readouterr().out
 
-def test_train_needs_a_teacher_for_transfer_recipes(tmp_path):
-    with pytest.raises(ValueError, match="needs a teacher"):
-        cli.main(["train", "rrm", "--limit", "64", "--out", str(tmp_path)])
+
+def test_train_needs_a_teacher_for_transfer_recipes(tmp_path, capsys):
+    assert cli.main(["train", "rrm", "--limit", "64", "--out", str(tmp_path)]) == 1
+    assert "needs a teacher (--teacher CHECKPOINT)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs a teacher"):  # --debug: the exception itself
+        cli.main(["train", "rrm", "--limit", "64", "--out", str(tmp_path), "--debug"])
 
 
 def test_train_rrm_from_a_teacher_checkpoint(tmp_path):

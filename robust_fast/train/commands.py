@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from robust_fast._user_errors import writable_folder
 from robust_fast.data import load_fashion_mnist
 from robust_fast.models import build_model
 from robust_fast.train import distributed as dist_util
@@ -38,17 +39,17 @@ def add_train_parser(commands) -> None:
     p.add_argument("--model", default=None,
                    help="small_cnn, wide_cnn or resnet_small (default; small_cnn for ibp)")
     p.add_argument("--width", type=int, default=None, help="the model's width (wide_cnn, resnet_small)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128, help="the global batch (split over ranks)")
+    p.add_argument("--epochs", type=_positive(int), default=5)
+    p.add_argument("--batch-size", type=_positive(int), default=128, help="the global batch (split over ranks)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=_positive(float), default=1e-3)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     p.add_argument("--lr-decay-epochs", type=int, nargs="*", default=[], metavar="EPOCH",
                    help="the learning rate x 0.1 from each of these epochs on (1-based; on top of --schedule)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eps", type=float, default=0.1, help="L-inf radius of training attacks and of evaluation")
+    p.add_argument("--eps", type=_positive(float), default=0.1, help="L-inf radius of training attacks and of evaluation")
     p.add_argument("--steps", type=int, default=None,
                    help=f"PGD steps (pgd_at, ard: {_default(PGDAT, 'steps')}; "
                         f"smoothadv: {_default(SmoothAdv, 'steps')})")
@@ -142,12 +143,12 @@ def run_train(args: argparse.Namespace) -> int:
                          lr_decay_epochs=tuple(args.lr_decay_epochs), seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps,
                          eval_eps=args.eps, progress=not args.no_progress, backend=args.backend,
                          max_grad_norm=max_grad_norm)
+    out = writable_folder(args.out or os.path.join("runs", args.recipe))  # before any work
     train = load_fashion_mnist("train", root=args.data, limit=args.limit)
     held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
     torch.manual_seed(args.seed)
     model_name = args.model or ("small_cnn" if args.recipe == "ibp" else "resnet_small")
     model = build_model(model_name, **({"width": args.width} if args.width else {}))
-    out = args.out or os.path.join("runs", args.recipe)
     result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
     if dist_util.is_main():
         print(f"{args.recipe}: {result.train_time_s:.1f} s of training; checkpoint {result.checkpoint}, "
@@ -196,11 +197,11 @@ def add_eval_parser(commands) -> None:
     p.add_argument("--certify", choices=CERTIFIERS, default=None,
                    help="also the certified accuracy: ibp (at eps, L-inf) or smoothing (Gaussian randomized "
                         "smoothing, L2; needs --sigma)")
-    p.add_argument("--eps", type=float, default=None,
+    p.add_argument("--eps", type=_positive(float), default=None,
                    help="the attack's radius: L-inf (default: the run's) or, with --norm l2, L2 (required)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=_positive(int), default=20)
     p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--restarts", type=_positive(int), default=1)
     p.add_argument("--no-early-stop", action="store_true")
     p.add_argument("--sigma", type=_positive(float), default=None, help="smoothing: the noise's standard deviation")
     p.add_argument("--n0", type=_positive(int), default=None,
@@ -214,7 +215,9 @@ def add_eval_parser(commands) -> None:
                    help="inputs through the model at once: the attack's images, the certification's noisy copies")
     p.add_argument("--seed", type=int, default=0, help="seeds the attack's random starts and the smoothing noise")
     p.add_argument("--data", default=None)
-    p.add_argument("--json", default=None, help="write the numbers here (default: eval.json next to the checkpoint)")
+    p.add_argument("--json", "--out", dest="json", default=None, metavar="PATH",
+                   help="also write the numbers as JSON to PATH (default: print them only; an existing file "
+                        "is replaced, and the command says so)")
     p.add_argument("--backend", default=None)
 
 
@@ -274,6 +277,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.json:  # found now, not after the attack has run
+        writable_folder(os.path.dirname(os.path.abspath(args.json)), option="--json")
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state, map_location=dist_util.default_device())
     eps = args.eps if args.eps is not None else float(state["config"].get("eval_eps", 0.1))
@@ -308,8 +313,9 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table([row], columns + [("training time s", "train_time_s", ".1f")]))
     if args.certify == "smoothing":
         print(_smoothing_table(row))
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(row, f, indent=2)
-    print(f"written: {path}")
+    if args.json:
+        replaced = os.path.exists(args.json)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(row, f, indent=2)
+        print(f"{'replaced' if replaced else 'written'}: {args.json}")
     return 0
