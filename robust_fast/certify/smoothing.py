@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from robust_fast._progress import progress_bar
 from robust_fast._checks import check_positive_finite
 from robust_fast._modes import modules_in_mode
 from robust_fast.ops.noise import gaussian_copies
@@ -202,10 +202,7 @@ def _class_counts(caller: str, model, x: torch.Tensor, stages: Sequence[Tuple[in
     ones = torch.ones(buffer.shape[0], dtype=torch.int64, device=device)
     counts = None
     current, generator = None, None  # the (image slot, stage) being drawn and its stream
-    show = sys.stderr.isatty() if progress is None else progress
-    from tqdm.auto import tqdm
-    bar = tqdm(total=batch * sum(sizes), desc=caller, unit="sample", unit_scale=True, disable=not show,
-               leave=False, dynamic_ncols=True)
+    bar = progress_bar(batch * sum(sizes), f"{caller} ({batch} images)", "sample", progress, unit_scale=True)
     try:
         for pieces in _schedule(batch, sizes, batch_size):
             offset = 0

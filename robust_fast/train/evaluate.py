@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from robust_fast._modes import modules_in_mode
+from robust_fast._progress import progress_bar
 from robust_fast.attacks import apgd, auto_attack, pgd
 from robust_fast.certify import certify as ibp_certify
 from robust_fast.data import batches
@@ -49,7 +50,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     evaluate_smoothing's fields: smoothed_clean_acc, certified_acc_by_radius, acr, abstain_rate,
     the settings and certify_time_s. Under a process group (torchrun) every rank passes the same
     images and the certification is split across ranks (the same numbers as one process); the
-    attack runs on every rank alike.
+    attack runs on every rank alike. progress: a bar over the images (default: when stderr is a
+    terminal).
     """
     if attack not in ATTACKS:
         raise ValueError(f"evaluate: attack must be one of {ATTACKS}, got {attack!r}")
@@ -76,6 +78,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     if certify == "smoothing":  # first: under a process group every rank must reach it together
         smoothed = evaluate_smoothing(model, images, labels, smoothing, seed=seed, batch_size=batch_size,
                                       progress=progress)
+    stage = ("clean" if not robust else {"pgd": f"PGD-{steps}", "apgd": f"APGD-CE-{steps}",
+                                          "auto": "AutoAttack-style"}[attack])
+    bar = progress_bar(images.shape[0], f"evaluate: {stage}", "image", progress)
     for first in range(0, images.shape[0], batch_size):
         x = images[first:first + batch_size].to(device)
         y = labels[first:first + batch_size].to(device)
@@ -98,6 +103,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
                 fooled_free += int((model(x_adv).argmax(dim=1) == y).sum())
         if certify == "ibp":
             certified += int(ibp_certify(model, x, y, eps, backend=backend).sum())
+        bar.update(x.shape[0])
+        bar.set_postfix(clean=f"{clean / (first + x.shape[0]):.3f}", refresh=False,
+                        **({"robust": f"{fooled_free / (first + x.shape[0]):.3f}"} if robust else {}))
+    bar.close()
     n = images.shape[0]
     result: Dict[str, Any] = {"n": n, "clean_acc": clean / n if n else math.nan}
     if robust:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
+from robust_fast._progress import shown as bars_shown
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from robust_fast.train.config import TrainConfig, lr_factor
@@ -156,7 +157,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         trainable.train()
         loss_sum = correct = seen = 0.0
         bar = tqdm(total=len(shards), desc=f"{recipe.name} {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not (config.progress and main), leave=False, dynamic_ncols=True)
+                   disable=not (config.progress and main and bars_shown(None)), leave=False, dynamic_ncols=True)
         epoch_start = time.perf_counter()
         for position, index in enumerate(shards):
             x = images[index].to(device, non_blocking=True)
@@ -198,7 +199,8 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
             eval_start = time.perf_counter()
             held_out = (eval_data[0][:config.eval_samples], eval_data[1][:config.eval_samples])
             numbers = evaluate(model, *held_out, eps=config.eval_eps, steps=config.eval_steps,
-                               seed=config.seed + epoch, backend=config.backend, robust=config.eval_steps > 0)
+                               seed=config.seed + epoch, backend=config.backend, robust=config.eval_steps > 0,
+                               progress=False)
             record.update(clean_acc=numbers["clean_acc"], robust_acc=numbers.get("robust_acc"),
                           eval_steps=config.eval_steps, eval_eps=config.eval_eps)
             record.update(recipe.held_out_metrics(model, *held_out, config.eval_eps, config.backend))
