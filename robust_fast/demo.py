@@ -38,6 +38,14 @@ from robust_fast.train.recipes import PGDAT, RRM, FastAT, Standard
 
 STUDENTS = ("standard", "pgd_at", "fast_at", "rrm")
 LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "fast_at": "Fast-AT", "rrm": "RRM"}
+METHODS = ("standard: cross-entropy on clean images. PGD-AT: adversarial training, cross-entropy on PGD "
+           "examples. Fast-AT: adversarial training on one FGSM step from a random start. RRM: robust "
+           "representation matching, clean images, a small cross-entropy term minus the cosine between the "
+           "student's and the frozen robust teacher's penultimate features.")
+
+
+def epochs_text(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
 
 
 @dataclass
@@ -203,18 +211,23 @@ def run(settings: DemoSettings, out: str, log=print, retrain_teacher: bool = Fal
         torch.manual_seed(settings.seed)  # every student starts from the same weights
         student = build_model(settings.student_model["name"], **settings.student_model["kwargs"])
         run_dir = os.path.join(out, name)
-        log(f"student: {LABELS[name]} ({settings.epochs[name]} epochs)")
+        log(f"student: {LABELS[name]} ({epochs_text(settings.epochs[name])})")
         result = fit(_recipe(name, settings, teacher, teacher_info["path"]), student, train,
                      _config(settings, settings.epochs[name]), eval_data=held_out, out_dir=run_dir)
         curves[name] = result.history
+        # a student that learns from the teacher also costs the teacher's training, shown beside
+        with_teacher = result.train_time_s + teacher_info["train_time_s"] if name == "rrm" else None
         rows.append({"recipe": name, "student": LABELS[name], "epochs": settings.epochs[name],
-                     "train_time_s": result.train_time_s, **_evaluate(student, test, settings)})
+                     "train_time_s": result.train_time_s, "train_time_with_teacher_s": with_teacher,
+                     **_evaluate(student, test, settings)})
     by_name = {row["recipe"]: row for row in rows}
     rrm = by_name["rrm"]
     for row in rows:
         for base in ("pgd_at", "fast_at"):
             reference = by_name[base]
             row[f"time_vs_{base}"] = row["train_time_s"] / reference["train_time_s"]
+            if row["train_time_with_teacher_s"] is not None:
+                row[f"time_with_teacher_vs_{base}"] = row["train_time_with_teacher_s"] / reference["train_time_s"]
             row[f"robust_vs_{base}"] = (row["robust_acc"] / reference["robust_acc"]
                                         if reference["robust_acc"] else None)
     with open(os.path.join(out, "curves.jsonl"), "w", encoding="utf-8") as f:
@@ -238,22 +251,34 @@ def table(results: Dict[str, Any]) -> str:
                (f"PGD-{s['eval_steps']} x{s['eval_restarts']} restarts", "robust_acc_restarts", ".1%"),
                (f"AutoAttack-style ({' + '.join(a.upper() for a in s['auto_attacks'])}, {s['auto_steps']} steps)",
                 "robust_acc_auto", ".1%"),
-               ("training time s", "train_time_s", ".1f"), ("time / PGD-AT", "time_vs_pgd_at", ".2f"),
-               ("robust / PGD-AT", "robust_vs_pgd_at", ".2f"), ("time / Fast-AT", "time_vs_fast_at", ".2f"),
-               ("robust / Fast-AT", "robust_vs_fast_at", ".2f")]
+               ("training time s", "train_time_s", ".1f"), ("with teacher s", "train_time_with_teacher_s", ".1f"),
+               ("time / PGD-AT", "time_vs_pgd_at", ".2f"), ("robust / PGD-AT", "robust_vs_pgd_at", ".2f")]
     t = results["teacher"]
-    teacher_line = (f"teacher {s['teacher_model']['name']} (PGD-{s['teacher_steps']} AT, {s['teacher_epochs']} epochs, "
-                    f"{t['train_time_s']:.0f} s{', cached' if t['cached'] else ''}): clean {t['clean_acc']:.1%}, "
-                    f"PGD-{s['eval_steps']} {t['robust_acc']:.1%}")
+    teacher_line = (f"teacher {s['teacher_model']['name']} (PGD-{s['teacher_steps']} AT, "
+                    f"{epochs_text(s['teacher_epochs'])}, {t['train_time_s']:.0f} s of training"
+                    f"{', cached' if t['cached'] else ''}): clean {t['clean_acc']:.1%}, PGD-{s['eval_steps']} "
+                    f"{t['robust_acc']:.1%}")
     r, f = results["rrm_vs_pgd_at"], results["rrm_vs_fast_at"]
+    by_name = {row["recipe"]: row for row in results["students"]}
 
-    def percent(value):  # None when the reference student has no robust accuracy at all
-        return "-" if value is None else f"{value:.0%}"
-    summary = (f"RRM student: {percent(r['robust'])} of the PGD-AT student's robust accuracy in {percent(r['time'])} "
-               f"of its training time; {percent(f['robust'])} of Fast-AT's in {percent(f['time'])} of its time.")
+    def robust_part(ratio, base):  # a ratio is None when the reference student has no robust accuracy
+        if ratio["robust"] is None:
+            return f"no robust-accuracy ratio (the {base} student has none)"
+        return f"{ratio['robust']:.0%} of the {base} student's robust accuracy"
+    with_teacher = by_name["rrm"]["time_with_teacher_vs_pgd_at"]
+    summary = (f"RRM student: {robust_part(r, 'PGD-AT')} in {r['time']:.0%} of its training time "
+               f"({with_teacher:.0%} counting the teacher's training); {robust_part(f, 'Fast-AT')} in "
+               f"{f['time']:.0%} of its time.")
     header = (f"Fashion-MNIST, L-inf eps {s['eps']:g}, {s['train_samples']} training images, "
               f"{s['test_samples']} test images; student {s['student_model']['name']}")
-    return "\n".join([header, teacher_line, "", format_table(results["students"], columns), "", summary])
+    legend = [METHODS,
+              "time / PGD-AT: this student's training time / the PGD-AT student's; robust / PGD-AT: its PGD-"
+              f"{s['eval_steps']} accuracy / the PGD-AT student's. training time excludes the teacher's; "
+              "'with teacher' adds it for the student that learns from it.",
+              f"The per-epoch curves (robustness.png, curves.jsonl) use PGD-{s['curve_steps']} on the first "
+              f"{s['curve_samples']} test images; the table's accuracies use all {s['test_samples']}."]
+    return "\n".join([header, teacher_line, "", format_table(results["students"], columns), "", summary, ""]
+                     + legend)
 
 
 def add_demo_parser(commands) -> argparse.ArgumentParser:
