@@ -144,6 +144,21 @@ def test_train_ibp_defaults_are_the_recipes():
                           kappa_end=args.kappa_end, ramp=args.ramp)
     assert recipe.settings() == IBP().settings()
     assert args.lr_decay_epochs == [] and args.threads is None
+    assert args.max_grad_norm == 10.0 and args.model == "small_cnn"
+
+
+@pytest.mark.parametrize("recipe, own, foreign", [("rrm", "--lambda-ce", "--warmup-epochs"),
+                                                  ("ibp", "--ramp-epochs", "--teacher"),
+                                                  ("smoothadv", "--l2-eps", "--lambda-ce")])
+def test_each_recipe_has_its_own_help_with_every_default(recipe, own, foreign, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", recipe, "--help"])
+    shown = capsys.readouterr().out
+    assert own in shown and foreign not in shown
+    assert "(default: 5)" in shown and "--epochs" in shown  # the common options, with their defaults
+    with pytest.raises(SystemExit) as stop:  # another recipe's option is refused by name
+        cli.main(["train", recipe, foreign, "1"])
+    assert stop.value.code == 2 and foreign in capsys.readouterr().err
 
 
 def test_eval_certify_refuses_a_model_bounds_cannot_go_through(tmp_path, capsys):

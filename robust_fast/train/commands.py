@@ -28,65 +28,147 @@ def _default(recipe, name: str):
     return inspect.signature(recipe).parameters[name].default
 
 
-def _ibp_default(name: str):
-    return _default(IBP, name)
+RECIPE_HELP = {
+    "standard": "cross-entropy on clean images",
+    "pgd_at": "adversarial training: cross-entropy on L-inf PGD examples (Madry et al.)",
+    "fast_at": "adversarial training on one FGSM step from a random start (Wong et al.)",
+    "rrm": "robust representation matching: clean images, lambda*CE - cos(student, frozen teacher) features",
+    "kd": "knowledge distillation from a frozen teacher (Hinton et al.)",
+    "ard": "adversarially robust distillation: KD on the student's PGD examples (Goldblum et al.)",
+    "ibp": "IBP certified training: the worst-case logits of the eps box, eps and kappa ramped (Gowal et al.)",
+    "gaussian": "cross-entropy on Gaussian-noise copies, for randomized smoothing (Cohen et al.)",
+    "smoothadv": "L2 PGD against the smoothed classifier, then cross-entropy on it (Salman et al.)",
+    "crt": "certified robustness transfer: match a smoothed teacher's logits under noise (Vaishnavi et al.)",
+}
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """The options every recipe takes: model, optimisation, data, evaluation, output."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--width", type=_positive(int), default=None, help="the model's width (wide_cnn, resnet_small; "
+                                                                      "default: the model's own)")
+    p.add_argument("--epochs", type=_positive(int), default=5, help="epochs to train")
+    p.add_argument("--batch-size", type=_positive(int), default=128, help="the global batch (split over ranks)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="the optimizer")
+    p.add_argument("--lr", type=_positive(float), default=1e-3, help="the peak learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="the learning-rate schedule")
+    p.add_argument("--lr-decay-epochs", type=int, nargs="*", default=[], metavar="EPOCH",
+                   help="the learning rate x 0.1 from each of these epochs on (1-based; on top of --schedule)")
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and the recipe's draws")
+    p.add_argument("--eps", type=_positive(float), default=0.1,
+                   help="L-inf radius of the training attack (pgd_at, fast_at, ard), of ibp, and of evaluation")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N training images (default all)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--eval-samples", type=int, default=500, help="held-out test images evaluated each epoch")
+    p.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the per-epoch robust accuracy (0: none)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: $ROBUST_FAST_DATA or "
+                                                "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<recipe>)")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint")
+    p.add_argument("--backend", default=None, help="robust_fast backend for the fused ops (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _teacher(p, recipe) -> None:
+    p.add_argument("--teacher", metavar="CHECKPOINT", help="checkpoint of the frozen teacher (required)")
+
+
+def _steps(p, recipe) -> None:
+    p.add_argument("--steps", type=_positive(int), default=_default(recipe, "steps"), help="PGD steps")
+
+
+def _distillation(p, recipe) -> None:
+    p.add_argument("--temperature", type=_positive(float), default=_default(recipe, "temperature"),
+                   help="softmax temperature of the distillation")
+    p.add_argument("--alpha", type=float, default=_default(recipe, "alpha"), help="weight of the distillation term")
+
+
+def _noise(p, recipe) -> None:
+    p.add_argument("--sigma", type=_positive(float), default=_default(recipe, "sigma"),
+                   help="std of the Gaussian noise")
+    p.add_argument("--noise-samples", type=_positive(int), default=_default(recipe, "noise_samples"),
+                   help="noise draws per image")
+
+
+def _rrm(p, recipe) -> None:
+    _teacher(p, recipe)
+    p.add_argument("--lambda-ce", type=float, default=_default(recipe, "lambda_ce"), help="weight of the cross-entropy")
+    p.add_argument("--kind", default=_default(recipe, "kind"), choices=("cosine", "l2_normalized"),
+                   help="feature distance")
+    p.add_argument("--noise-std", type=float, default=_default(recipe, "noise_std"),
+                   help="match on x + N(0, std^2) (0: clean images)")
+
+
+def _ibp(p, recipe) -> None:
+    p.add_argument("--warmup-epochs", type=float, default=_default(recipe, "warmup_epochs"),
+                   help="epochs on clean inputs first")
+    p.add_argument("--ramp-epochs", type=float, default=_default(recipe, "ramp_epochs"),
+                   help="epochs over which eps and kappa ramp")
+    p.add_argument("--kappa-end", type=float, default=_default(recipe, "kappa_end"),
+                   help="final weight of the clean loss")
+    p.add_argument("--ramp", choices=("smoothed", "linear"), default=_default(recipe, "ramp"), help="the eps ramp")
+
+
+def _smoothadv(p, recipe) -> None:
+    _noise(p, recipe)
+    _steps(p, recipe)
+    p.add_argument("--l2-eps", type=_positive(float), default=_default(recipe, "eps"), help="L2 radius of the attack")
+
+
+def _crt(p, recipe) -> None:
+    _teacher(p, recipe)
+    _noise(p, recipe)
+    p.add_argument("--alpha", type=float, default=_default(recipe, "alpha"), help="weight of the distillation term")
+
+
+def _ard(p, recipe) -> None:
+    _teacher(p, recipe)
+    _steps(p, recipe)
+    _distillation(p, recipe)
+
+
+def _kd(p, recipe) -> None:
+    _teacher(p, recipe)
+    _distillation(p, recipe)
+
+
+# Each recipe's own options, added to its subcommand (`robust-fast train <recipe> --help`).
+RECIPE_OPTIONS = {"standard": None, "pgd_at": _steps, "fast_at": None, "rrm": _rrm, "kd": _kd, "ard": _ard,
+                  "ibp": _ibp, "gaussian": _noise, "smoothadv": _smoothadv, "crt": _crt}
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows every default beside its option (unless its help already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train a model with one recipe on Fashion-MNIST "
-                                          "(under torchrun: data-parallel)")
-    p.add_argument("recipe", choices=sorted(RECIPES))
-    p.add_argument("--model", default=None,
-                   help="small_cnn, wide_cnn or resnet_small (default; small_cnn for ibp)")
-    p.add_argument("--width", type=int, default=None, help="the model's width (wide_cnn, resnet_small)")
-    p.add_argument("--epochs", type=_positive(int), default=5)
-    p.add_argument("--batch-size", type=_positive(int), default=128, help="the global batch (split over ranks)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--lr", type=_positive(float), default=1e-3)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    p.add_argument("--lr-decay-epochs", type=int, nargs="*", default=[], metavar="EPOCH",
-                   help="the learning rate x 0.1 from each of these epochs on (1-based; on top of --schedule)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eps", type=_positive(float), default=0.1, help="L-inf radius of training attacks and of evaluation")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"PGD steps (pgd_at, ard: {_default(PGDAT, 'steps')}; "
-                        f"smoothadv: {_default(SmoothAdv, 'steps')})")
-    p.add_argument("--teacher", help="checkpoint of the frozen teacher (rrm, kd, ard, crt)")
-    p.add_argument("--lambda-ce", type=float, default=0.005, help="rrm: weight of the cross-entropy")
-    p.add_argument("--kind", default="cosine", choices=("cosine", "l2_normalized"), help="rrm: feature distance")
-    p.add_argument("--noise-std", type=float, default=0.0, help="rrm: match on x + N(0, std^2)")
-    p.add_argument("--temperature", type=float, default=None, help="kd (4), ard (30)")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="kd (0.9), ard (1.0), crt (1.0): weight of the distillation term")
-    p.add_argument("--sigma", type=float, default=None,
-                   help=f"gaussian, smoothadv, crt: std of the Gaussian noise (default {_default(Gaussian, 'sigma')})")
-    p.add_argument("--noise-samples", type=int, default=None,
-                   help=f"gaussian, smoothadv, crt: noise draws per image (default "
-                        f"{_default(Gaussian, 'noise_samples')}; smoothadv {_default(SmoothAdv, 'noise_samples')})")
-    p.add_argument("--l2-eps", type=float, default=None,
-                   help=f"smoothadv: L2 radius of the attack (default {_default(SmoothAdv, 'eps')})")
-    p.add_argument("--warmup-epochs", type=float, default=None,
-                   help=f"ibp: epochs on clean inputs first (default {_ibp_default('warmup_epochs')})")
-    p.add_argument("--ramp-epochs", type=float, default=None,
-                   help=f"ibp: epochs over which eps and kappa ramp (default {_ibp_default('ramp_epochs')})")
-    p.add_argument("--kappa-end", type=float, default=None,
-                   help=f"ibp: final weight of the clean loss (default {_ibp_default('kappa_end')})")
-    p.add_argument("--ramp", choices=("smoothed", "linear"), default=None,
-                   help=f"ibp: the eps ramp (default {_ibp_default('ramp')})")
-    p.add_argument("--max-grad-norm", type=float, default=None,
-                   help=f"clip the gradient's norm (default: the recipe's, {_ibp_default('max_grad_norm'):g} "
-                        f"for ibp, none otherwise)")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--eval-samples", type=int, default=500, help="held-out test images evaluated each epoch")
-    p.add_argument("--eval-steps", type=int, default=10, help="PGD steps of the per-epoch robust accuracy (0: none)")
-    p.add_argument("--data", default=None, help="Fashion-MNIST folder (default $ROBUST_FAST_DATA or Debian's)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint")
-    p.add_argument("--backend", default=None, help="robust_fast backend for the fused ops")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                                          "(under torchrun: data-parallel)",
+                            description="Train a model with one recipe on Fashion-MNIST. "
+                                        "`robust-fast train RECIPE --help` lists that recipe's options.")
+    recipes = p.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
+    common = _common_options()
+    for name in sorted(RECIPES):
+        recipe = RECIPES[name]
+        sub = recipes.add_parser(name, parents=[common], help=RECIPE_HELP.get(name, ""),
+                                 description=f"{name}: {RECIPE_HELP.get(name, '')}", formatter_class=_Help)
+        sub.add_argument("--model", default="small_cnn" if name == "ibp" else "resnet_small",
+                         help="small_cnn, wide_cnn or resnet_small")
+        clip = (_default(recipe, "max_grad_norm") if "max_grad_norm" in inspect.signature(recipe).parameters
+                else recipe.max_grad_norm)
+        sub.add_argument("--max-grad-norm", type=_positive(float), default=clip,
+                         help="clip the gradient's norm (None: no clipping)")
+        if RECIPE_OPTIONS.get(name):
+            RECIPE_OPTIONS[name](sub.add_argument_group(f"{name} options"), recipe)
 
 
 def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, teacher: Optional[torch.nn.Module] = None,
@@ -125,19 +207,22 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
     raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
 
 
+# The settings build_recipe takes from a recipe's subcommand (those it lacks stay the recipe's).
+RECIPE_SETTINGS = ("eps", "steps", "lambda_ce", "kind", "noise_std", "temperature", "alpha", "warmup_epochs",
+                   "ramp_epochs", "kappa_end", "ramp", "sigma", "noise_samples", "l2_eps")
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     joined = dist_util.init_from_env()
     device = dist_util.default_device()
-    teacher = model_from_checkpoint(args.teacher, map_location=device) if args.teacher else None
-    recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=args.teacher,
-                          lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
-                          temperature=args.temperature, alpha=args.alpha, warmup_epochs=args.warmup_epochs,
-                          ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end, ramp=args.ramp, sigma=args.sigma,
-                          noise_samples=args.noise_samples, l2_eps=args.l2_eps)
+    teacher_path = getattr(args, "teacher", None)
+    teacher = model_from_checkpoint(teacher_path, map_location=device) if teacher_path else None
+    given = {key: getattr(args, key) for key in RECIPE_SETTINGS if getattr(args, key, None) is not None}
+    recipe = build_recipe(args.recipe, teacher=teacher, teacher_path=getattr(args, "teacher", None), **given)
     # the clip the run uses, written into its configuration (and so its checkpoint)
-    max_grad_norm = args.max_grad_norm if args.max_grad_norm is not None else recipe.max_grad_norm
+    max_grad_norm = args.max_grad_norm
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                          momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                          lr_decay_epochs=tuple(args.lr_decay_epochs), seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps,
@@ -147,8 +232,7 @@ def run_train(args: argparse.Namespace) -> int:
     train = load_fashion_mnist("train", root=args.data, limit=args.limit)
     held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
     torch.manual_seed(args.seed)
-    model_name = args.model or ("small_cnn" if args.recipe == "ibp" else "resnet_small")
-    model = build_model(model_name, **({"width": args.width} if args.width else {}))
+    model = build_model(args.model, **({"width": args.width} if args.width else {}))
     result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
     if dist_util.is_main():
         print(f"{args.recipe}: {result.train_time_s:.1f} s of training; checkpoint {result.checkpoint}, "
