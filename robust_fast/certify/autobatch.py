@@ -28,7 +28,7 @@ AUTO = "auto"
 # Candidates per device type: CPUs run best in cache-sized batches, GPUs in large ones.
 CPU_CANDIDATES = (100, 200, 400, 1000, 2000)
 GPU_CANDIDATES = (1000, 2000, 4000, 8000, 16000)
-REPEATS = 2
+ROUNDS = 3  # timed forwards per candidate, the fastest kept
 
 # model -> {(device, dtype, input shape): Choice}
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -75,25 +75,26 @@ def _synchronize(device: torch.device) -> None:
 def _measure(model, image: torch.Tensor, sigma: float, sizes: Tuple[int, ...], device: torch.device) -> Choice:
     generator = torch.Generator().manual_seed(0)  # its own: the caller's generators are not touched
     inputs = gaussian_copies(image.unsqueeze(0), max(sizes), sigma, generator=generator)
-    rates: Dict[int, float] = {}
-    for size in sizes:
-        batch = inputs[:size]
+    fitting = []
+    for size in sizes:  # one untimed forward each (allocations, lazy initialisation); memory ends the list
         try:
-            model(batch)  # untimed: allocations, lazy initialisation
-            best = float("inf")
-            for _ in range(REPEATS):
-                _synchronize(device)
-                start = time.perf_counter()
-                model(batch)
-                _synchronize(device)
-                best = min(best, time.perf_counter() - start)
+            model(inputs[:size])
         except torch.OutOfMemoryError:
-            if not rates:
+            if not fitting:
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             break
-        rates[size] = size / max(best, 1e-9)
+        fitting.append(size)
+    best = {size: float("inf") for size in fitting}
+    for _ in range(ROUNDS):  # interleaved: a burst of load on a shared machine hits every candidate alike
+        for size in fitting:
+            _synchronize(device)
+            start = time.perf_counter()
+            model(inputs[:size])
+            _synchronize(device)
+            best[size] = min(best[size], time.perf_counter() - start)
+    rates = {size: size / max(seconds, 1e-9) for size, seconds in best.items()}
     return Choice(max(rates, key=rates.get), rates, max(sizes))
 
 
