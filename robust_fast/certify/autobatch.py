@@ -3,9 +3,10 @@
 Which batch runs a model fastest depends on the model, the device and the input: on a CPU a
 batch whose activations stay in the caches can beat a larger one by 2x, on a GPU larger batches
 win until the device is full. So `batch_size="auto"` (certify, predict) times a few candidate
-sizes on the model itself, on noisy copies of the first image: one untimed forward, then
-`REPEATS` timed ones each, under inference_mode; the candidate with the most rows per second
-wins. Only candidates the call can fill are timed (those below its rows in all, and the first
+sizes on the model itself, on noisy copies of the first image: one untimed forward each, then
+ROUNDS rounds that time each candidate once (interleaved, so a burst of load on a shared
+machine hits all alike), under inference_mode; by each candidate's fastest forward, the most
+rows per second wins. Only candidates the call can fill are timed (those below its rows in all, and the first
 that holds them). The choice is cached per model (weakly: it goes with the model) and per
 (device, dtype, input shape), so a process measures once (again only for a call that needs a
 larger candidate than was timed). A candidate the device has no memory for ends the
