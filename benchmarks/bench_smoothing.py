@@ -14,9 +14,9 @@ Fashion-MNIST test images (random images when the data set is missing), at batch
 at each fixed batch size of the sweep, against a loop written as Cohen et al.'s reference code
 writes it (one image at a time; per batch x.repeat(b, 1, 1, 1) + randn_like * sigma, the forward,
 argmax, counts by bincount on the host) at each batch size of the sweep; the speed-up is against
-that loop's best batch size. Then one profiled call of each at its batch size (auto's choice; the
-loop's best): the fraction of its time inside the model's forward and in the noise, and what the
-auto choice measured and cost.
+that loop's best batch size. Then 3 profiled calls of each at its batch size (auto's choice; the
+loop's best): the fraction of their time inside the model's forward and in the noise, and what
+the auto choice measured and cost.
 
     robust-fast bench smoothing [--quick] [--device cpu|cuda] [--parts copies,certify]
                                 [--out DIR | --save-reference] [--no-compile] [--threads N]
@@ -188,9 +188,10 @@ def _certify_inputs(config, device):
     return model, images.to(device), where
 
 
-def _profiled(fn, model: TimedForward) -> Dict[str, float]:
-    """One call of fn, its wall time and the shares of it in the model's forward and in the noise
-    (robust_fast's noisy copies; the reference's repeat, randn_like and add are in "rest")."""
+def _profiled(fn, model: TimedForward, calls: int) -> Dict[str, float]:
+    """`calls` calls of fn: the seconds of one, and the shares of their time in the model's forward
+    and in the noise (robust_fast's noisy copies; the reference's repeat, randn_like and add are
+    in "rest")."""
     noise = {"seconds": 0.0}
     original = smoothing.noisy_copies
 
@@ -206,20 +207,22 @@ def _profiled(fn, model: TimedForward) -> Dict[str, float]:
     try:
         harness._synchronize(next(model.parameters()).device.type)
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         harness._synchronize(next(model.parameters()).device.type)
         total = time.perf_counter() - start
     finally:
         smoothing.noisy_copies = original
-    return {"seconds": total, "forward_fraction": model.seconds / total, "noise_fraction": noise["seconds"] / total,
-            "forward_calls": model.calls}
+    return {"seconds": total / calls, "forward_fraction": model.seconds / total,
+            "noise_fraction": noise["seconds"] / total, "forward_calls": model.calls // calls}
 
 
 def bench_certify(config, device, notes) -> List[Dict[str, object]]:
     model, images, where = _certify_inputs(config, device)
     n0, n, alpha, sweep = config["n0"], config["n"], config["alpha"], tuple(config["batch_sizes"])
     passes = images.shape[0] * (n0 + n)
-    num_classes = int(model(images[:1]).shape[1])
+    with torch.inference_mode():
+        num_classes = int(model(images[:1]).shape[1])
     notes.append(f"certify: {config['model']['name']}{config['model']['kwargs']} randomly initialised (seed 0), "
                  f"{images.shape[0]} images: {where}; n0 {n0}, n {n}, sigma {SIGMA}")
     ours = lambda batch_size: smoothing.certify(model, images, SIGMA, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
@@ -249,11 +252,13 @@ def bench_certify(config, device, notes) -> List[Dict[str, object]]:
                      "forward_passes_per_s": passes / (s["median_ms"] * 1e-3),
                      "vs_reference_best": harness.ratio(reference[best], s["median_ms"]),
                      "reference_best_batch": best})
-    # the profile: one call each, at auto's choice and at the reference loop's best
+    # the profile: `rounds` calls each, at auto's choice and at the reference loop's best
     timed = TimedForward(model)
     mine = _profiled(lambda: smoothing.certify(timed, images, SIGMA, n0=n0, n=n, alpha=alpha, batch_size=chosen,
-                                               generator=torch.Generator().manual_seed(0), progress=False), timed)
-    theirs = _profiled(lambda: reference_certify(timed, images, SIGMA, n0, n, alpha, best, num_classes), timed)
+                                               generator=torch.Generator().manual_seed(0), progress=False),
+                     timed, config["rounds"])
+    theirs = _profiled(lambda: reference_certify(timed, images, SIGMA, n0, n, alpha, best, num_classes), timed,
+                       config["rounds"])
     for name, batch, p in (("robust_fast certify (auto)", chosen, mine), (f"reference loop ({best})", best, theirs)):
         rows.append({"part": "certify profile", "impl": name, "batch_size": batch, "device": device,
                      "images": images.shape[0], "n0": n0, "n": n, **p,
