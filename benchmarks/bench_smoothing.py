@@ -16,7 +16,8 @@ writes it (one image at a time; per batch x.repeat(b, 1, 1, 1) + randn_like * si
 argmax, counts by bincount on the host) at each batch size of the sweep; the speed-up is against
 that loop's best batch size. Then 3 profiled calls of each at its batch size (auto's choice; the
 loop's best): the fraction of their time inside the model's forward and in the noise, and what
-the auto choice measured and cost.
+the auto choice measured and cost. Each call's process CPU time is recorded beside its wall
+time (the cpu_* fields): other processes on a shared machine move wall time, not CPU time.
 
     robust-fast bench smoothing [--quick] [--device cpu|cuda] [--parts copies,certify]
                                 [--out DIR | --save-reference] [--no-compile] [--threads N]
@@ -28,6 +29,7 @@ Speed-ups are "baseline median / this median" (> 1: this is faster).
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -161,19 +163,32 @@ def reference_certify(model, x: torch.Tensor, sigma: float, n0: int, n: int, alp
 
 
 class TimedForward(nn.Module):
-    """The model, with the seconds spent in its forward added up (CUDA: synchronised around it)."""
+    """The model, with the wall seconds and the process CPU seconds spent in its forward added up
+    (CUDA: synchronised around it)."""
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.seconds, self.calls = model, 0.0, 0
+        self.model, self.seconds, self.cpu_seconds, self.calls = model, 0.0, 0.0, 0
 
     def forward(self, x):
         harness._synchronize(x.device.type)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self.model(x)
         harness._synchronize(x.device.type)
         self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu
         self.calls += 1
         return out
+
+
+def _cpu_timed(fn, record: List[float]):
+    """fn, with each call's process CPU time appended to record (other processes on a shared
+    machine do not move it; with 1 thread it is the call's cost on its core)."""
+    def timed():
+        start = time.process_time()
+        out = fn()
+        record.append(time.process_time() - start)
+        return out
+    return timed
 
 
 def _certify_inputs(config, device):
@@ -192,29 +207,31 @@ def _profiled(fn, model: TimedForward, calls: int) -> Dict[str, float]:
     """`calls` calls of fn: the seconds of one, and the shares of their time in the model's forward
     and in the noise (robust_fast's noisy copies; the reference's repeat, randn_like and add are
     in "rest")."""
-    noise = {"seconds": 0.0}
+    noise = {"seconds": 0.0, "cpu_seconds": 0.0}
     original = smoothing.noisy_copies
 
     def timed_copies(*args, **kwargs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = original(*args, **kwargs)
         harness._synchronize(out.device.type)
         noise["seconds"] += time.perf_counter() - start
+        noise["cpu_seconds"] += time.process_time() - cpu
         return out
 
-    model.seconds, model.calls = 0.0, 0
+    model.seconds, model.cpu_seconds, model.calls = 0.0, 0.0, 0
     smoothing.noisy_copies = timed_copies
     try:
         harness._synchronize(next(model.parameters()).device.type)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(calls):
             fn()
         harness._synchronize(next(model.parameters()).device.type)
-        total = time.perf_counter() - start
+        total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         smoothing.noisy_copies = original
-    return {"seconds": total / calls, "forward_fraction": model.seconds / total,
-            "noise_fraction": noise["seconds"] / total, "forward_calls": model.calls // calls}
+    return {"seconds": total / calls, "cpu_seconds": total_cpu / calls, "forward_fraction": model.seconds / total,
+            "noise_fraction": noise["seconds"] / total, "forward_cpu_fraction": model.cpu_seconds / total_cpu,
+            "noise_cpu_fraction": noise["cpu_seconds"] / total_cpu, "forward_calls": model.calls // calls}
 
 
 def bench_certify(config, device, notes) -> List[Dict[str, object]]:
@@ -239,10 +256,15 @@ def bench_certify(config, device, notes) -> List[Dict[str, object]]:
     for b in sweep:
         candidates[f"reference loop ({b})"] = lambda b=b: reference_certify(model, images, SIGMA, n0, n, alpha, b,
                                                                               num_classes)
+    cpu_times = {name: [] for name in candidates}
+    candidates = {name: _cpu_timed(fn, cpu_times[name]) for name, fn in candidates.items()}
     stats = harness.compare(candidates, device=device, rounds=config["rounds"], min_run_time=0.0,
                             min_runs=config["rounds"], warmup_runs=1, warmup_time=0.0)
+    cpu_ms = {name: 1e3 * statistics.median(times[1:] or times) for name, times in cpu_times.items()}  # no warm-up
     reference = {b: stats[f"reference loop ({b})"]["median_ms"] for b in sweep}
     best = min(reference, key=reference.get)
+    reference_cpu = {b: cpu_ms[f"reference loop ({b})"] for b in sweep}
+    best_cpu = min(reference_cpu, key=reference_cpu.get)
     rows = []
     for name, s in stats.items():
         batch = chosen if name.endswith("(auto)") else int(name.rsplit("(", 1)[1].rstrip(")"))
@@ -251,7 +273,10 @@ def bench_certify(config, device, notes) -> List[Dict[str, object]]:
                      "iqr_ms": s["iqr_ms"], "min_ms": s["min_ms"], "samples": s["samples"],
                      "forward_passes_per_s": passes / (s["median_ms"] * 1e-3),
                      "vs_reference_best": harness.ratio(reference[best], s["median_ms"]),
-                     "reference_best_batch": best})
+                     "reference_best_batch": best, "cpu_median_ms": cpu_ms[name],
+                     "cpu_passes_per_s": passes / (cpu_ms[name] * 1e-3),
+                     "vs_reference_best_cpu": harness.ratio(reference_cpu[best_cpu], cpu_ms[name]),
+                     "reference_best_batch_cpu": best_cpu})
     # the profile: `rounds` calls each, at auto's choice and at the reference loop's best
     timed = TimedForward(model)
     mine = _profiled(lambda: smoothing.certify(timed, images, SIGMA, n0=n0, n=n, alpha=alpha, batch_size=chosen,
@@ -262,7 +287,8 @@ def bench_certify(config, device, notes) -> List[Dict[str, object]]:
     for name, batch, p in (("robust_fast certify (auto)", chosen, mine), (f"reference loop ({best})", best, theirs)):
         rows.append({"part": "certify profile", "impl": name, "batch_size": batch, "device": device,
                      "images": images.shape[0], "n0": n0, "n": n, **p,
-                     "rest_fraction": 1.0 - p["forward_fraction"] - p["noise_fraction"]})
+                     "rest_fraction": 1.0 - p["forward_fraction"] - p["noise_fraction"],
+                     "rest_cpu_fraction": 1.0 - p["forward_cpu_fraction"] - p["noise_cpu_fraction"]})
     rows.append({"part": "auto batch size", "impl": "autobatch.choose_batch_size", "device": device,
                  "batch_size": chosen, "measure_s": measure_s,
                  "rows_per_s": {str(k): v for k, v in measured.rows_per_s.items()} if measured else None,
@@ -272,10 +298,13 @@ def bench_certify(config, device, notes) -> List[Dict[str, object]]:
 
 CERTIFY_COLUMNS = [("impl", "impl", None), ("batch", "batch_size", None), ("median ms", "median_ms", ".1f"),
                    ("iqr ms", "iqr_ms", ".1f"), ("passes/s", "forward_passes_per_s", ".0f"),
-                   ("vs reference best", "vs_reference_best", ".2f")]
+                   ("vs reference best", "vs_reference_best", ".2f"), ("cpu ms", "cpu_median_ms", ".1f"),
+                   ("cpu passes/s", "cpu_passes_per_s", ".0f"), ("vs best, cpu", "vs_reference_best_cpu", ".2f")]
 PROFILE_COLUMNS = [("impl", "impl", None), ("batch", "batch_size", None), ("s", "seconds", ".2f"),
                    ("forward", "forward_fraction", ".3f"), ("noise", "noise_fraction", ".3f"),
-                   ("rest", "rest_fraction", ".3f"), ("forwards", "forward_calls", None)]
+                   ("rest", "rest_fraction", ".3f"), ("cpu s", "cpu_seconds", ".2f"),
+                   ("forward cpu", "forward_cpu_fraction", ".3f"), ("noise cpu", "noise_cpu_fraction", ".3f"),
+                   ("forwards", "forward_calls", None)]
 
 
 COLUMNS = [("shape", "shape", None), ("copies", "copies", None), ("impl", "impl", None),
@@ -368,6 +397,11 @@ def _summary(rows) -> Dict[str, object]:
             "forward_fraction": profile[auto["impl"]]["forward_fraction"],
             "noise_fraction": profile[auto["impl"]]["noise_fraction"],
             "reference_forward_fraction": profile[best["impl"]]["forward_fraction"],
+            "cpu_passes_per_s": auto["cpu_passes_per_s"], "vs_reference_best_cpu": auto["vs_reference_best_cpu"],
+            "reference_best_batch_size_cpu": auto["reference_best_batch_cpu"],
+            "forward_cpu_fraction": profile[auto["impl"]]["forward_cpu_fraction"],
+            "noise_cpu_fraction": profile[auto["impl"]]["noise_cpu_fraction"],
+            "reference_forward_cpu_fraction": profile[best["impl"]]["forward_cpu_fraction"],
         }
     return summary
 
@@ -407,7 +441,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                          "bytes) / this time; fraction_of_fill = time to write the output once / this "
                          "time (the floor for an op that writes its output once); vs_reference_best = "
                          "median time of the one-image-at-a-time reference loop at its best batch size / "
-                         "this median time; forward_passes_per_s = images * (n0 + n) / median seconds")
+                         "this median time; forward_passes_per_s = images * (n0 + n) / median seconds; the cpu_* "
+                         "fields: the same from each call's process CPU time")
 
 
 if __name__ == "__main__":

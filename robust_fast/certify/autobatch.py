@@ -6,11 +6,12 @@ win until the device is full. So `batch_size="auto"` (certify, predict) times a 
 sizes on the model itself, on noisy copies of the first image: one untimed forward each, then
 ROUNDS rounds that time each candidate once (interleaved, so a burst of load on a shared
 machine hits all alike), under inference_mode; by each candidate's fastest forward, the most
-rows per second wins. Only candidates the call can fill are timed (those below its rows in all, and the first
-that holds them). The choice is cached per model (weakly: it goes with the model) and per
-(device, dtype, input shape), so a process measures once (again only for a call that needs a
-larger candidate than was timed). A candidate the device has no memory for ends the
-search (the smaller ones stand).
+rows per second wins. With one CPU thread the forwards are timed in process CPU time (robust to
+other processes on the machine), else in wall time. Only candidates the call can fill are timed
+(those below its rows in all, and the first that holds them). The choice is cached per model
+(weakly: it goes with the model) and per (device, dtype, input shape), so a process measures
+once (again only for a call that needs a larger candidate than was timed). A candidate the
+device has no memory for ends the search (the smaller ones stand).
 
 Certification results do not depend on the batch size (the noise comes in fixed blocks, see
 smoothing's module docstring), so an auto choice that differs between runs changes only speed.
@@ -73,6 +74,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _clock(device: torch.device):
+    """The clock the forwards are timed by. One CPU thread: the process's CPU time, which other
+    processes on a shared machine do not move (under wall time, a forward shorter than the
+    scheduler's time slice often runs uninterrupted while longer ones are always preempted, so the
+    smallest candidate would win whatever its speed). Otherwise wall time."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
 def _measure(model, image: torch.Tensor, sigma: float, sizes: Tuple[int, ...], device: torch.device) -> Choice:
     generator = torch.Generator().manual_seed(0)  # its own: the caller's generators are not touched
     inputs = gaussian_copies(image.unsqueeze(0), max(sizes), sigma, generator=generator)
@@ -88,13 +99,14 @@ def _measure(model, image: torch.Tensor, sigma: float, sizes: Tuple[int, ...], d
             break
         fitting.append(size)
     best = {size: float("inf") for size in fitting}
+    clock = _clock(device)
     for _ in range(ROUNDS):  # interleaved: a burst of load on a shared machine hits every candidate alike
         for size in fitting:
             _synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             model(inputs[:size])
             _synchronize(device)
-            best[size] = min(best[size], time.perf_counter() - start)
+            best[size] = min(best[size], clock() - start)
     rates = {size: size / max(seconds, 1e-9) for size, seconds in best.items()}
     return Choice(max(rates, key=rates.get), rates, max(sizes))
 
