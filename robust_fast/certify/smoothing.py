@@ -24,7 +24,8 @@ the other images in the call or their order. Certifying images one at a time wit
 or with any batch size, gives the same counts (the model's own outputs may differ in the last
 bit between batch compositions; an argmax flips only at an exact tie). Different devices or
 backends draw different numbers. (Before the blocks, a stream came in pieces of batch_size rows:
-certifications made then at batch_size=1000, the old default, draw the same numbers now.)
+certifications made then at batch_size=1000, the old default, of images of at most
+NOISE_BLOCK_ELEMENTS / 1000 elements draw the same numbers now.)
 """
 from __future__ import annotations
 
