@@ -22,7 +22,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -71,7 +71,7 @@ class CRTDemoSettings:
     n0: int = 100                       # certify's selection samples
     n: int = 10000                      # its estimation samples: the radius is capped at sigma * Phi^-1(alpha^(1/n))
     alpha: float = 0.001
-    certify_batch: int = 1000
+    certify_batch: Union[int, str] = "auto"  # noisy copies per forward pass: measured (the numbers do not depend on it)
     bootstrap_samples: int = 10000
 
     @classmethod

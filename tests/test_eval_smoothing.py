@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not data.available(), reason="Fashion-MNIST is n
 
 SIGMA, N0, N, SEED, BATCH, IMAGES = 0.25, 30, 300, 3, 64, 12
 SMOOTHING = ["--certify", "smoothing", "--sigma", str(SIGMA), "--n0", str(N0), "--n", str(N),
-             "--batch-size", str(BATCH), "--seed", str(SEED), "--samples", str(IMAGES)]
+             "--smoothing-batch-size", str(BATCH), "--seed", str(SEED), "--samples", str(IMAGES)]
 TIMES = ("time_s", "certify_time_s", "certify_processes")
 
 
@@ -53,6 +53,7 @@ def test_eval_certify_smoothing_equals_a_hand_loop(checkpoint, tmp_path, capsys)
     assert numbers["certifier"] == "smoothing" and numbers["n"] == IMAGES and numbers["certify_processes"] == 1
     assert (numbers["sigma"], numbers["smoothing_n0"], numbers["smoothing_n"], numbers["smoothing_alpha"],
             numbers["smoothing_batch_size"], numbers["smoothing_seed"]) == (SIGMA, N0, N, 0.001, BATCH, SEED)
+    assert numbers["smoothing_batch_size_used"] == BATCH
     assert numbers["smoothed_clean_acc"] == right.double().mean().item()
     assert numbers["abstain_rate"] == (prediction == -1).double().mean().item()
     assert numbers["certified_acc_by_radius"] == {
@@ -63,6 +64,14 @@ def test_eval_certify_smoothing_equals_a_hand_loop(checkpoint, tmp_path, capsys)
     result = certify_sharded(model, images, SmoothingSettings(SIGMA, n0=N0, n=N), seed=SEED, batch_size=BATCH,
                              progress=False)
     assert torch.equal(result.prediction, prediction) and torch.equal(result.radius, radius)
+    # the default batch size, "auto", measured on the model: the same numbers
+    auto = tmp_path / "auto.json"
+    default = [a for a in SMOOTHING if a not in ("--smoothing-batch-size", str(BATCH))]
+    assert cli.main(["eval", checkpoint, "--no-attack", "--json", str(auto)] + default) == 0
+    auto_numbers = json.loads(auto.read_text())
+    assert auto_numbers["smoothing_batch_size"] == "auto" and auto_numbers["smoothing_batch_size_used"] >= 1
+    skip = TIMES + ("smoothing_batch_size", "smoothing_batch_size_used")
+    assert {k: v for k, v in auto_numbers.items() if k not in skip} == {k: v for k, v in numbers.items() if k not in skip}
 
 
 def _free_port():
@@ -134,6 +143,10 @@ def test_eval_norm_l2_is_pgd_in_the_l2_ball(checkpoint, tmp_path, capsys):
     (["--certify", "smoothing", "--sigma", "0.25", "--n", "1.5"], "argument --n: must be an int"),
     (["--certify", "smoothing", "--sigma", "0.25", "--smoothing-alpha", "1"], "argument --smoothing-alpha: must be in (0, 1)"),
     (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["--certify", "smoothing", "--sigma", "0.25", "--smoothing-batch-size", "0"],
+     "argument --smoothing-batch-size: must be >= 1"),
+    (["--certify", "smoothing", "--sigma", "0.25", "--smoothing-batch-size", "big"],
+     "argument --smoothing-batch-size: must be an int"),
     (["--norm", "l3"], "argument --norm: invalid choice"),
 ])
 def test_eval_refuses_bad_values_naming_the_option(options, message, capsys):
@@ -146,6 +159,7 @@ def test_eval_refuses_bad_values_naming_the_option(options, message, capsys):
     (["--certify", "smoothing"], "--certify smoothing needs --sigma"),
     (["--sigma", "0.25", "--n", "100"], "--sigma, --n apply to --certify smoothing only"),
     (["--certify", "ibp", "--n0", "10"], "--n0 applies to --certify smoothing only"),
+    (["--smoothing-batch-size", "auto"], "--smoothing-batch-size applies to --certify smoothing only"),
     (["--norm", "l2"], "--norm l2 needs --eps"),
     (["--norm", "l2", "--eps", "1", "--certify", "ibp"], "--certify ibp certifies L-inf balls"),
     (["--samples", "0"], "--samples must be >= 1"),

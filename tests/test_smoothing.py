@@ -309,3 +309,108 @@ def test_table_and_figure(tmp_path):
     plot_certified_accuracy({"gaussian": result, "crt": result}, labels, str(path), title="test")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# the batch size: the counts never depend on it; "auto" measures once and picks a candidate
+
+def test_counts_do_not_depend_on_the_batch_size():
+    model, x = small_problem()
+    generator = torch.Generator().manual_seed(4)
+    settings = dict(n0=7, n=23, alpha=0.05)
+    reference = certify(model, x, 0.3, generator=generator, batch_size=16, **settings)
+    # 1: one row per pass; 5, 23, 29: pieces of an image's stream split across passes; 1000: all at once
+    for batch_size in (1, 5, 23, 29, 1000, "auto"):
+        got = certify(model, x, 0.3, generator=generator, batch_size=batch_size, **settings)
+        for field in ("counts", "selection_counts", "prediction", "radius"):
+            assert torch.equal(getattr(got, field), getattr(reference, field)), (batch_size, field)
+    base = predict(model, x, 0.3, n=23, batch_size=3, generator=generator)
+    assert torch.equal(predict(model, x, 0.3, n=23, batch_size=64, generator=generator).counts, base.counts)
+
+
+def test_streams_longer_than_a_noise_block_split_across_batches(monkeypatch):
+    # blocks of 4 rows: n = 23 is 6 blocks; batch sizes below, between and above a block
+    monkeypatch.setattr(smoothing, "NOISE_BLOCK_ROWS", 4)
+    model, x = small_problem()
+    generator = torch.Generator().manual_seed(2)
+    reference = certify(model, x, 0.3, generator=generator, **dict(SETTINGS, batch_size=4))
+    for batch_size in (3, 9, 200):
+        got = certify(model, x, 0.3, generator=generator, **dict(SETTINGS, batch_size=batch_size))
+        assert torch.equal(got.counts, reference.counts) and torch.equal(got.selection_counts,
+                                                                         reference.selection_counts), batch_size
+    assert int(reference.counts.sum()) == x.shape[0] * SETTINGS["n"]
+
+
+def test_the_noise_block_shrinks_for_large_images():
+    assert smoothing.noise_block_rows(784) == smoothing.NOISE_BLOCK_ROWS
+    assert smoothing.noise_block_rows(3 * 224 * 224) == smoothing.NOISE_BLOCK_ELEMENTS // (3 * 224 * 224)
+    assert smoothing.noise_block_rows(10 ** 9) == 1
+
+
+class CountingModel(nn.Module):
+    """SmallCNN that counts the rows of every forward pass."""
+    def __init__(self):
+        super().__init__()
+        self.net = SmallCNN()
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        return self.net(x)
+
+
+def test_auto_picks_a_measured_candidate_and_caches_it():
+    from robust_fast.certify import autobatch
+    autobatch.clear_cache()
+    torch.manual_seed(0)
+    model, x = CountingModel(), torch.rand(3, 1, 6, 6)
+    generator = torch.Generator().manual_seed(1)
+    rows = x.shape[0] * (100 + 900)
+    result = certify(model, x, 0.3, n0=100, n=900, generator=generator)  # "auto" is the default
+    choice = autobatch.cached_choice(model, torch.device("cpu"), x[0])
+    assert choice is not None and result.batch_size == choice.batch_size
+    assert choice.batch_size in autobatch.CPU_CANDIDATES and choice.batch_size in choice.rows_per_s
+    assert set(choice.rows_per_s) == set(autobatch.needed(torch.device("cpu"), rows))
+    assert all(rate > 0 for rate in choice.rows_per_s.values())
+    # the passes that counted: full batches of the choice, then the rest
+    counted = model.batches[-math.ceil(rows / choice.batch_size):]
+    assert counted[:-1] == [choice.batch_size] * (len(counted) - 1) and sum(counted) == rows
+    # the second call measures nothing: every pass counts
+    model.batches.clear()
+    again = certify(model, x, 0.3, n0=100, n=900, generator=generator)
+    assert autobatch.cached_choice(model, torch.device("cpu"), x[0]) is choice
+    assert sum(model.batches) == rows and again.batch_size == choice.batch_size
+    fixed = certify(model, x, 0.3, n0=100, n=900, generator=generator, batch_size=128)
+    assert fixed.batch_size == 128
+    assert torch.equal(fixed.counts, result.counts) and torch.equal(fixed.radius, result.radius)
+    # another input shape is measured apart; a call that fits the smallest candidate runs in one pass
+    model.batches.clear()
+    small = predict(model, x[:1], 0.3, n=50, generator=generator)
+    assert small.batch_size == 50 and model.batches == [50]
+    autobatch.clear_cache()
+    assert autobatch.cached_choice(model, torch.device("cpu"), x[0]) is None
+
+
+def test_auto_times_only_the_candidates_a_call_can_fill():
+    from robust_fast.certify import autobatch
+    cpu = torch.device("cpu")
+    assert autobatch.needed(cpu, 150) == (100, 200)
+    assert autobatch.needed(cpu, 400) == (100, 200, 400)
+    assert autobatch.needed(cpu, 10 ** 6) == autobatch.CPU_CANDIDATES
+    assert autobatch.candidates(torch.device("cuda", 0)) == autobatch.GPU_CANDIDATES
+    autobatch.clear_cache()
+    model, x = CountingModel(), torch.rand(1, 1, 6, 6)
+    certify(model, x, 0.3, n0=10, n=140)  # 150 rows: 100 and 200 timed
+    assert set(autobatch.cached_choice(model, cpu, x[0]).rows_per_s) == {100, 200}
+    certify(model, x, 0.3, n0=10, n=990)  # 1000 rows: measured again, up to 1000
+    assert set(autobatch.cached_choice(model, cpu, x[0]).rows_per_s) == {100, 200, 400, 1000}
+    autobatch.clear_cache()
+
+
+def test_a_bad_batch_size_names_the_argument():
+    model, x = small_problem()
+    for bad, error in (("big", ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="batch_size"):
+            certify(model, x, 0.3, n0=5, n=5, batch_size=bad)
+        with pytest.raises(error, match="batch_size"):
+            predict(model, x, 0.3, n=5, batch_size=bad)

@@ -3,22 +3,29 @@ g(x) = argmax_c P(f(x + d) = c), d ~ N(0, sigma^2 I), its Monte Carlo prediction
 (`predict`), its L2 certificate (`certify`), certified accuracy, the average certified radius
 (ACR) and a table and figure of certified accuracy against radius.
 
-Batches. The noisy copies of one image are drawn in pieces of at most batch_size rows; pieces of
-several images share one forward batch when they fit (small n), so the model always runs on
-full batches. Counts stay on the model's device and are read back once, at the end of a call.
+Batches. The noisy copies go through the model batch_size rows at a time, the rows of several
+images in one batch where they fit (small n) and one image's over several batches where they do
+not, so the model runs on full batches. batch_size="auto" (the default) measures the fastest
+on the model itself, once per model, device, dtype and input shape (robust_fast.certify.autobatch).
+Counts stay on the model's device and are read back once, at the end of a call.
 
 Random draws (the contract). Every image has its own noise stream, a torch.Generator on the
 model's device seeded from (the seed, the image's index, the stage: certify's selection, certify's
-estimation or predict); within a stream the noise comes in pieces of min(batch_size, samples
-left) rows, in order, each piece one call of robust_fast.gaussian_copies (which draws one seed
-from the stream). The seed is `generator.initial_seed()` (the generator's state is neither
-read nor advanced), or one draw from torch's global generator when generator is None. An
-image's index is its position in x unless `indices` says otherwise (its position in the whole
-data set, say, when a shard is certified alone). So an image's noise depends only on the seed,
-its index, n0 / n, batch_size and the device: never on the other images in the call or their
-order. Certifying images one at a time with indices=[i] gives the rows of the batched call (the
-model's own outputs may differ in the last bit between batch compositions; an argmax flips only
-at an exact tie). Different devices, backends or batch sizes draw different numbers.
+estimation or predict); within a stream the noise comes in blocks of min(noise_block_rows,
+samples left) rows, in order, each block one call of robust_fast.gaussian_copies (which draws
+one seed from the stream). noise_block_rows is NOISE_BLOCK_ROWS (1000), fewer for images of more
+than NOISE_BLOCK_ELEMENTS / 1000 elements: it depends on the image's size only, never on the
+batch size. The seed is `generator.initial_seed()` (the generator's state is neither read nor
+advanced), or one draw from torch's global generator when generator is None. An image's index
+is its position in x unless `indices` says otherwise (its position in the whole data set, say,
+when a shard is certified alone). So an image's noise depends only on the seed, its index,
+n0 / n, its size and the device (and the noise op's backend): never on the batch size, nor on
+the other images in the call or their order. Certifying images one at a time with indices=[i],
+or with any batch size, gives the same counts (the model's own outputs may differ in the last
+bit between batch compositions; an argmax flips only at an exact tie). Different devices or
+backends draw different numbers. (Before the blocks, a stream came in pieces of batch_size rows:
+certifications made then at batch_size=1000, the old default, of images of at most
+NOISE_BLOCK_ELEMENTS / 1000 elements draw the same numbers now.)
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from torch import nn
 from robust_fast._progress import progress_bar
 from robust_fast._checks import check_positive_finite
 from robust_fast._modes import modules_in_mode
+from robust_fast.certify.autobatch import AUTO, choose_batch_size
 from robust_fast.ops.noise import gaussian_copies
 
 ABSTAIN = -1
@@ -41,6 +49,10 @@ DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Noise streams: one per image and stage, so no two stages share numbers.
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2
 _MASK64 = (1 << 64) - 1
+# A stream's noise comes in blocks of this many rows (fewer for large images: a block holds at
+# most NOISE_BLOCK_ELEMENTS elements), whatever the batch size.
+NOISE_BLOCK_ROWS = 1000
+NOISE_BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class SmoothedCertificate:
     n0: int
     n: int
     alpha: float
+    batch_size: Optional[int] = None  # the noisy copies per forward pass (batch_size="auto": the choice)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class SmoothedPrediction:
     sigma: float
     n: int
     alpha: float
+    batch_size: Optional[int] = None  # the noisy copies per forward pass (batch_size="auto": the choice)
 
 
 def noisy_copies(image: torch.Tensor, copies: int, sigma: float, *, generator: torch.Generator,
@@ -133,7 +147,11 @@ def _check_common(caller: str, model, x, sigma, alpha, batch_size, generator, pr
     x = _check_x(caller, x)
     sigma = check_positive_finite("sigma", sigma, caller)
     alpha = _check_alpha(caller, alpha)
-    batch_size = _check_count(caller, "batch_size", batch_size)
+    if isinstance(batch_size, str):
+        if batch_size != AUTO:
+            raise ValueError(f"{caller}: batch_size must be an int >= 1 or 'auto', got {batch_size!r}")
+    else:
+        batch_size = _check_count(caller, "batch_size", batch_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{caller}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     if progress is not None and not isinstance(progress, bool):
@@ -162,22 +180,35 @@ def _base_seed(generator: Optional[torch.Generator]) -> int:
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
 
 
-def _schedule(images: int, stages: Sequence[int], batch_size: int) -> Iterator[List[Tuple[int, int, int]]]:
-    """Forward batches as lists of pieces (image slot, stage position, rows). An image's samples
-    for a stage come in pieces of batch_size (the last shorter); a piece is never split, and
-    consecutive pieces share a batch while they fit."""
-    batch, rows = [], 0
+def noise_block_rows(image_numel: int) -> int:
+    """Rows per noise block for images of image_numel elements: NOISE_BLOCK_ROWS, fewer where a
+    block would pass NOISE_BLOCK_ELEMENTS elements (large images), at least 1."""
+    return max(1, min(NOISE_BLOCK_ROWS, NOISE_BLOCK_ELEMENTS // max(1, image_numel)))
+
+
+def _blocks(images: int, stages: Sequence[int], block_rows: int) -> Iterator[Tuple[int, int, int]]:
+    """The noise blocks in the order they are drawn and counted: (image slot, stage position,
+    rows); per stage, per image, pieces of block_rows (the last shorter)."""
     for position, samples in enumerate(stages):
         for slot in range(images):
-            for start in range(0, samples, batch_size):
-                size = min(batch_size, samples - start)
-                if rows + size > batch_size:
-                    yield batch
-                    batch, rows = [], 0
-                batch.append((slot, position, size))
-                rows += size
-    if batch:
-        yield batch
+            for start in range(0, samples, block_rows):
+                yield slot, position, min(block_rows, samples - start)
+
+
+def _take(segments: List[List[int]], rows: int) -> List[Tuple[int, int, int]]:
+    """Removes the first `rows` rows from segments ([slot, position, rows] in order) and returns
+    them as pieces (slot, position, rows)."""
+    pieces = []
+    while rows:
+        slot, position, size = segments[0]
+        used = min(size, rows)
+        pieces.append((slot, position, used))
+        if used == size:
+            segments.pop(0)
+        else:
+            segments[0][2] -= used
+        rows -= used
+    return pieces
 
 
 def _device_of(model, x: torch.Tensor) -> torch.device:
@@ -188,47 +219,71 @@ def _device_of(model, x: torch.Tensor) -> torch.device:
 
 
 def _class_counts(caller: str, model, x: torch.Tensor, stages: Sequence[Tuple[int, int]], sigma: float,
-                  batch_size: int, seed: int, indices: List[int], progress: Optional[bool]) -> torch.Tensor:
-    """(len(stages), B, C) int64 on the CPU: per stage (samples, stream id) and image, how often
-    the model's argmax fell on each class over that many noisy copies."""
+                  batch_size: Union[int, str], seed: int, indices: List[int],
+                  progress: Optional[bool]) -> Tuple[torch.Tensor, int]:
+    """((len(stages), B, C) int64 on the CPU, the batch size used): per stage (samples, stream id)
+    and image, how often the model's argmax fell on each class over that many noisy copies.
+
+    The noise blocks are written one after another into a buffer; every batch_size rows go
+    through the model together (so a batch may hold several images' blocks, or part of one),
+    and the rows left over move to the buffer's front for the next blocks."""
     batch = x.shape[0]
     if batch == 0:
-        return torch.zeros((len(stages), 0, 0), dtype=torch.int64)
+        return torch.zeros((len(stages), 0, 0), dtype=torch.int64), 0
     device = _device_of(model, x)
     images = x.to(device)
     sizes = [samples for samples, _ in stages]
-    rows = min(batch_size, batch * sum(sizes))
-    buffer = torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
-    ones = torch.ones(buffer.shape[0], dtype=torch.int64, device=device)
-    counts = None
+    total = batch * sum(sizes)
+    if batch_size == AUTO:
+        batch_size = choose_batch_size(model, images[0], sigma, total, device)
+    block = noise_block_rows(images[0].numel())
+    buffer = torch.empty((min(total, batch_size + block - 1),) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
+    ones = torch.ones(min(total, batch_size), dtype=torch.int64, device=device)
+    state = {"counts": None}
+    bar = progress_bar(total, f"{caller} ({batch} images)", "sample", progress, unit_scale=True)
+
+    def forward(rows: torch.Tensor, pieces: List[Tuple[int, int, int]]) -> None:
+        logits = model(rows)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"{caller}: model must return logits of shape (N, C) for N inputs, got {got}")
+        if state["counts"] is None:
+            if logits.shape[1] < 2:
+                raise ValueError(f"{caller}: model must return at least 2 classes, got {logits.shape[1]}")
+            state["counts"] = torch.zeros((len(stages), batch, logits.shape[1]), dtype=torch.int64, device=device)
+        top = logits.argmax(1)
+        offset = 0
+        for slot, position, size in pieces:
+            state["counts"][position, slot].scatter_add_(0, top[offset:offset + size], ones[:size])
+            offset += size
+        bar.update(offset)
+
+    segments: List[List[int]] = []  # what rows [0, filled) of the buffer hold, in order
+    filled = 0
     current, generator = None, None  # the (image slot, stage) being drawn and its stream
-    bar = progress_bar(batch * sum(sizes), f"{caller} ({batch} images)", "sample", progress, unit_scale=True)
     try:
-        for pieces in _schedule(batch, sizes, batch_size):
-            offset = 0
-            for slot, position, size in pieces:
-                if current != (slot, position):  # an image's pieces for a stage come one after another
-                    current, generator = (slot, position), torch.Generator(device=device)
-                    generator.manual_seed(stream_seed(seed, indices[slot], stages[position][1]))
-                noisy_copies(images[slot], size, sigma, generator=generator, out=buffer[offset:offset + size])
-                offset += size
-            logits = model(buffer[:offset])
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != offset:
-                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(f"{caller}: model must return logits of shape (N, C) for N inputs, got {got}")
-            if counts is None:
-                if logits.shape[1] < 2:
-                    raise ValueError(f"{caller}: model must return at least 2 classes, got {logits.shape[1]}")
-                counts = torch.zeros((len(stages), batch, logits.shape[1]), dtype=torch.int64, device=device)
-            top = logits.argmax(1)
-            offset = 0
-            for slot, position, size in pieces:
-                counts[position, slot].scatter_add_(0, top[offset:offset + size], ones[:size])
-                offset += size
-            bar.update(offset)
+        for slot, position, size in _blocks(batch, sizes, block):
+            if current != (slot, position):  # an image's blocks for a stage come one after another
+                current, generator = (slot, position), torch.Generator(device=device)
+                generator.manual_seed(stream_seed(seed, indices[slot], stages[position][1]))
+            noisy_copies(images[slot], size, sigma, generator=generator, out=buffer[filled:filled + size])
+            if segments and segments[-1][:2] == [slot, position]:
+                segments[-1][2] += size
+            else:
+                segments.append([slot, position, size])
+            filled += size
+            start = 0
+            while filled - start >= batch_size:
+                forward(buffer[start:start + batch_size], _take(segments, batch_size))
+                start += batch_size
+            if start and filled > start:  # the rest (fewer than batch_size rows, so no overlap) to the front
+                buffer[:filled - start].copy_(buffer[start:filled])
+            filled -= start
+        if filled:
+            forward(buffer[:filled], _take(segments, filled))
     finally:
         bar.close()
-    return counts.cpu()
+    return state["counts"].cpu(), batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,32 +311,35 @@ def clopper_pearson_lower(successes: torch.Tensor, trials: int, alpha: float) ->
 
 @torch.inference_mode()
 def predict(model, x: torch.Tensor, sigma: float, *, n: int = 100_000, alpha: float = 0.001,
-            batch_size: int = 1000, generator: Optional[torch.Generator] = None,
+            batch_size: Union[int, str] = AUTO, generator: Optional[torch.Generator] = None,
             indices: Optional[Sequence[int]] = None, progress: Optional[bool] = None) -> SmoothedPrediction:
     """The smoothed classifier's prediction for each image of the batch x (B, ...): the top class
     of n noisy copies, or ABSTAIN (-1) unless its count beats the runner-up's in a two-sided
     binomial test at level alpha (an answer differs from g(x) with probability at most alpha).
     The model runs in eval mode (each module's flag restored afterwards) on its own device; x is
-    never modified. progress: a tqdm bar (default: when stderr is a terminal). The random draws
-    follow the module's contract (indices, generator)."""
+    never modified. batch_size: noisy copies per forward pass, or "auto" (measured once per
+    model, device and input shape: robust_fast.certify.autobatch); the answer does not depend on
+    it. progress: a tqdm bar (default: when stderr is a terminal). The random draws follow the
+    module's contract (indices, generator)."""
     x, sigma, alpha, batch_size = _check_common("predict", model, x, sigma, alpha, batch_size, generator, progress)
     n = _check_count("predict", "n", n)
     indices = _check_indices("predict", indices, x.shape[0])
     with modules_in_mode(model, False):
-        counts = _class_counts("predict", model, x, [(n, _PREDICTION)], sigma, batch_size,
-                               _base_seed(generator), indices, progress)[0]
+        counts, used = _class_counts("predict", model, x, [(n, _PREDICTION)], sigma, batch_size,
+                                     _base_seed(generator), indices, progress)
+    counts = counts[0]
     if counts.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return SmoothedPrediction(empty, empty.double(), counts, sigma, n, alpha)
     top2 = counts.topk(2, dim=1)
     p_value = _two_sided_p_value(top2.values[:, 0], top2.values[:, 1])
     prediction = torch.where(p_value <= alpha, top2.indices[:, 0], torch.full_like(top2.indices[:, 0], ABSTAIN))
-    return SmoothedPrediction(prediction, p_value, counts, sigma, n, alpha)
+    return SmoothedPrediction(prediction, p_value, counts, sigma, n, alpha, used)
 
 
 @torch.inference_mode()
 def certify(model, x: torch.Tensor, sigma: float, *, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
-            batch_size: int = 1000, generator: Optional[torch.Generator] = None,
+            batch_size: Union[int, str] = AUTO, generator: Optional[torch.Generator] = None,
             indices: Optional[Sequence[int]] = None, progress: Optional[bool] = None) -> SmoothedCertificate:
     """Cohen et al.'s CERTIFY for each image of the batch x (B, ...): n0 noisy copies choose the
     class cA (their most frequent class), n fresh copies count it (nA); pa_lower is the one-sided
@@ -289,15 +347,17 @@ def certify(model, x: torch.Tensor, sigma: float, *, n0: int = 100, n: int = 100
     1/2 the smoothed classifier predicts cA everywhere within the L2 radius sigma * Phi^-1(pa_lower)
     (with probability >= 1 - alpha over the draws); otherwise ABSTAIN (-1) with radius 0.
     The model runs in eval mode (each module's flag restored afterwards) on its own device; x is
-    never modified. progress: a tqdm bar (default: when stderr is a terminal). The random draws
+    never modified. batch_size: noisy copies per forward pass, or "auto" (measured once per
+    model, device and input shape: robust_fast.certify.autobatch); the certificate does not
+    depend on it. progress: a tqdm bar (default: when stderr is a terminal). The random draws
     follow the module's contract (indices, generator)."""
     x, sigma, alpha, batch_size = _check_common("certify", model, x, sigma, alpha, batch_size, generator, progress)
     n0 = _check_count("certify", "n0", n0)
     n = _check_count("certify", "n", n)
     indices = _check_indices("certify", indices, x.shape[0])
     with modules_in_mode(model, False):
-        selection, counts = _class_counts("certify", model, x, [(n0, _SELECTION), (n, _ESTIMATION)], sigma,
-                                          batch_size, _base_seed(generator), indices, progress)
+        (selection, counts), used = _class_counts("certify", model, x, [(n0, _SELECTION), (n, _ESTIMATION)],
+                                                  sigma, batch_size, _base_seed(generator), indices, progress)
     if counts.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return SmoothedCertificate(empty, empty.double(), empty.double(), counts, selection, sigma, n0, n, alpha)
@@ -308,7 +368,7 @@ def certify(model, x: torch.Tensor, sigma: float, *, n0: int = 100, n: int = 100
     radius = torch.from_numpy(sigma * norm.ppf(pa_lower.numpy())).to(torch.float64)
     radius = torch.where(certified, radius, torch.zeros_like(radius))
     prediction = torch.where(certified, chosen, torch.full_like(chosen, ABSTAIN))
-    return SmoothedCertificate(prediction, radius, pa_lower, counts, selection, sigma, n0, n, alpha)
+    return SmoothedCertificate(prediction, radius, pa_lower, counts, selection, sigma, n0, n, alpha, used)
 
 
 # --------------------------------------------------------------------------------------------

@@ -255,6 +255,10 @@ def _positive(kind):
     return parse
 
 
+def _batch_size_or_auto(text: str):
+    return "auto" if text == "auto" else _positive(int)(text)
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -265,7 +269,8 @@ def _probability(text: str) -> float:
     return value
 
 
-SMOOTHING_OPTIONS = (("--sigma", "sigma"), ("--n0", "n0"), ("--n", "n"), ("--smoothing-alpha", "smoothing_alpha"))
+SMOOTHING_OPTIONS = (("--sigma", "sigma"), ("--n0", "n0"), ("--n", "n"), ("--smoothing-alpha", "smoothing_alpha"),
+                     ("--smoothing-batch-size", "smoothing_batch_size"))
 
 
 def add_eval_parser(commands) -> None:
@@ -294,9 +299,12 @@ def add_eval_parser(commands) -> None:
                    help=f"smoothing: noise samples that bound its probability (default {SmoothingSettings.n})")
     p.add_argument("--smoothing-alpha", type=_probability, default=None,
                    help=f"smoothing: the certificate's failure probability (default {SmoothingSettings.alpha})")
+    p.add_argument("--smoothing-batch-size", type=_batch_size_or_auto, default=None,
+                   help="smoothing: noisy copies per forward pass, or auto (default: the fastest of a few, "
+                        "measured on the model; the numbers do not depend on it)")
     p.add_argument("--samples", type=int, default=None, help="the first N test images (default all)")
     p.add_argument("--batch-size", type=_positive(int), default=500,
-                   help="inputs through the model at once: the attack's images, the certification's noisy copies")
+                   help="the attack's images through the model at once")
     p.add_argument("--seed", type=int, default=0, help="seeds the attack's random starts and the smoothing noise")
     p.add_argument("--data", default=None)
     p.add_argument("--json", "--out", dest="json", default=None, metavar="PATH",
@@ -369,7 +377,8 @@ def _eval(args: argparse.Namespace) -> int:
     images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
     smoothing = None
     if args.certify == "smoothing":
-        given = {k: v for k, v in (("n0", args.n0), ("n", args.n), ("alpha", args.smoothing_alpha)) if v is not None}
+        given = {k: v for k, v in (("n0", args.n0), ("n", args.n), ("alpha", args.smoothing_alpha),
+                                   ("batch_size", args.smoothing_batch_size)) if v is not None}
         smoothing = SmoothingSettings(sigma=args.sigma, **given)
     try:
         numbers = evaluate(model, images, labels, eps=eps, steps=args.steps, alpha=args.alpha,

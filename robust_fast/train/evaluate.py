@@ -45,8 +45,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     certify="ibp": also "certified_acc", the fraction IBP certifies at eps (L-inf only;
     robust_fast.certify; the model must be one interval_bounds supports).
     certify="smoothing": certifies every image with the smoothed classifier of
-    smoothing=SmoothingSettings(sigma, n0, n, alpha) (robust_fast.certify.smoothing.certify,
-    noise seeded by `seed`, batch_size noisy copies per forward pass, progress: its bar) and adds
+    smoothing=SmoothingSettings(sigma, n0, n, alpha, batch_size) (robust_fast.certify.smoothing.certify,
+    noise seeded by `seed`, the settings' batch_size noisy copies per forward pass, "auto" by
+    default, progress: its bar) and adds
     evaluate_smoothing's fields: smoothed_clean_acc, certified_acc_by_radius, acr, abstain_rate,
     the settings and certify_time_s. Under a process group (torchrun) every rank passes the same
     images and the certification is split across ranks (the same numbers as one process); the
@@ -76,7 +77,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     start = time.perf_counter()
     smoothed = {}
     if certify == "smoothing":  # first: under a process group every rank must reach it together
-        smoothed = evaluate_smoothing(model, images, labels, smoothing, seed=seed, batch_size=batch_size,
+        smoothed = evaluate_smoothing(model, images, labels, smoothing, seed=seed,
                                       progress=progress)
     stage = ("clean" if not robust else {"pgd": f"PGD-{steps}", "apgd": f"APGD-CE-{steps}",
                                           "auto": "AutoAttack-style"}[attack])

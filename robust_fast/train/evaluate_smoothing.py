@@ -7,7 +7,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,11 +25,13 @@ def _certify_default(name: str):
 @dataclass(frozen=True)
 class SmoothingSettings:
     """Cohen et al.'s settings: noise level sigma, n0 selection samples, n estimation samples,
-    failure probability alpha (defaults: certify's, the paper's)."""
+    failure probability alpha (defaults: certify's, the paper's), and the noisy copies per
+    forward pass (certify's default "auto": measured on the model; the numbers do not depend on it)."""
     sigma: float
     n0: int = _certify_default("n0")
     n: int = _certify_default("n")
     alpha: float = _certify_default("alpha")
+    batch_size: Union[int, str] = _certify_default("batch_size")
 
 
 def _shard(count: int, ranks: int, rank: int) -> range:
@@ -38,13 +40,14 @@ def _shard(count: int, ranks: int, rank: int) -> range:
 
 
 def certify_sharded(model: nn.Module, images: torch.Tensor, settings: SmoothingSettings, *, seed: int = 0,
-                    batch_size: int = 1000, progress: Optional[bool] = None) -> SmoothedCertificate:
+                    batch_size: Union[int, str, None] = None, progress: Optional[bool] = None) -> SmoothedCertificate:
     """smoothing.certify of every image, seeded by `seed`, the images numbered by their position
-    in `images`. Under a process group every rank passes the same images, certifies its slice with
+    in `images`; batch_size: None for settings.batch_size. Under a process group every rank passes the same images, certifies its slice with
     the slice's global indices and receives every rank's rows (in order): by the module's noise
     contract, the same certificate one process computes alone. progress: rank 0's bar only."""
     ranks, rank = dist_util.world_size(), dist_util.rank()
     mine = _shard(images.shape[0], ranks, rank)
+    batch_size = settings.batch_size if batch_size is None else batch_size
     result = smoothing.certify(model, images[mine.start:mine.stop], settings.sigma, n0=settings.n0, n=settings.n,
                                alpha=settings.alpha, batch_size=batch_size,
                                generator=torch.Generator().manual_seed(seed), indices=list(mine),
@@ -57,7 +60,7 @@ def certify_sharded(model: nn.Module, images: torch.Tensor, settings: SmoothingS
     if not parts:
         return result
     return SmoothedCertificate(**{f: torch.cat([p[f] for p in parts]) for f in fields}, sigma=result.sigma,
-                               n0=result.n0, n=result.n, alpha=result.alpha)
+                               n0=result.n0, n=result.n, alpha=result.alpha, batch_size=result.batch_size)
 
 
 def smoothing_numbers(result: SmoothedCertificate, labels: torch.Tensor,
@@ -76,15 +79,18 @@ def smoothing_numbers(result: SmoothedCertificate, labels: torch.Tensor,
 
 
 def evaluate_smoothing(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: SmoothingSettings,
-                       *, seed: int = 0, batch_size: int = 1000, progress: Optional[bool] = None) -> Dict[str, Any]:
+                       *, seed: int = 0, batch_size: Union[int, str, None] = None,
+                       progress: Optional[bool] = None) -> Dict[str, Any]:
     """certify_sharded's certificate as evaluate's fields: the numbers of smoothing_numbers, the
-    settings (sigma, smoothing_n0, smoothing_n, smoothing_alpha, smoothing_batch_size,
-    smoothing_seed), the processes that shared the work and certify_time_s (wall time, gathering
-    included)."""
+    settings (sigma, smoothing_n0, smoothing_n, smoothing_alpha, smoothing_batch_size as asked,
+    smoothing_batch_size_used: rank 0's, the choice where "auto", smoothing_seed), the processes
+    that shared the work and certify_time_s (wall time, gathering included)."""
+    batch_size = settings.batch_size if batch_size is None else batch_size
     start = time.perf_counter()
     result = certify_sharded(model, images, settings, seed=seed, batch_size=batch_size, progress=progress)
     elapsed = time.perf_counter() - start
     return {"certifier": "smoothing", "sigma": settings.sigma, "smoothing_n0": settings.n0,
             "smoothing_n": settings.n, "smoothing_alpha": settings.alpha, "smoothing_batch_size": batch_size,
+            "smoothing_batch_size_used": result.batch_size,
             "smoothing_seed": seed, **smoothing_numbers(result, labels), "certify_processes": dist_util.world_size(),
             "certify_time_s": elapsed}
