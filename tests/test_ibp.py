@@ -8,11 +8,14 @@ import torch.nn.functional as F
 
 import robust_fast
 from robust_fast import _abs_weight
+from robust_fast.certify import certify
 from robust_fast.reference.ibp import ibp_conv2d_reference, ibp_linear_reference, ibp_relu_reference
-from conftest import unavailable_reason, usable_backends
+from conftest import backend_devices, unavailable_reason, usable_backends
 
 BACKENDS = usable_backends("cpu")
 ALL = BACKENDS + ["reference"]
+PAIRS = backend_devices()                                  # (backend, device) of every kernel
+PAIRS_AND_REFERENCE = backend_devices(include_reference=True)
 cpp_reason = robust_fast._build.cpp_unavailable_reason("cpu")
 cpp_only = pytest.mark.skipif(cpp_reason is not None, reason=str(cpp_reason))
 
@@ -196,6 +199,99 @@ def test_relu_at_the_kinks(backend):
     expected = through(ibp_relu_reference, (center.requires_grad_(), radius.requires_grad_()))
     actual = through(lambda a, b: robust_fast.ibp_relu(a, b, backend=backend), (center, radius))
     assert_all_close(actual[1], expected[1], torch.float32)
+
+
+# --- strided parameters, NaN, full fp32 ---------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_strided_and_expanded_bias(backend, device):
+    """A bias that is a strided slice or an expanded scalar gives the reference's bounds."""
+    center, radius = (t.to(device) for t in box((5, 7)))
+    w, _ = params((3, 7))
+    w = w.to(device)
+    wide = torch.randn(6, device=device)
+    images_c, images_r = (t.to(device) for t in box((2, 4, 5, 5)))
+    wc, _ = params((3, 4, 3, 3))
+    wc = wc.to(device)
+    for bias in (wide[::2], torch.tensor([0.7], device=device).expand(3)):
+        with torch.no_grad():
+            got = robust_fast.ibp_linear(center, radius, w, bias, relu=False, backend=backend)
+            assert_all_close(got, ibp_linear_reference(center, radius, w, bias), torch.float32)
+            got = robust_fast.ibp_conv2d(images_c, images_r, wc, bias, padding=1, backend=backend)
+            assert_all_close(got, ibp_conv2d_reference(images_c, images_r, wc, bias, (1, 1), (1, 1), (1, 1), 1),
+                             torch.float32)
+
+
+def _same_nan_and_values(actual, expected):
+    for a, e in zip(actual, expected):
+        assert torch.equal(a.isnan(), e.isnan()), (a, e)
+        torch.testing.assert_close(a.nan_to_num(), e.nan_to_num())
+
+
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_nan_propagates_through_relu(backend, device):
+    """A NaN bound stays NaN through ReLU (as torch.relu), alone or fused after a product: a
+    NaN box never turns into a finite one."""
+    nan = float("nan")
+    center = torch.tensor([nan, 1.0, -1.0, nan, 0.5, -3.0], device=device)
+    radius = torch.tensor([0.1, nan, 0.5, nan, 0.2, 1.0], device=device)
+    _same_nan_and_values(robust_fast.ibp_relu(center, radius, backend=backend), ibp_relu_reference(center, radius))
+    w = torch.randn(4, 6, device=device)
+    with torch.no_grad():
+        got = robust_fast.ibp_linear(center.view(1, 6), radius.view(1, 6), w, None, relu=True, backend=backend)
+    assert bool(got[0].isnan().all()) and bool(got[1].isnan().all())
+
+
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_certify_never_certifies_nan_bounds(backend, device):
+    """NaN in the input, in a weight, or an infinite radius: certify says False, never True."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 6), torch.nn.ReLU(),
+                                torch.nn.Linear(6, 3)).to(device)
+    x = torch.rand(4, 2, 4, device=device)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    assert bool(certify(model, x, y, 0.0, backend=backend).all())  # certified at eps 0
+    x_nan = x.clone()
+    x_nan[1, 0, 0] = float("nan")
+    ok = certify(model, x_nan, y, 0.0, clip=None, backend=backend)
+    assert ok.tolist() == [True, False, True, True]
+    with torch.no_grad():
+        model[1].weight[2, 3] = float("nan")
+    assert not bool(certify(model, x, y, 0.0, backend=backend).any())
+    # A NaN only in the hidden layer's bias (the ReLU's input), with no NaN in the head's input.
+    with torch.no_grad():
+        model[1].weight[2, 3] = 0.0
+        model[1].bias[0] = float("nan")
+    assert not bool(certify(model, x, y, 0.0, backend=backend).any())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible: TF32 exists only on CUDA")
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_bounds_are_full_fp32_whatever_the_tf32_flags(backend):
+    """With TF32 allowed globally, fp32 bounds on CUDA still carry fp32 rounding (~1e-6), not
+    TF32's ~1e-3; the global flags are as the caller left them afterwards."""
+    if unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(str(unavailable_reason(backend, "cuda")))
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+    try:
+        center, radius = (t.cuda() for t in box((64, 1024)))
+        w, b = (t.cuda() for t in params((256, 1024)))
+        images_c, images_r = (t.cuda() for t in box((8, 64, 12, 12)))
+        wc, bc = (t.cuda() for t in params((64, 64, 3, 3)))
+        with torch.no_grad():
+            got = robust_fast.ibp_linear(center, radius, w, b, backend=backend)
+            exact = ibp_linear_reference(*(t.double() for t in (center, radius, w, b)))
+            for g, e in zip(got, exact):
+                torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-5)
+            got = robust_fast.ibp_conv2d(images_c, images_r, wc, bc, padding=1, backend=backend)
+            exact = ibp_conv2d_reference(*(t.double() for t in (images_c, images_r, wc, bc)), (1, 1), (1, 1), (1, 1), 1)
+            for g, e in zip(got, exact):
+                torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-5)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 # --- the math: sampled points stay inside the output box --------------------------------------
