@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import robust_fast
 from robust_fast import _abs_weight
-from robust_fast.certify import certify
+from robust_fast.certify import certify, margin_bounds
 from robust_fast.reference.ibp import ibp_conv2d_reference, ibp_linear_reference, ibp_relu_reference
 from conftest import backend_devices, unavailable_reason, usable_backends
 
@@ -266,6 +266,19 @@ def test_certify_never_certifies_nan_bounds(backend, device):
     assert not bool(certify(model, x, y, 0.0, backend=backend).any())
 
 
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_linear_with_no_inputs(backend, device):
+    """in_features = 0: the bias alone and a zero radius, with gradients, on every backend."""
+    center = torch.zeros(4, 0, device=device, requires_grad=True)
+    radius = torch.zeros(4, 0, device=device)
+    w = torch.zeros(3, 0, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    c, r = robust_fast.ibp_linear(center, radius, w, b, backend=backend)
+    assert torch.equal(c, b.detach().expand(4, 3)) and torch.equal(r, torch.zeros(4, 3, device=device))
+    c.sum().backward()
+    assert torch.equal(b.grad, torch.full((3,), 4.0, device=device)) and center.grad.shape == (4, 0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible: TF32 exists only on CUDA")
 @pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
 def test_bounds_are_full_fp32_whatever_the_tf32_flags(backend):
@@ -289,6 +302,13 @@ def test_bounds_are_full_fp32_whatever_the_tf32_flags(backend):
             exact = ibp_conv2d_reference(*(t.double() for t in (images_c, images_r, wc, bc)), (1, 1), (1, 1), (1, 1), 1)
             for g, e in zip(got, exact):
                 torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-5)
+            model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 512), torch.nn.ReLU(),
+                                        torch.nn.Linear(512, 10)).cuda()
+            x = torch.rand(32, 1024, device="cuda")
+            y = torch.randint(0, 10, (32,), device="cuda")
+            got = margin_bounds(model, x, y, 0.01, backend=backend).double()
+            exact = margin_bounds(model.double(), x.double(), y, 0.01, backend=backend)
+            torch.testing.assert_close(got, exact, rtol=2e-5, atol=2e-5)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
