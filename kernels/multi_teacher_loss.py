@@ -133,8 +133,9 @@ def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
             if KIND == 0:
                 ns = tl.sqrt(x)
                 nt = tl.sqrt(y)
-                ns_c = tl.maximum(ns, COSINE_EPS)
-                nt_c = tl.maximum(nt, COSINE_EPS)
+                # max(norm, eps) keeping a NaN norm NaN (tl.maximum may drop it), as the C++ math.
+                ns_c = tl.where(ns > COSINE_EPS, ns, tl.where(ns != ns, ns, COSINE_EPS))
+                nt_c = tl.where(nt > COSINE_EPS, nt, tl.where(nt != nt, nt, COSINE_EPS))
                 inv = 1.0 / (ns_c * nt_c)
                 cosine = z * inv
                 loss = 1.0 - cosine
@@ -145,12 +146,12 @@ def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
             elif KIND == 1:
                 n = tl.sqrt(x)
                 loss = n
-                gs_d = tl.where(n > 0, coef / tl.where(n > 0, n, 1.0), 0.0)
+                gs_d = tl.where(n == 0, 0.0, coef / tl.where(n == 0, 1.0, n))  # a NaN row stays NaN
             elif KIND == 2:
                 n = tl.sqrt(x)
                 nt = tl.sqrt(y)
                 loss = n / nt
-                gs_d = tl.where(n > 0, coef / (tl.where(n > 0, n, 1.0) * nt), 0.0)
+                gs_d = tl.where(n == 0, 0.0, coef / (tl.where(n == 0, 1.0, n) * nt))
                 gt_t = -coef * loss / (nt * nt)
             elif KIND == 3:
                 loss = x

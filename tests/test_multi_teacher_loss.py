@@ -10,9 +10,11 @@ import torch.nn.functional as F
 import robust_fast
 from robust_fast.ops.multi_teacher_loss import _stack_teachers
 from robust_fast.reference.multi_teacher_loss import KINDS, multi_teacher_loss_reference
-from conftest import usable_backends
+from conftest import backend_devices, usable_backends
 
 BACKENDS = usable_backends("cpu")
+PAIRS = backend_devices()                                  # (backend, device) of every kernel
+PAIRS_AND_REFERENCE = backend_devices(include_reference=True)
 REDUCTIONS = ["mean", "sum", "none"]
 cpp_reason = robust_fast._build.cpp_unavailable_reason("cpu")
 cpp_only = pytest.mark.skipif(cpp_reason is not None, reason=str(cpp_reason))
@@ -476,5 +478,26 @@ def test_double_backward_is_refused(backend):
     student, teachers = make(3, 2, 5)
     s = student.requires_grad_()
     (g,) = torch.autograd.grad(robust_fast.multi_teacher_loss(s, teachers, backend=backend), s, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="multi_teacher_loss supports one backward only"):
         torch.autograd.grad(g.sum(), s)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_input_gives_nan_not_a_number(backend, device, kind, where):
+    """A NaN in one row gives NaN where the reference's autograd does (that row's loss and
+    gradient), never a plausible finite number; other rows are untouched."""
+    student, teachers = (t.to(device) for t in make(3, 2, 6))
+    if where == "student":
+        student[1, 2] = float("nan")
+    else:
+        teachers[0, 1, 4] = float("nan")
+    for reduction in ("mean", "none"):
+        expected = run("reference", student, teachers, teacher_grad=True, reduction=reduction,
+                       kind=kind, upstream=torch.ones(3, 2, device=device) if reduction == "none" else None)
+        actual = run(backend, student, teachers, teacher_grad=True, reduction=reduction, kind=kind,
+                     upstream=torch.ones(3, 2, device=device) if reduction == "none" else None)
+        for a, e in zip(actual, expected):
+            assert torch.equal(a.isnan(), e.isnan()), (reduction, a, e)
+            torch.testing.assert_close(a.nan_to_num(), e.nan_to_num(), rtol=1e-5, atol=1e-6)
