@@ -118,3 +118,21 @@ def test_feature_extractor_and_projection():
     loss = losses.RRMLoss()(logits, projection(features), torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 0]))
     loss.backward()
     assert projection.weight.grad is not None and model[1].weight.grad is not None
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: losses.RRMLoss(lambda_ce=float("nan")), "RRMLoss: lambda_ce must be >= 0"),
+    (lambda: losses.RRMLoss(lambda_ce=-1.0), "RRMLoss: lambda_ce must be >= 0"),
+    (lambda: losses.KDLoss(alpha=2), r"KDLoss: alpha must be in \[0, 1\]"),
+    (lambda: losses.KDLoss(temperature=0.0), "KDLoss: temperature must be > 0"),
+    (lambda: losses.ARDLoss(alpha=-0.1), r"ARDLoss: alpha must be in \[0, 1\]"),
+    (lambda: losses.CRTLoss(alpha=float("inf")), r"CRTLoss: alpha must be in \[0, 1\]"),
+    (lambda: losses.DARHTLoss(num_teachers=0), "DARHTLoss: num_teachers must be an int >= 1"),
+    (lambda: losses.DARHTLoss(2, kd_weight=float("nan")), "DARHTLoss: kd_weight must be >= 0"),
+    (lambda: losses.DARHTLoss(2, temperature=-1.0), "DARHTLoss: temperature must be > 0"),
+    (lambda: losses.LwFLoss(lambda_feat=float("nan")), "LwFLoss: lambda_feat must be >= 0"),
+    (lambda: losses.LwFLoss(kind="l3"), "LwFLoss: kind must be one of"),
+])
+def test_bad_settings_name_the_argument(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
