@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import robust_fast
 from robust_fast.ops.multi_teacher_loss import _stack_teachers
 from robust_fast.reference.multi_teacher_loss import KINDS, multi_teacher_loss_reference
-from conftest import backend_devices, usable_backends
+from conftest import backend_devices, unavailable_reason, usable_backends
 
 BACKENDS = usable_backends("cpu")
 PAIRS = backend_devices()                                  # (backend, device) of every kernel
@@ -501,3 +501,25 @@ def test_nan_input_gives_nan_not_a_number(backend, device, kind, where):
         for a, e in zip(actual, expected):
             assert torch.equal(a.isnan(), e.isnan()), (reduction, a, e)
             torch.testing.assert_close(a.nan_to_num(), e.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_triton_kernel_takes_the_temperature_as_a_scalar(monkeypatch):
+    """No tensor is built for the temperature (a host-to-device copy per call on a GPU, and a
+    break in CUDA graph capture): it reaches the kernel as scalar arguments, exact enough for
+    float64 (KL at T = 3.7 in float64 against the reference to 1e-12)."""
+    if unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(str(unavailable_reason("triton", "cpu")))
+    from robust_fast import _backend
+    kernels = _backend.triton_kernels("multi_teacher_loss")
+    assert not any("temp_ptr" in name for name in kernels._multi_teacher_loss_kernel.arg_names)
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(kernels.torch, "tensor", lambda *a, **k: (built.append(a), real_tensor(*a, **k))[1])
+    student, teachers = make(4, 2, 9, dtype=torch.float64)
+    got = run("triton", student, teachers, kind="kl", temperature=3.7)
+    monkeypatch.undo()
+    expected = run("reference", student, teachers, kind="kl", temperature=3.7)
+    assert built == []
+    for a, e in zip(got, expected):
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-13)
