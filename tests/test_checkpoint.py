@@ -3,6 +3,7 @@ naming it; resume refuses a changed run and says what changed; the checkpoint is
 unique temporary, flushed to disk) before the epoch's log line, so a crash never repeats an epoch."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -117,3 +118,24 @@ def test_the_temporary_is_unique_and_flushed_before_the_rename(tmp_path, monkeyp
     assert len(set(names)) == 2 and all(n.startswith("checkpoint.pt.") for n in names)
     assert torch.load(path, weights_only=True)["epoch"] == 2
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.pt.tmp"]  # no temporary left behind
+
+
+def test_the_loop_reads_its_running_sums_once_an_epoch(monkeypatch):
+    """Loss and accuracy sums stay on the device during an epoch (a float() or .item() of a
+    device tensor is a host sync per step on a GPU): with the bar off, they are read at the
+    epoch's end only, and the record equals the per-batch sums."""
+    reads = []
+
+    def counting(real):
+        def read(t):
+            if sys._getframe(1).f_code.co_filename.endswith(os.path.join("train", "loop.py")):
+                reads.append(real.__name__)  # a read by the loop itself (Adam reads its step count too)
+            return real(t)
+        return read
+    for name in ("__float__", "__int__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    data = toy_data(128)
+    result = fit(Standard(), student(), data, config(epochs=1, batch_size=16))
+    monkeypatch.undo()
+    assert len(reads) <= 3, reads  # 8 steps: 16 reads before
+    assert 0.0 < result.history[0]["loss"] < 10 and 0.0 <= result.history[0]["train_acc"] <= 1.0

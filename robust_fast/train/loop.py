@@ -30,6 +30,7 @@ from robust_fast.train.recipes import Batch, Recipe
 
 Data = Tuple[torch.Tensor, torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.pt"
+POSTFIX_INTERVAL_S = 1.0  # how often the bar's loss and accuracy are read back from the device
 LOG_NAME = "log.jsonl"
 
 
@@ -181,7 +182,12 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         sampler.set_epoch(epoch)
         shards = _shard_batches(sampler, per_rank)
         trainable.train()
-        loss_sum = correct = seen = 0.0
+        # Running sums stay on the device: reading them is a host sync, done only when the bar
+        # shows them (at most every POSTFIX_INTERVAL_S) and at the end of the epoch.
+        loss_sum_t = torch.zeros((), dtype=torch.float64, device=device)
+        correct_t = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        shown_at = -POSTFIX_INTERVAL_S
         bar = tqdm(total=len(shards), desc=f"{recipe.name} {epoch + 1}/{config.epochs}", unit="batch",
                    disable=not (config.progress and main), leave=False, dynamic_ncols=True)
         epoch_start = time.perf_counter()
@@ -199,13 +205,15 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
             optimizer.step()
             scheduler.step()
             n = y.shape[0]
-            loss_sum += float(loss.detach()) * n
-            correct += float((logits.detach().argmax(dim=1) == y).sum())
+            loss_sum_t += loss.detach().to(torch.float64) * n
+            correct_t += (logits.detach().argmax(dim=1) == y).sum()
             seen += n
-            bar.update(1)
             elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
-                            samples_per_s=f"{seen * world / max(elapsed, 1e-9):.0f}", refresh=False)
+            if not bar.disable and elapsed - shown_at >= POSTFIX_INTERVAL_S:
+                shown_at = elapsed
+                bar.set_postfix(loss=f"{float(loss_sum_t) / seen:.4f}", acc=f"{int(correct_t) / seen:.3f}",
+                                samples_per_s=f"{seen * world / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update(1)
             steps_done += 1
             if max_steps is not None and steps_done >= max_steps:
                 break
@@ -216,7 +224,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         train_time += epoch_time
         if max_steps is not None and steps_done >= max_steps:
             break
-        loss_sum, correct, seen = dist_util.sum_across_ranks([loss_sum, correct, seen])
+        loss_sum, correct, seen = dist_util.sum_across_ranks([float(loss_sum_t), float(correct_t), float(seen)])
         record: Dict[str, Any] = {
             "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time, "train_time_s": train_time,
