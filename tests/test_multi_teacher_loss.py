@@ -523,3 +523,27 @@ def test_the_triton_kernel_takes_the_temperature_as_a_scalar(monkeypatch):
     for a, e in zip(got, expected):
         if e is not None:
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-13)
+
+
+def _gpu_memory_gib() -> float:
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+
+
+@pytest.mark.skipif(_gpu_memory_gib() < 24, reason="needs a CUDA device with 24 GiB: the teachers pass 2**31 elements")
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_teachers_over_two_to_the_31_elements(backend):
+    """Offsets k * stride past 2**31 (int64 in every kernel): the last samples' losses of the
+    last teacher, whose rows start beyond 2**31 elements, equal the reference on a slice."""
+    if unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(str(unavailable_reason(backend, "cuda")))
+    count, batch, dim = 3, 8192, 2**17 + 256            # teacher 2's rows start at 2.15e9 elements
+    g = torch.Generator(device="cuda").manual_seed(0)
+    teachers = torch.randn((count, batch, dim), generator=g, device="cuda", dtype=torch.float16)
+    student = torch.randn((batch, dim), generator=g, device="cuda", dtype=torch.float16)
+    assert teachers.stride(0) * (count - 1) >= 2**31
+    with torch.no_grad():
+        rows = robust_fast.multi_teacher_loss(student, teachers, kind="cosine", reduction="none", backend=backend)
+        expected = multi_teacher_loss_reference(student[-4:], teachers[:, -4:], kind="cosine", reduction="none")
+    torch.testing.assert_close(rows[-4:].float(), expected.float(), rtol=2e-2, atol=2e-3)
+    del teachers, student
+    torch.cuda.empty_cache()
