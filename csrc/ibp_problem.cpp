@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 
 namespace robust_fast {
 
@@ -52,6 +53,39 @@ void relu_in_place(at::Tensor& center, at::Tensor& radius, IntervalReluKernel ke
   }
   if (center.numel() > 0) kernel(center, radius, center, radius);
 }
+
+// Bounds in full fp32 on CUDA whatever the global flags say: cuBLAS and cuDNN would otherwise
+// run fp32 products in TF32 (10-bit mantissa, ~1e-3 relative error), and a bound that is off by
+// more than rounding is not a bound. The flags are set for the products only and restored, as
+// torch.backends.cudnn.flags() does; NoTF32Guard covers the cuBLAS handles of this thread too.
+class FullFp32Products {
+ public:
+  explicit FullFp32Products(const at::Tensor& t)
+      : active_(t.is_cuda() && t.scalar_type() == at::kFloat) {
+    if (!active_) return;
+    auto& context = at::globalContext();
+    cudnn_tf32_ = context.allowTF32CuDNN();
+    matmul_ = context.float32MatmulPrecision();
+    context.setAllowTF32CuDNN(false);
+    context.setFloat32MatmulPrecision("highest");
+  }
+  ~FullFp32Products() {
+    if (!active_) return;
+    auto& context = at::globalContext();
+    context.setAllowTF32CuDNN(cudnn_tf32_);
+    context.setFloat32MatmulPrecision(matmul_ == at::Float32MatmulPrecision::HIGHEST ? "highest"
+                                      : matmul_ == at::Float32MatmulPrecision::HIGH  ? "high"
+                                                                                      : "medium");
+  }
+  FullFp32Products(const FullFp32Products&) = delete;
+  FullFp32Products& operator=(const FullFp32Products&) = delete;
+
+ private:
+  bool active_;
+  bool cudnn_tf32_ = false;
+  at::Float32MatmulPrecision matmul_ = at::Float32MatmulPrecision::HIGHEST;
+  at::NoTF32Guard no_tf32_;
+};
 
 at::Tensor empty_like_nothing(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
@@ -115,9 +149,12 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_linear(
   const at::Tensor r = radius.reshape({-1, in});
   // Two products into fresh outputs: the center's with the bias folded in (addmm), the
   // radius's against |W|. Both read the inputs as they lie (BLAS takes either transpose).
+  std::optional<FullFp32Products> full_fp32;
+  full_fp32.emplace(center);
   at::Tensor c_out = bias.has_value() && bias->defined() ? at::addmm(*bias, c, weight.t())
                                                          : at::mm(c, weight.t());
   at::Tensor r_out = at::mm(r, abs_of(weight, abs_weight).t());
+  full_fp32.reset();
   if (relu) relu_in_place(c_out, r_out, kernel);
   std::vector<int64_t> shape(center.sizes().begin(), center.sizes().end());
   shape.back() = out;
@@ -137,9 +174,12 @@ std::tuple<at::Tensor, at::Tensor> run_ibp_conv2d(
   const at::Tensor c = as_batch_of_images(center);
   const at::Tensor r = as_batch_of_images(radius);
   const c10::optional<at::Tensor> no_bias;
+  std::optional<FullFp32Products> full_fp32;
+  full_fp32.emplace(center);
   at::Tensor c_out = at::convolution(c, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
   at::Tensor r_out = at::convolution(r, abs_of(weight, abs_weight), no_bias, stride, padding,
                                      dilation, false, {0, 0}, groups);
+  full_fp32.reset();
   if (relu) {
     relu_in_place(c_out, r_out, kernel);
   } else if (!share_one_dense_layout(c_out, {r_out})) {

@@ -11,11 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulation_dtype, tl_accumulation_dtype
+from ._common import accumulation_dtype, program_index, tl_accumulation_dtype
 
 LINF_BLOCK = 1024
 L2_MAX_BLOCK = 1024
 L2_MIN_BLOCK = 128
+PARTIALS_BLOCK = 128  # partial sums a finalize program adds at a time
+INTERPRETER_PROGRAMS = 8  # "the device's width" under the interpreter, where there is no device
 
 
 @triton.jit
@@ -149,3 +151,70 @@ def launch(kernel, x: torch.Tensor, *, clip_min, clip_max, per_sample: bool = Fa
 def smallest_reliable_grad_sq(sample_numel: int, dtype: torch.dtype) -> float:
     """pgd_math.h's smallest_reliable_grad_sq: below it, a sample makes no L2 move."""
     return sample_numel * torch.finfo(accumulation_dtype(dtype)).tiny
+
+
+@triton.jit
+def signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE: tl.constexpr,
+                  ALPHA_PER_SAMPLE: tl.constexpr, TARGETED: tl.constexpr, mask):
+    # eps and alpha of `sample` in fp64; alpha carries the sign of the step.
+    alpha_v = sample_radius(sample, alpha, alpha_ptr, ALPHA_PER_SAMPLE, mask)
+    if TARGETED:
+        alpha_v = -alpha_v
+    return sample_radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, mask), alpha_v
+
+
+# --- the split L2 path: few samples larger than a block, each spread over programs
+
+@triton.jit
+def l2_partial_sums_kernel(x_ptr, grad_ptr, x_nat_ptr, partials_ptr, sample_numel,
+                             blocks_per_sample, COMPUTE_DTYPE: tl.constexpr,
+                             WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    # Split pass 1 of an L2 step: program (sample, block) writes its block's sums, in fp64.
+    pid = program_index(WIDE_INDEX)
+    sample = pid // blocks_per_sample
+    block = pid - sample * blocks_per_sample
+    within = block * BLOCK + tl.arange(0, BLOCK)
+    gg, dg, dd = block_sums(x_ptr, grad_ptr, x_nat_ptr, sample * sample_numel + within,
+                             within < sample_numel, COMPUTE_DTYPE)
+    tl.store(partials_ptr + pid * 3 + 0, tl.sum(gg.to(tl.float64), axis=0))
+    tl.store(partials_ptr + pid * 3 + 1, tl.sum(dg.to(tl.float64), axis=0))
+    tl.store(partials_ptr + pid * 3 + 2, tl.sum(dd.to(tl.float64), axis=0))
+
+
+@triton.jit
+def l2_coefficients_kernel(partials_ptr, coefficients_ptr, blocks_per_sample,
+                                 eps: tl.float64, alpha: tl.float64, min_grad_sq: tl.float64,
+                                 eps_ptr, alpha_ptr, EPS_PER_SAMPLE: tl.constexpr,
+                                 ALPHA_PER_SAMPLE: tl.constexpr, TARGETED: tl.constexpr,
+                                 PARTIALS_BLOCK: tl.constexpr):
+    # One program per sample: its partials in a fixed order, then (step scale, factor).
+    sample = tl.program_id(0).to(tl.int64)
+    grad_sq = tl.zeros([PARTIALS_BLOCK], dtype=tl.float64)
+    delta_dot_grad = tl.zeros([PARTIALS_BLOCK], dtype=tl.float64)
+    delta_sq = tl.zeros([PARTIALS_BLOCK], dtype=tl.float64)
+    for start in range(0, blocks_per_sample, PARTIALS_BLOCK):
+        index = start + tl.arange(0, PARTIALS_BLOCK)
+        keep = index < blocks_per_sample
+        row = partials_ptr + (sample * blocks_per_sample + index) * 3
+        grad_sq += tl.load(row + 0, mask=keep, other=0.0)
+        delta_dot_grad += tl.load(row + 1, mask=keep, other=0.0)
+        delta_sq += tl.load(row + 2, mask=keep, other=0.0)
+    eps_v, alpha_v = signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
+                                   ALPHA_PER_SAMPLE, TARGETED, True)
+    step_scale, factor = l2_coefficients(tl.sum(grad_sq, axis=0), tl.sum(delta_dot_grad, axis=0),
+                                          tl.sum(delta_sq, axis=0), eps_v, alpha_v, as_fp64(min_grad_sq))
+    tl.store(coefficients_ptr + sample * 2 + 0, step_scale)
+    tl.store(coefficients_ptr + sample * 2 + 1, factor)
+
+
+def programs_in_flight(device: torch.device) -> int:
+    """About how many programs the device runs at once (a few per SM)."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_l2(batch: int, blocks_per_sample: int, device: torch.device) -> bool:
+    """Whether an L2 step spreads each sample over programs: when a sample spans several blocks
+    and the batch alone would leave most of the device idle."""
+    return blocks_per_sample > 1 and batch < programs_in_flight(device)

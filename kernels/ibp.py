@@ -37,8 +37,22 @@ BLOCK_ELEMENTS = 1024
 
 
 @triton.jit
+def _relu(v):
+    """max(v, 0) with NaN kept NaN, as torch.relu and ibp_math.h (tl.maximum may drop a NaN)."""
+    return tl.where(v > 0.0, v, tl.where(v != v, v, 0.0))
+
+
+@triton.jit
+def _interval_relu(c, r):
+    """[c - r, c + r] through ReLU, back in center/radius form."""
+    lo = _relu(c - r)
+    hi = _relu(c + r)
+    return (hi + lo) * 0.5, (hi - lo) * 0.5
+
+
+@triton.jit
 def _ibp_linear_kernel(c_ptr, r_ptr, w_ptr, b_ptr, co_ptr, ro_ptr, M, N, K,
-                       stride_cm, stride_ck, stride_rm, stride_rk, stride_wn, stride_wk,
+                       stride_cm, stride_ck, stride_rm, stride_rk, stride_wn, stride_wk, stride_b,
                        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -59,12 +73,9 @@ def _ibp_linear_kernel(c_ptr, r_ptr, w_ptr, b_ptr, co_ptr, ro_ptr, M, N, K,
         acc_c += tl.dot(c, w, input_precision="ieee", out_dtype=ACC)
         acc_r += tl.dot(r, tl.abs(w), input_precision="ieee", out_dtype=ACC)
     if HAS_BIAS:
-        acc_c += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(ACC)[None, :]
+        acc_c += tl.load(b_ptr + rn * stride_b, mask=rn < N, other=0.0).to(ACC)[None, :]
     if RELU:
-        lo = tl.maximum(acc_c - acc_r, 0.0)
-        hi = tl.maximum(acc_c + acc_r, 0.0)
-        acc_c = (hi + lo) * 0.5
-        acc_r = (hi - lo) * 0.5
+        acc_c, acc_r = _interval_relu(acc_c, acc_r)
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
     offsets = rm[:, None] * N + rn[None, :]
     tl.store(co_ptr + offsets, acc_c.to(co_ptr.dtype.element_ty), mask=out_mask)
@@ -77,10 +88,9 @@ def _ibp_relu_kernel(c_ptr, r_ptr, co_ptr, ro_ptr, n, ACC: tl.constexpr, BLOCK: 
     mask = offsets < n
     c = tl.load(c_ptr + offsets, mask=mask, other=0.0).to(ACC)
     r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(ACC)
-    lo = tl.maximum(c - r, 0.0)
-    hi = tl.maximum(c + r, 0.0)
-    tl.store(co_ptr + offsets, ((hi + lo) * 0.5).to(co_ptr.dtype.element_ty), mask=mask)
-    tl.store(ro_ptr + offsets, ((hi - lo) * 0.5).to(ro_ptr.dtype.element_ty), mask=mask)
+    c_out, r_out = _interval_relu(c, r)
+    tl.store(co_ptr + offsets, c_out.to(co_ptr.dtype.element_ty), mask=mask)
+    tl.store(ro_ptr + offsets, r_out.to(ro_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -117,7 +127,7 @@ def _dual_products(x_c: torch.Tensor, x_r: torch.Tensor, w: torch.Tensor, w_stri
         _ibp_linear_kernel[grid](
             x_c, x_r, w, bias if bias is not None else x_c, c_out, r_out, m, n, k,
             x_c.stride(0), x_c.stride(1), x_r.stride(0), x_r.stride(1), w_stride_n, w_stride_k,
-            HAS_BIAS=bias is not None, RELU=relu, ACC=tl_accumulation_dtype(x_c.dtype),
+            bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None, RELU=relu, ACC=tl_accumulation_dtype(x_c.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return c_out, r_out
 

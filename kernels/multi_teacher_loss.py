@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import accumulation_dtype, on_device_of, tl_accumulation_dtype
+from ._projection import as_fp64
 
 KIND_CODES = {"cosine": 0, "l2": 1, "l2_normalized": 2, "l1": 3, "mse": 4, "kl": 5}
 MAX_BLOCK = 1024
@@ -30,16 +31,18 @@ COSINE_EPS = 1e-8
 
 
 @triton.jit
-def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr, temp_ptr,
-                               B, K, D, s_stride_b, s_stride_k, t_stride_k, t_stride_b,
+def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
+                               temperature: tl.float64, B, K, D, s_stride_b, s_stride_k, t_stride_k, t_stride_b,
                                KIND: tl.constexpr, SHARED: tl.constexpr, HAS_ROWS: tl.constexpr,
                                STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
                                ACC: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    temperature = tl.load(temp_ptr).to(ACC)
+    # A scalar argument (fp64): no tensor to copy to the device per call.
+    temperature = as_fp64(temperature).to(ACC)
     inv_t = 1.0 / temperature
     cols = tl.arange(0, BLOCK)
-    for k in range(K):
+    for k32 in range(K):
+        k = tl.full([], k32, tl.int64)  # k * t_stride_k and k * B pass 2**31 for large teacher stacks
         s_row = s_ptr + b * s_stride_b + k * s_stride_k
         t_row = t_ptr + k * t_stride_k + b * t_stride_b
         if SHARED:
@@ -88,7 +91,7 @@ def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
                     e_s = tl.exp((s - max_s) * inv_t)
                     g = scale * (e_s * inv_zs - e_t * inv_zt)
                     if SHARED:  # teacher k > 0: add to the gradient of the teachers before
-                        g += tl.load(gs_row + start + cols, mask=m & (k > 0), other=0.0).to(ACC)
+                        g += tl.load(gs_row + start + cols, mask=m & (k32 > 0), other=0.0).to(ACC)
                     tl.store(gs_row + start + cols, g.to(gs_ptr.dtype.element_ty), mask=m)
             kl = tl.sum(kl_v, axis=0)
             loss = temperature * temperature * kl
@@ -133,8 +136,9 @@ def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
             if KIND == 0:
                 ns = tl.sqrt(x)
                 nt = tl.sqrt(y)
-                ns_c = tl.maximum(ns, COSINE_EPS)
-                nt_c = tl.maximum(nt, COSINE_EPS)
+                # max(norm, eps) keeping a NaN norm NaN (tl.maximum may drop it), as the C++ math.
+                ns_c = tl.where(ns > COSINE_EPS, ns, tl.where(ns != ns, ns, COSINE_EPS))
+                nt_c = tl.where(nt > COSINE_EPS, nt, tl.where(nt != nt, nt, COSINE_EPS))
                 inv = 1.0 / (ns_c * nt_c)
                 cosine = z * inv
                 loss = 1.0 - cosine
@@ -145,12 +149,12 @@ def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
             elif KIND == 1:
                 n = tl.sqrt(x)
                 loss = n
-                gs_d = tl.where(n > 0, coef / tl.where(n > 0, n, 1.0), 0.0)
+                gs_d = tl.where(n == 0, 0.0, coef / tl.where(n == 0, 1.0, n))  # a NaN row stays NaN
             elif KIND == 2:
                 n = tl.sqrt(x)
                 nt = tl.sqrt(y)
                 loss = n / nt
-                gs_d = tl.where(n > 0, coef / (tl.where(n > 0, n, 1.0) * nt), 0.0)
+                gs_d = tl.where(n == 0, 0.0, coef / (tl.where(n == 0, 1.0, n) * nt))
                 gt_t = -coef * loss / (nt * nt)
             elif KIND == 3:
                 loss = x
@@ -172,7 +176,7 @@ def _multi_teacher_loss_kernel(s_ptr, t_ptr, coef_ptr, rows_ptr, gs_ptr, gt_ptr,
                         else:
                             g = gs_d * d
                         if SHARED:
-                            g += tl.load(gs_row + start + cols, mask=m & (k > 0), other=0.0).to(ACC)
+                            g += tl.load(gs_row + start + cols, mask=m & (k32 > 0), other=0.0).to(ACC)
                         tl.store(gs_row + start + cols, g.to(gs_ptr.dtype.element_ty), mask=m)
                     if TEACHER_GRAD:
                         if KIND == 0:
@@ -197,14 +201,13 @@ def _launch(student, teachers, coef, want_rows, student_grad, teacher_grad, kind
     gs = torch.empty(student.shape, dtype=gs_dtype, device=student.device) if student_grad else None
     gt = torch.empty(teachers.shape, dtype=teachers.dtype, device=teachers.device) if teacher_grad else None
     if batch > 0 and count > 0:
-        temp = torch.tensor([temperature], dtype=acc, device=student.device)
-        placeholder = temp
+        placeholder = student  # an unused pointer argument still needs a tensor
         block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(dim)))
         with on_device_of(student):
             _multi_teacher_loss_kernel[(batch,)](
                 student, teachers, coef if coef is not None else placeholder,
                 rows if rows is not None else placeholder, gs if gs is not None else placeholder,
-                gt if gt is not None else placeholder, temp,
+                gt if gt is not None else placeholder, float(temperature),
                 batch, count, dim, student.stride(0), 0 if shared else student.stride(1),
                 teachers.stride(0), teachers.stride(1),
                 KIND=KIND_CODES[kind], SHARED=shared, HAS_ROWS=want_rows, STUDENT_GRAD=student_grad,

@@ -22,23 +22,11 @@ import triton
 import triton.language as tl
 
 from ._common import flat_block, on_device_of, program_index, tl_accumulation_dtype
-from ._projection import (as_fp64, block_sums, box_arguments, clamp_like_torch, clamp_to_radius,
-                          l2_block, l2_coefficients, launch, needs_int64, radius_arguments,
-                          sample_radius, smallest_reliable_grad_sq, store_result)
-
-PARTIALS_BLOCK = 128  # partial sums a finalize program adds at a time
-INTERPRETER_PROGRAMS = 8  # "the device's width" under the interpreter, where there is no device
-
-
-@triton.jit
-def _signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE: tl.constexpr,
-                  ALPHA_PER_SAMPLE: tl.constexpr, TARGETED: tl.constexpr, mask):
-    # eps and alpha of `sample` in fp64; alpha carries the sign of the step.
-    alpha_v = sample_radius(sample, alpha, alpha_ptr, ALPHA_PER_SAMPLE, mask)
-    if TARGETED:
-        alpha_v = -alpha_v
-    return sample_radius(sample, eps, eps_ptr, EPS_PER_SAMPLE, mask), alpha_v
-
+from ._projection import (PARTIALS_BLOCK, as_fp64, block_sums, box_arguments, clamp_like_torch,
+                          clamp_to_radius, l2_block, l2_coefficients, l2_coefficients_kernel,
+                          l2_partial_sums_kernel, launch, needs_int64,
+                          radius_arguments, sample_radius, signed_radii, smallest_reliable_grad_sq,
+                          split_l2, store_result)
 
 @triton.jit
 def _pgd_step_linf_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, numel, sample_numel,
@@ -54,7 +42,7 @@ def _pgd_step_linf_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, numel, sample_num
     x_nat = tl.load(x_nat_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
 
     sample = offsets // sample_numel
-    eps_v, alpha_v = _signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
+    eps_v, alpha_v = signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
                                    ALPHA_PER_SAMPLE, TARGETED, mask)
     eps_v = eps_v.to(COMPUTE_DTYPE)
     alpha_v = alpha_v.to(COMPUTE_DTYPE)
@@ -110,7 +98,7 @@ def _pgd_step_l2_sample_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, sample_numel
         grad_sq += gg
         delta_dot_grad += dg
         delta_sq += dd
-    eps_v, alpha_v = _signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
+    eps_v, alpha_v = signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
                                    ALPHA_PER_SAMPLE, TARGETED, True)
     step_scale, factor = l2_coefficients(
         tl.sum(grad_sq.to(tl.float64), axis=0), tl.sum(delta_dot_grad.to(tl.float64), axis=0),
@@ -119,48 +107,6 @@ def _pgd_step_l2_sample_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, sample_numel
         within = start + tl.arange(0, BLOCK)
         _l2_write(x_ptr, grad_ptr, x_nat_ptr, out_ptr, first + within, within < sample_numel,
                   step_scale, factor, clip_lo, clip_hi, HAS_LO, HAS_HI, COMPUTE_DTYPE)
-
-
-@triton.jit
-def _pgd_step_l2_sums_kernel(x_ptr, grad_ptr, x_nat_ptr, partials_ptr, sample_numel,
-                             blocks_per_sample, COMPUTE_DTYPE: tl.constexpr,
-                             WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
-    # Split pass 1: program (sample, block) writes its block's sums, in fp64.
-    pid = program_index(WIDE_INDEX)
-    sample = pid // blocks_per_sample
-    block = pid - sample * blocks_per_sample
-    within = block * BLOCK + tl.arange(0, BLOCK)
-    gg, dg, dd = block_sums(x_ptr, grad_ptr, x_nat_ptr, sample * sample_numel + within,
-                             within < sample_numel, COMPUTE_DTYPE)
-    tl.store(partials_ptr + pid * 3 + 0, tl.sum(gg.to(tl.float64), axis=0))
-    tl.store(partials_ptr + pid * 3 + 1, tl.sum(dg.to(tl.float64), axis=0))
-    tl.store(partials_ptr + pid * 3 + 2, tl.sum(dd.to(tl.float64), axis=0))
-
-
-@triton.jit
-def _pgd_step_l2_finalize_kernel(partials_ptr, coefficients_ptr, blocks_per_sample,
-                                 eps: tl.float64, alpha: tl.float64, min_grad_sq: tl.float64,
-                                 eps_ptr, alpha_ptr, EPS_PER_SAMPLE: tl.constexpr,
-                                 ALPHA_PER_SAMPLE: tl.constexpr, TARGETED: tl.constexpr,
-                                 PARTIALS_BLOCK: tl.constexpr):
-    # One program per sample: its partials in a fixed order, then (step scale, factor).
-    sample = tl.program_id(0).to(tl.int64)
-    grad_sq = tl.zeros([PARTIALS_BLOCK], dtype=tl.float64)
-    delta_dot_grad = tl.zeros([PARTIALS_BLOCK], dtype=tl.float64)
-    delta_sq = tl.zeros([PARTIALS_BLOCK], dtype=tl.float64)
-    for start in range(0, blocks_per_sample, PARTIALS_BLOCK):
-        index = start + tl.arange(0, PARTIALS_BLOCK)
-        keep = index < blocks_per_sample
-        row = partials_ptr + (sample * blocks_per_sample + index) * 3
-        grad_sq += tl.load(row + 0, mask=keep, other=0.0)
-        delta_dot_grad += tl.load(row + 1, mask=keep, other=0.0)
-        delta_sq += tl.load(row + 2, mask=keep, other=0.0)
-    eps_v, alpha_v = _signed_radii(sample, eps, alpha, eps_ptr, alpha_ptr, EPS_PER_SAMPLE,
-                                   ALPHA_PER_SAMPLE, TARGETED, True)
-    step_scale, factor = l2_coefficients(tl.sum(grad_sq, axis=0), tl.sum(delta_dot_grad, axis=0),
-                                          tl.sum(delta_sq, axis=0), eps_v, alpha_v, as_fp64(min_grad_sq))
-    tl.store(coefficients_ptr + sample * 2 + 0, step_scale)
-    tl.store(coefficients_ptr + sample * 2 + 1, factor)
 
 
 @triton.jit
@@ -179,13 +125,6 @@ def _pgd_step_l2_apply_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, coefficients_
     _l2_write(x_ptr, grad_ptr, x_nat_ptr, out_ptr, sample * sample_numel + within,
               within < sample_numel, step_scale, factor, clip_lo, clip_hi, HAS_LO, HAS_HI,
               COMPUTE_DTYPE)
-
-
-def _programs_in_flight(device: torch.device) -> int:
-    """About how many programs the device runs at once (a few per SM)."""
-    if device.type != "cuda":
-        return INTERPRETER_PROGRAMS
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor,
@@ -212,7 +151,7 @@ def _launch(x_adv, grad, x_nat, out, eps, alpha, norm, clip_min, clip_max, targe
     sample_numel = x_adv.numel() // batch
     block = l2_block(sample_numel)
     blocks_per_sample = triton.cdiv(sample_numel, block)
-    if blocks_per_sample == 1 or batch >= _programs_in_flight(x_adv.device):
+    if not split_l2(batch, blocks_per_sample, x_adv.device):
         launch(_pgd_step_l2_sample_kernel, x_adv, clip_min=clip_min, clip_max=clip_max,
                per_sample=True, **operands, **radii)
         return
@@ -222,9 +161,9 @@ def _launch(x_adv, grad, x_nat, out, eps, alpha, norm, clip_min, clip_max, targe
     grid = (batch * blocks_per_sample,)
     wide = needs_int64(max(x_adv.numel() + block, partials.numel()))
     compute_dtype = tl_accumulation_dtype(x_adv.dtype)
-    _pgd_step_l2_sums_kernel[grid](x_adv, grad, x_nat, partials, sample_numel, blocks_per_sample,
+    l2_partial_sums_kernel[grid](x_adv, grad, x_nat, partials, sample_numel, blocks_per_sample,
                                    COMPUTE_DTYPE=compute_dtype, WIDE_INDEX=wide, BLOCK=block)
-    _pgd_step_l2_finalize_kernel[(batch,)](
+    l2_coefficients_kernel[(batch,)](
         partials, coefficients, blocks_per_sample,
         min_grad_sq=smallest_reliable_grad_sq(sample_numel, x_adv.dtype), **radii,
         PARTIALS_BLOCK=PARTIALS_BLOCK)

@@ -35,6 +35,17 @@ def check_positive_finite(name: str, value, caller: str) -> float:
     return value
 
 
+def check_real_in(name: str, value, caller: str, low: float = 0.0, high: float = math.inf) -> float:
+    """A real number in [low, high] (NaN, infinities outside it and bools refused), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{caller}: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or not low <= value <= high or math.isinf(value):
+        bounds = f">= {low:g} and finite" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{caller}: {name} must be {bounds}, got {value}")
+    return value
+
+
 def check_clip(clip, caller: str = "pgd_step") -> Tuple[Optional[float], Optional[float]]:
     """(low, high) of a box, either side None for open; None for no box. Bounds are numbers
     (not NaN) with low <= high; a ValueError or TypeError naming the caller otherwise."""

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robust_fast._checks import check_positive_finite, check_real_in
 from robust_fast.ops.multi_teacher_loss import multi_teacher_loss
+from robust_fast.reference.multi_teacher_loss import KINDS
 
 TeacherOutputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -96,6 +98,7 @@ class RRMLoss(nn.Module):
         super().__init__()
         if kind not in ("cosine", "l2_normalized"):
             raise ValueError(f"RRMLoss: kind must be 'cosine' or 'l2_normalized', got {kind!r}")
+        lambda_ce = check_real_in("lambda_ce", lambda_ce, "RRMLoss")
         self.lambda_ce, self.kind, self.backend = lambda_ce, kind, backend
 
     def forward(self, student_logits, student_features, teacher_features, target):
@@ -112,7 +115,7 @@ class CRTLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, backend: Optional[str] = None):
         super().__init__()
-        self.alpha, self.backend = alpha, backend
+        self.alpha, self.backend = check_real_in("alpha", alpha, "CRTLoss", 0.0, 1.0), backend
 
     def forward(self, student_logits, teacher_logits, target=None):
         loss = self.alpha * multi_teacher_loss(student_logits, _single(teacher_logits), kind="l2",
@@ -136,6 +139,14 @@ class DARHTLoss(nn.Module):
                  kd_from: int = 50, ce_until: int = 118, temperature: float = 1.0,
                  backend: Optional[str] = None):
         super().__init__()
+        if isinstance(num_teachers, bool) or not isinstance(num_teachers, int) or num_teachers < 1:
+            raise ValueError(f"DARHTLoss: num_teachers must be an int >= 1, got {num_teachers!r}")
+        for name, value in (("kd_from", kd_from), ("ce_until", ce_until)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"DARHTLoss: {name} must be an int >= 0, got {value!r}")
+        ce_weight = check_real_in("ce_weight", ce_weight, "DARHTLoss")
+        kd_weight = check_real_in("kd_weight", kd_weight, "DARHTLoss")
+        temperature = check_positive_finite("temperature", temperature, "DARHTLoss")
         self.num_teachers, self.ce_weight, self.kd_weight = num_teachers, ce_weight, kd_weight
         self.kd_from, self.ce_until, self.temperature, self.backend = kd_from, ce_until, temperature, backend
 
@@ -175,6 +186,9 @@ class LwFLoss(nn.Module):
 
     def __init__(self, lambda_feat: float = 0.005, kind: str = "l1", backend: Optional[str] = None):
         super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"LwFLoss: kind must be one of {KINDS}, got {kind!r}")
+        lambda_feat = check_real_in("lambda_feat", lambda_feat, "LwFLoss")
         self.lambda_feat, self.kind, self.backend = lambda_feat, kind, backend
 
     def forward(self, logits, features, source_features, target):
@@ -188,6 +202,8 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, backend: Optional[str] = None):
         super().__init__()
+        temperature = check_positive_finite("temperature", temperature, "KDLoss")
+        alpha = check_real_in("alpha", alpha, "KDLoss", 0.0, 1.0)
         self.temperature, self.alpha, self.backend = temperature, alpha, backend
 
     def forward(self, student_logits, teacher_logits: TeacherOutputs, target=None):
@@ -211,6 +227,8 @@ class ARDLoss(nn.Module):
 
     def __init__(self, temperature: float = 30.0, alpha: float = 1.0, backend: Optional[str] = None):
         super().__init__()
+        temperature = check_positive_finite("temperature", temperature, "ARDLoss")
+        alpha = check_real_in("alpha", alpha, "ARDLoss", 0.0, 1.0)
         self.temperature, self.alpha, self.backend = temperature, alpha, backend
 
     def forward(self, student_logits_adv, teacher_logits_clean, student_logits_clean=None, target=None):

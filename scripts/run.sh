@@ -8,7 +8,10 @@
 #                                      GPU every (backend, device) pair runs, then the quick
 #                                      CUDA benchmark (robust-fast bench pgd --device cuda --quick)
 # The virtual environment lives outside the clone, in $ROBUST_FAST_VENV
-# (default ~/.cache/robust_fast/venv-cpu, or venv-gpu on a machine with an NVIDIA GPU).
+# (default ~/.cache/robust_fast/venv-cpu, or venv-gpu on a machine with an NVIDIA GPU). On a GPU
+# machine where python3 (or $ROBUST_FAST_PYTHON) already has a CUDA torch, venv-gpu is made with
+# --system-site-packages and uses that torch: only missing packages are installed, so a machine
+# that has them all needs no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,14 +40,35 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     echo "   (could not install dataset-fashion-mnist: benchmarks fall back to random data)"
 fi
 
+base_py="${ROBUST_FAST_PYTHON:-python3}"
+system_torch=""
+if [ "$flavour" = gpu ] && "$base_py" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+  # A CUDA torch is already installed: the environment uses it (no download: works offline).
+  system_torch=1
+fi
 if [ ! -x "$venv/bin/python" ]; then
-  echo "== creating $venv"
-  python3 -m venv "$venv"
+  echo "== creating $venv${system_torch:+ (with the installed CUDA torch)}"
+  "$base_py" -m venv ${system_torch:+--system-site-packages} "$venv"
 fi
 py="$venv/bin/python"
 stamp="$venv/.robust_fast_deps"
 deps="$torch_spec numpy ninja nvtx triton scipy matplotlib tqdm pytest"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ]; then
+if [ -n "$system_torch" ]; then
+  # Only what the environment lacks is installed: nothing, and no network, when all is there.
+  missing=$("$py" -c "import importlib.util as u; print(' '.join(m for m in
+    ('numpy', 'ninja', 'triton', 'scipy', 'matplotlib', 'tqdm', 'pytest') if u.find_spec(m) is None))")
+  if [ -n "$missing" ]; then
+    echo "== installing $missing (next to torch $("$py" -c 'import torch; print(torch.__version__)'))"
+    # shellcheck disable=SC2086
+    "$py" -m pip install -q $missing
+  fi
+  for optional in nvtx torchattacks; do
+    if ! "$py" -c "import $optional" >/dev/null 2>&1; then
+      "$py" -m pip install -q --no-deps "$optional" >/dev/null 2>&1 ||
+        echo "   ($optional is not installed and could not be: NVTX ranges / the torchattacks tests are skipped)"
+    fi
+  done
+elif [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ]; then
   echo "== installing $deps"
   "$py" -m pip install -q --upgrade pip >/dev/null
   # shellcheck disable=SC2086
@@ -69,7 +93,7 @@ else
   # The editable install works through an import hook (kernels/ maps to robust_fast.kernels), and
   # setuptools says so in a warning box on every build; the warning filter reaches its backend.
   PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
-    "$py" -m pip install -q --no-build-isolation --no-deps -e .
+    "$py" -m pip install -q --no-build-isolation --no-deps --no-index -e .
   echo "$signature" > "$build_stamp"
 fi
 "$py" -c "import robust_fast" >/dev/null

@@ -291,3 +291,12 @@ def test_dlr_losses_need_enough_classes():
     attacks.apgd(model, x, y, loss="dlr", steps=2)  # three classes suffice for DLR
     with pytest.raises(ValueError, match="needs at least 4 classes"):
         attacks.apgdt(model, x, y, steps=2)
+
+
+@pytest.mark.parametrize("name", ["apgd", "apgdt", "pgd", "square"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_an_empty_batch_comes_back_empty(name, norm):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.zeros(0, 1, 2, 2), torch.zeros(0, dtype=torch.int64)
+    out = getattr(attacks, name)(model, x, y, eps=0.1, norm=norm)
+    assert out.shape == x.shape and out is not x

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_fast import losses
-from conftest import usable_backends
+from conftest import backend_devices
 
-BACKENDS = [p for p in usable_backends("cpu") if p.values[0] == "cpp"] + ["reference"]
+PAIRS_AND_REFERENCE = backend_devices(include_reference=True)   # (backend, device), as pgd_step's tests
 
 
-def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def randn(*shape, seed=0, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
 
 
 def kl_rows(student, teacher, temperature):
@@ -21,15 +21,17 @@ def kl_rows(student, teacher, temperature):
 
 
 @pytest.fixture
-def batch():
-    y = torch.tensor([0, 3, 1, 2, 4, 0])
-    return dict(s_logits=randn(6, 5, seed=1).requires_grad_(), t_logits=randn(6, 5, seed=2),
-                s_feat=randn(6, 8, seed=3).requires_grad_(), t_feat=randn(6, 8, seed=4).requires_grad_(), y=y)
+def batch(request):
+    device = request.node.callspec.params.get("device", "cpu") if hasattr(request.node, "callspec") else "cpu"
+    y = torch.tensor([0, 3, 1, 2, 4, 0], device=device)
+    return dict(s_logits=randn(6, 5, seed=1, device=device).requires_grad_(), t_logits=randn(6, 5, seed=2, device=device),
+                s_feat=randn(6, 8, seed=3, device=device).requires_grad_(),
+                t_feat=randn(6, 8, seed=4, device=device).requires_grad_(), y=y)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("kind", ["cosine", "l2_normalized"])
-def test_rrm(backend, kind, batch):
+def test_rrm(backend, device, kind, batch):
     b = batch
     got = losses.RRMLoss(kind=kind, backend=backend)(b["s_logits"], b["s_feat"], b["t_feat"], b["y"])
     if kind == "cosine":
@@ -41,8 +43,8 @@ def test_rrm(backend, kind, batch):
     assert b["s_feat"].grad is not None and b["t_feat"].grad is None  # the teacher is frozen
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_crt(backend, batch):
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_crt(backend, device, batch):
     b = batch
     l2 = (b["s_logits"] - b["t_logits"]).norm(dim=1).mean()
     torch.testing.assert_close(losses.CRTLoss(backend=backend)(b["s_logits"], b["t_logits"]), l2)
@@ -50,12 +52,12 @@ def test_crt(backend, batch):
     torch.testing.assert_close(got, 0.3 * l2 + 0.7 * F.cross_entropy(b["s_logits"], b["y"]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_darht(backend, batch):
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_darht(backend, device, batch):
     b = batch
     count, classes = 3, 5
-    student_map = randn(6, count * classes, seed=5).requires_grad_()
-    teacher_logits = [randn(6, classes, seed=10 + k) for k in range(count)]
+    student_map = randn(6, count * classes, seed=5, device=device).requires_grad_()
+    teacher_logits = [randn(6, classes, seed=10 + k, device=device) for k in range(count)]
     loss_fn = losses.DARHTLoss(num_teachers=count, backend=backend)
     kd = 0
     for k, t in enumerate(teacher_logits):
@@ -72,16 +74,16 @@ def test_darht(backend, batch):
     assert student_map.grad is not None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lwf(backend, batch):
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_lwf(backend, device, batch):
     b = batch
     got = losses.LwFLoss(backend=backend)(b["s_logits"], b["s_feat"], b["t_feat"], b["y"])
     expected = F.cross_entropy(b["s_logits"], b["y"]) + 0.005 * (b["s_feat"] - b["t_feat"]).abs().sum(1).mean()
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_kd_and_ard(backend, batch):
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_kd_and_ard(backend, device, batch):
     b = batch
     got = losses.KDLoss(temperature=4.0, alpha=0.9, backend=backend)(b["s_logits"], b["t_logits"], b["y"])
     expected = 0.9 * kl_rows(b["s_logits"], b["t_logits"], 4.0).mean() + 0.1 * F.cross_entropy(b["s_logits"], b["y"])
@@ -89,7 +91,7 @@ def test_kd_and_ard(backend, batch):
     two = losses.KDLoss(alpha=1.0, backend=backend)(b["s_logits"], [b["t_logits"], -b["t_logits"]])
     torch.testing.assert_close(two, (kl_rows(b["s_logits"], b["t_logits"], 4.0)
                                      + kl_rows(b["s_logits"], -b["t_logits"], 4.0)).mean())
-    s_clean = randn(6, 5, seed=9)
+    s_clean = randn(6, 5, seed=9, device=device)
     got = losses.ARDLoss(backend=backend)(b["s_logits"], b["t_logits"])
     torch.testing.assert_close(got, kl_rows(b["s_logits"], b["t_logits"], 30.0).mean())
     got = losses.ARDLoss(temperature=2.0, alpha=0.5, backend=backend)(b["s_logits"], b["t_logits"], s_clean, b["y"])
@@ -118,3 +120,21 @@ def test_feature_extractor_and_projection():
     loss = losses.RRMLoss()(logits, projection(features), torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 0]))
     loss.backward()
     assert projection.weight.grad is not None and model[1].weight.grad is not None
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: losses.RRMLoss(lambda_ce=float("nan")), "RRMLoss: lambda_ce must be >= 0"),
+    (lambda: losses.RRMLoss(lambda_ce=-1.0), "RRMLoss: lambda_ce must be >= 0"),
+    (lambda: losses.KDLoss(alpha=2), r"KDLoss: alpha must be in \[0, 1\]"),
+    (lambda: losses.KDLoss(temperature=0.0), "KDLoss: temperature must be > 0"),
+    (lambda: losses.ARDLoss(alpha=-0.1), r"ARDLoss: alpha must be in \[0, 1\]"),
+    (lambda: losses.CRTLoss(alpha=float("inf")), r"CRTLoss: alpha must be in \[0, 1\]"),
+    (lambda: losses.DARHTLoss(num_teachers=0), "DARHTLoss: num_teachers must be an int >= 1"),
+    (lambda: losses.DARHTLoss(2, kd_weight=float("nan")), "DARHTLoss: kd_weight must be >= 0"),
+    (lambda: losses.DARHTLoss(2, temperature=-1.0), "DARHTLoss: temperature must be > 0"),
+    (lambda: losses.LwFLoss(lambda_feat=float("nan")), "LwFLoss: lambda_feat must be >= 0"),
+    (lambda: losses.LwFLoss(kind="l3"), "LwFLoss: kind must be one of"),
+])
+def test_bad_settings_name_the_argument(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()

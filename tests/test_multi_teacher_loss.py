@@ -10,29 +10,31 @@ import torch.nn.functional as F
 import robust_fast
 from robust_fast.ops.multi_teacher_loss import _stack_teachers
 from robust_fast.reference.multi_teacher_loss import KINDS, multi_teacher_loss_reference
-from conftest import usable_backends
+from conftest import backend_devices, unavailable_reason, usable_backends
 
 BACKENDS = usable_backends("cpu")
+PAIRS = backend_devices()                                  # (backend, device) of every kernel
+PAIRS_AND_REFERENCE = backend_devices(include_reference=True)
 REDUCTIONS = ["mean", "sum", "none"]
 cpp_reason = robust_fast._build.cpp_unavailable_reason("cpu")
 cpp_only = pytest.mark.skipif(cpp_reason is not None, reason=str(cpp_reason))
 
 
-def make(batch, count, dim, *, sliced=False, dtype=torch.float32, seed=0, scale=1.0):
+def make(batch, count, dim, *, sliced=False, dtype=torch.float32, seed=0, scale=1.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shape = (batch, count, dim) if sliced else (batch, dim)
-    student = torch.randn(shape, generator=g, dtype=torch.float64).mul(scale).to(dtype)
-    teachers = torch.randn(count, batch, dim, generator=g, dtype=torch.float64).mul(scale).to(dtype)
+    student = torch.randn(shape, generator=g, dtype=torch.float64).mul(scale).to(device, dtype)
+    teachers = torch.randn(count, batch, dim, generator=g, dtype=torch.float64).mul(scale).to(device, dtype)
     return student, teachers
 
 
-def make_weights(form, batch, count, dtype=torch.float32, seed=1):
+def make_weights(form, batch, count, dtype=torch.float32, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     if form == "none":
         return None
     if form == "per_teacher":
-        return torch.rand(count, generator=g, dtype=dtype) + 0.5
-    return torch.rand(batch, count, generator=g, dtype=dtype)
+        return (torch.rand(count, generator=g, dtype=dtype) + 0.5).to(device)
+    return torch.rand(batch, count, generator=g, dtype=dtype).to(device)
 
 
 def run(backend, student, teachers, *, teacher_grad=False, upstream=None, **kwargs):
@@ -46,7 +48,7 @@ def run(backend, student, teachers, *, teacher_grad=False, upstream=None, **kwar
         t_arg = teachers
     loss = robust_fast.multi_teacher_loss(s, t_arg, backend=backend, **kwargs)
     if upstream is None:
-        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype)
+        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype).to(loss.device)
     if loss.numel():
         loss.backward(upstream)
     return loss.detach(), s.grad, (t.grad if t is not None else None)
@@ -105,15 +107,15 @@ def test_reference_matches_the_formulas(kind, sliced):
 
 # --- every backend against the reference -----------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("weights", ["none", "per_teacher", "per_sample"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_matches_reference(backend, kind, sliced, weights, reduction):
+def test_matches_reference(backend, device, kind, sliced, weights, reduction):
     batch, count, dim = 5, 3, 37
-    student, teachers = make(batch, count, dim, sliced=sliced)
-    kwargs = dict(kind=kind, weights=make_weights(weights, batch, count), reduction=reduction,
+    student, teachers = make(batch, count, dim, sliced=sliced, device=device)
+    kwargs = dict(kind=kind, weights=make_weights(weights, batch, count, device=device), reduction=reduction,
                   temperature=1.5 if kind == "kl" else 1.0)
     expected = run("reference", student, teachers, teacher_grad=True, **kwargs)
     actual = run(backend, student, teachers, teacher_grad=True, **kwargs)
@@ -122,9 +124,9 @@ def test_matches_reference(backend, kind, sliced, weights, reduction):
     assert_same(actual, expected, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_random_shapes(backend, dtype):
+def test_random_shapes(backend, device, dtype):
     g = torch.Generator().manual_seed(1234)
     trials = 8 if backend == "triton" else 30
     for trial in range(trials):
@@ -135,9 +137,9 @@ def test_random_shapes(backend, dtype):
             dim = min(dim, 100)
         kind = KINDS[trial % len(KINDS)]
         sliced = trial % 4 == 1
-        student, teachers = make(batch, count, dim, sliced=sliced, dtype=dtype, seed=trial)
+        student, teachers = make(batch, count, dim, sliced=sliced, dtype=dtype, seed=trial, device=device)
         form = ["none", "per_teacher", "per_sample"][trial % 3]
-        kwargs = dict(kind=kind, weights=make_weights(form, batch, count, dtype), reduction=REDUCTIONS[trial % 3],
+        kwargs = dict(kind=kind, weights=make_weights(form, batch, count, dtype, device=device), reduction=REDUCTIONS[trial % 3],
                       temperature=[1.0, 0.5, 4.0][trial % 3])
         teacher_grad = trial % 2 == 0
         expected = run("reference", student, teachers, teacher_grad=teacher_grad, **kwargs)
@@ -148,8 +150,8 @@ def test_random_shapes(backend, dtype):
         assert_same(actual, expected, dtype)
 
 
-def layouts(batch=4, count=3, dim=21):
-    student, teachers = make(batch, count, dim)
+def layouts(batch=4, count=3, dim=21, device="cpu"):
+    student, teachers = make(batch, count, dim, device=device)
     stacked_bk = teachers.transpose(0, 1).contiguous()              # (B, K, D)
     wide = stacked_bk.reshape(batch, count * dim)                    # DARHT's (B, K*D) map
     return student, teachers, {
@@ -160,19 +162,19 @@ def layouts(batch=4, count=3, dim=21):
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("layout", ["transposed stack", "list of views", "list of tensors", "strided rows"])
 @pytest.mark.parametrize("kind", ["cosine", "kl"])
-def test_teacher_layouts(backend, layout, kind):
-    student, teachers, forms = layouts()
+def test_teacher_layouts(backend, device, layout, kind):
+    student, teachers, forms = layouts(device=device)
     expected = run("reference", student, teachers, kind=kind)
     actual = run(backend, student, forms[layout], kind=kind)
     assert_same(actual[:2], expected[:2], torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_student(backend):
-    student, teachers = make(4, 2, 9, sliced=True)
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_non_contiguous_student(backend, device):
+    student, teachers = make(4, 2, 9, sliced=True, device=device)
     strided = torch.cat([student, student], dim=-1)[..., ::2]             # D stride 2
     permuted = student.permute(1, 0, 2).contiguous().permute(1, 0, 2)     # (B, K, D), K outermost
     for s in (strided, permuted, student[:, 0].t().contiguous().t()):
@@ -194,13 +196,13 @@ def test_a_list_of_views_of_one_stack_is_not_copied():
     assert separate.untyped_storage().data_ptr() != forms["list of tensors"][0].untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_reduced_precision(backend, dtype, kind):
-    if backend == "triton" and dtype == torch.bfloat16:
+def test_reduced_precision(backend, device, dtype, kind):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bfloat16")
-    student, teachers = make(4, 3, 40)
+    student, teachers = make(4, 3, 40, device=device)
     student, teachers = student.to(dtype), teachers.to(dtype)
     actual = run(backend, student, teachers, kind=kind)
     expected = run("reference", student.double(), teachers.double(), kind=kind)
@@ -211,9 +213,9 @@ def test_reduced_precision(backend, dtype, kind):
 
 # --- gradients -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_frozen_teachers_get_no_gradient(backend):
-    student, teachers = make(3, 2, 8)
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_frozen_teachers_get_no_gradient(backend, device):
+    student, teachers = make(3, 2, 8, device=device)
     s = student.clone().requires_grad_()
     loss = robust_fast.multi_teacher_loss(s, teachers, backend=backend)
     loss.backward()
@@ -232,14 +234,14 @@ def test_the_op_computes_only_the_gradients_asked_for():
     assert gs.numel() == 0 and gt.numel() == 0  # known only with the upstream gradient
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("form", ["per_teacher", "per_sample"])
-def test_weights_gradient(backend, form):
-    student, teachers = make(4, 3, 10)
+def test_weights_gradient(backend, device, form):
+    student, teachers = make(4, 3, 10, device=device)
     for reduction in REDUCTIONS:
         grads = []
         for b in (backend, "reference"):
-            w = make_weights(form, 4, 3).requires_grad_()
+            w = make_weights(form, 4, 3, device=device).requires_grad_()
             loss = robust_fast.multi_teacher_loss(student, teachers, weights=w, kind="mse",
                                                   reduction=reduction, backend=b)
             loss.backward(torch.ones_like(loss))
@@ -247,11 +249,11 @@ def test_weights_gradient(backend, form):
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_float64(backend, kind):
-    student, teachers = make(3, 2, 5, dtype=torch.float64, seed=3)
-    weights = make_weights("per_sample", 3, 2, torch.float64)
+def test_gradcheck_float64(backend, device, kind):
+    student, teachers = make(3, 2, 5, dtype=torch.float64, seed=3, device=device)
+    weights = make_weights("per_sample", 3, 2, torch.float64, device=device)
     for reduction in ("mean", "none"):
         def f(s, t, w):
             return robust_fast.multi_teacher_loss(s, t, weights=w, kind=kind, temperature=1.7,
@@ -259,7 +261,7 @@ def test_gradcheck_float64(backend, kind):
         inputs = (student.clone().requires_grad_(), teachers.clone().requires_grad_(),
                   weights.clone().requires_grad_())
         assert torch.autograd.gradcheck(f, inputs)
-    sliced, _ = make(3, 2, 5, sliced=True, dtype=torch.float64, seed=4)
+    sliced, _ = make(3, 2, 5, sliced=True, dtype=torch.float64, seed=4, device=device)
     assert torch.autograd.gradcheck(
         lambda s: robust_fast.multi_teacher_loss(s, teachers, kind=kind, backend=backend),
         (sliced.requires_grad_(),))
@@ -267,9 +269,9 @@ def test_gradcheck_float64(backend, kind):
 
 # --- numerics --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_cosine_zero_rows(backend):
-    student, teachers = make(3, 2, 6)
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_cosine_zero_rows(backend, device):
+    student, teachers = make(3, 2, 6, device=device)
     student[0] = 0.0
     teachers[1, 2] = 0.0
     actual = run(backend, student, teachers, teacher_grad=True, kind="cosine", reduction="none")
@@ -279,19 +281,19 @@ def test_cosine_zero_rows(backend):
     assert_same(actual, expected, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("kind", ["l2", "l2_normalized", "l1", "mse"])
-def test_equal_rows_give_zero_gradient(backend, kind):
-    student, teachers = make(3, 2, 6)
+def test_equal_rows_give_zero_gradient(backend, device, kind):
+    student, teachers = make(3, 2, 6, device=device)
     teachers[:] = student  # s = t for every teacher
     loss, gs, gt = run(backend, student, teachers, teacher_grad=True, kind=kind)
     assert float(loss) == 0.0
     assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gt, torch.zeros_like(gt))
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_kl_large_logits_are_stable(backend):
-    student, teachers = make(4, 2, 30, scale=1e4)
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_kl_large_logits_are_stable(backend, device):
+    student, teachers = make(4, 2, 30, scale=1e4, device=device)
     actual = run(backend, student, teachers, teacher_grad=True, kind="kl", reduction="none")
     expected = run("reference", student.double(), teachers.double(), teacher_grad=True, kind="kl", reduction="none")
     assert all(torch.isfinite(x).all() for x in actual)
@@ -300,11 +302,11 @@ def test_kl_large_logits_are_stable(backend):
     torch.testing.assert_close(actual[1].double(), expected[1], rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
 @pytest.mark.parametrize("kind", KINDS)
-def test_edge_sizes(backend, kind):
+def test_edge_sizes(backend, device, kind):
     for batch, count, dim in ((2, 1, 7), (0, 3, 5), (3, 2, 1)):
-        student, teachers = make(batch, count, dim)
+        student, teachers = make(batch, count, dim, device=device)
         for reduction in ("sum", "none"):
             actual = run(backend, student, teachers, teacher_grad=True, kind=kind, reduction=reduction)
             expected = run("reference", student, teachers, teacher_grad=True, kind=kind, reduction=reduction)
@@ -313,7 +315,7 @@ def test_edge_sizes(backend, kind):
                 continue
             assert_same(actual, expected, torch.float32)
     if kind in ("cosine", "kl", "l2_normalized"):  # D = 1: cos is the sign; KL is 0
-        one = run(backend, *make(3, 2, 1), kind=kind, reduction="none")[0]
+        one = run(backend, *make(3, 2, 1, device=device), kind=kind, reduction="none")[0]
         assert torch.isfinite(one).all()
 
 
@@ -366,16 +368,16 @@ def test_torch_compile_list_of_teachers():
     torch.testing.assert_close(compiled(student, views), robust_fast.multi_teacher_loss(student, teachers, kind="kl"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_autocast_training_step(backend):
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+def test_autocast_training_step(backend, device):
     torch.manual_seed(0)
-    x = torch.randn(16, 12)
-    head = torch.nn.Linear(12, 8)
-    teacher_features = [torch.randn(16, 8), torch.randn(16, 8)]  # precomputed, float32
+    x = torch.randn(16, 12).to(device)
+    head = torch.nn.Linear(12, 8).to(device)
+    teacher_features = [torch.randn(16, 8).to(device), torch.randn(16, 8).to(device)]  # precomputed, float32
     results = []
     for enabled in (False, True):
         head.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=enabled):
             features = head(x)
             loss = robust_fast.multi_teacher_loss(features, teacher_features, kind="cosine", backend=backend)
         loss.float().backward()
@@ -437,14 +439,14 @@ def test_bad_input_names_the_argument(overrides, error, words):
         call(**overrides)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_many_teachers(backend, kind):
+def test_many_teachers(backend, device, kind):
     """More teachers than the CPU kernel takes at once (groups of 4): the groups' gradients add up."""
     count = 6 if backend == "triton" else 9
     for dim in (37, 300):
-        student, teachers = make(3, count, dim, seed=dim)
-        weights = make_weights("per_sample", 3, count)
+        student, teachers = make(3, count, dim, seed=dim, device=device)
+        weights = make_weights("per_sample", 3, count, device=device)
         expected = run("reference", student, teachers, teacher_grad=True, kind=kind, weights=weights)
         actual = run(backend, student, teachers, teacher_grad=True, kind=kind, weights=weights)
         assert_same(actual, expected, torch.float32)
@@ -476,5 +478,72 @@ def test_double_backward_is_refused(backend):
     student, teachers = make(3, 2, 5)
     s = student.requires_grad_()
     (g,) = torch.autograd.grad(robust_fast.multi_teacher_loss(s, teachers, backend=backend), s, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="multi_teacher_loss supports one backward only"):
         torch.autograd.grad(g.sum(), s)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS_AND_REFERENCE)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_input_gives_nan_not_a_number(backend, device, kind, where):
+    """A NaN in one row gives NaN where the reference's autograd does (that row's loss and
+    gradient), never a plausible finite number; other rows are untouched."""
+    student, teachers = (t.to(device) for t in make(3, 2, 6))
+    if where == "student":
+        student[1, 2] = float("nan")
+    else:
+        teachers[0, 1, 4] = float("nan")
+    for reduction in ("mean", "none"):
+        expected = run("reference", student, teachers, teacher_grad=True, reduction=reduction,
+                       kind=kind, upstream=torch.ones(3, 2, device=device) if reduction == "none" else None)
+        actual = run(backend, student, teachers, teacher_grad=True, reduction=reduction, kind=kind,
+                     upstream=torch.ones(3, 2, device=device) if reduction == "none" else None)
+        for a, e in zip(actual, expected):
+            assert torch.equal(a.isnan(), e.isnan()), (reduction, a, e)
+            torch.testing.assert_close(a.nan_to_num(), e.nan_to_num(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_triton_kernel_takes_the_temperature_as_a_scalar(monkeypatch):
+    """No tensor is built for the temperature (a host-to-device copy per call on a GPU, and a
+    break in CUDA graph capture): it reaches the kernel as scalar arguments, exact enough for
+    float64 (KL at T = 3.7 in float64 against the reference to 1e-12)."""
+    if unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(str(unavailable_reason("triton", "cpu")))
+    from robust_fast import _backend
+    kernels = _backend.triton_kernels("multi_teacher_loss")
+    assert not any("temp_ptr" in name for name in kernels._multi_teacher_loss_kernel.arg_names)
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(kernels.torch, "tensor", lambda *a, **k: (built.append(a), real_tensor(*a, **k))[1])
+    student, teachers = make(4, 2, 9, dtype=torch.float64)
+    got = run("triton", student, teachers, kind="kl", temperature=3.7)
+    monkeypatch.undo()
+    expected = run("reference", student, teachers, kind="kl", temperature=3.7)
+    assert built == []
+    for a, e in zip(got, expected):
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-13)
+
+
+def _gpu_memory_gib() -> float:
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+
+
+@pytest.mark.skipif(_gpu_memory_gib() < 24, reason="needs a CUDA device with 24 GiB: the teachers pass 2**31 elements")
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_teachers_over_two_to_the_31_elements(backend):
+    """Offsets k * stride past 2**31 (int64 in every kernel): the last samples' losses of the
+    last teacher, whose rows start beyond 2**31 elements, equal the reference on a slice."""
+    if unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(str(unavailable_reason(backend, "cuda")))
+    count, batch, dim = 3, 8192, 2**17 + 256            # teacher 2's rows start at 2.15e9 elements
+    g = torch.Generator(device="cuda").manual_seed(0)
+    teachers = torch.randn((count, batch, dim), generator=g, device="cuda", dtype=torch.float16)
+    student = torch.randn((batch, dim), generator=g, device="cuda", dtype=torch.float16)
+    assert teachers.stride(0) * (count - 1) >= 2**31
+    with torch.no_grad():
+        rows = robust_fast.multi_teacher_loss(student, teachers, kind="cosine", reduction="none", backend=backend)
+        expected = multi_teacher_loss_reference(student[-4:], teachers[:, -4:], kind="cosine", reduction="none")
+    torch.testing.assert_close(rows[-4:].float(), expected.float(), rtol=2e-2, atol=2e-3)
+    del teachers, student
+    torch.cuda.empty_cache()

@@ -126,13 +126,12 @@ def random_start(x: torch.Tensor, eps: float, norm: str, clip, generator) -> tor
     """APGD's start: a random point on the surface of the eps-ball (per sample: uniform noise
     scaled to L-inf norm eps, or Gaussian noise scaled to L2 norm eps), clamped to the box."""
     view = (-1,) + (1,) * (x.dim() - 1)
-    flat = x.shape[0], -1
     if norm == "linf":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-        size = noise.reshape(flat).abs().amax(dim=1)
+        size = noise.flatten(1).abs().amax(dim=1)
     else:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        size = noise.reshape(flat).norm(dim=1) + 1e-12
+        size = noise.flatten(1).norm(dim=1) + 1e-12
     start = x + eps * noise / size.view(view)
     low, high = clip
     return start if low is None and high is None else start.clamp(min=low, max=high)

@@ -89,7 +89,7 @@ def _random_start(x: torch.Tensor, eps: Radius, norm: str, clip: Clip,
         start = x + noise
     else:
         delta = torch.empty_like(x).normal_(generator=generator)
-        norms = delta.reshape(x.shape[0], -1).norm(p=2, dim=1).view(-1, *([1] * (x.dim() - 1)))
+        norms = delta.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x.dim() - 1)))
         radius = torch.zeros_like(norms).uniform_(0, 1, generator=generator)
         delta *= radius / norms * eps_b
         start = x + delta
@@ -133,7 +133,7 @@ def _step_size(alpha: Radius, grad: torch.Tensor, eps_for_division: float) -> Ra
     alpha * g / ||g||. The same move, then: a per-sample alpha scaled by ||g|| / (||g|| + e)."""
     if not eps_for_division:
         return alpha
-    norms = grad.reshape(grad.shape[0], -1).norm(p=2, dim=1)
+    norms = grad.flatten(1).norm(p=2, dim=1)
     scale = norms / (norms + eps_for_division)
     scale = torch.where(torch.isfinite(scale), scale, 0.0)  # a NaN gradient makes no move anyway
     return alpha * scale.to(torch.float64)  # a per-sample radius, as run_pgd_step takes it

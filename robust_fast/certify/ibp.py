@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_fast._checks import check_clip, check_floating_tensor
+from robust_fast._precision import full_fp32
 from robust_fast._modes import modules_in_mode
 from robust_fast.layers import Normalize
 from robust_fast.ops.ibp import ibp_conv2d, ibp_linear, ibp_relu
@@ -367,7 +368,9 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps, 
         y = _check_labels(caller, y, x.shape[0], classes, x.device)
         w = head.weight.to(center.dtype)
         w_spec = w[y].unsqueeze(1) - w.unsqueeze(0)                   # (B, C, in)
-        margin = torch.einsum("bci,ebi->ebc", w_spec, center) - torch.einsum("bci,ebi->ebc", w_spec.abs(), radius)
+        with full_fp32(center):
+            margin = (torch.einsum("bci,ebi->ebc", w_spec, center)
+                      - torch.einsum("bci,ebi->ebc", w_spec.abs(), radius))
         if head.bias is not None:
             b = head.bias.to(center.dtype)
             margin = margin + (b[y].unsqueeze(1) - b.unsqueeze(0))

@@ -24,6 +24,7 @@ from robust_fast._abs_weight import cached_abs_weight
 from robust_fast._abs_weight import clear as clear_abs_weight_cache  # noqa: F401  (public: after .data writes)
 from robust_fast._checks import check_floating_tensor
 from robust_fast._layout import share_one_dense_layout
+from robust_fast._precision import full_fp32
 from robust_fast._profiling import op_range
 from robust_fast.reference.ibp import ibp_conv2d_reference, ibp_linear_reference, ibp_relu_reference
 
@@ -95,13 +96,16 @@ def ibp_linear(center: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"{op}: center must be (..., {weight.shape[1]}) for weight {tuple(weight.shape)}, "
                          f"got {tuple(center.shape)}")
     chosen = _backend.resolve(backend, center.device.type)
+    if weight.shape[1] == 0:
+        chosen = "reference"  # no inputs: the bias alone, a zero radius (the kernels flatten rows of 0)
     with op_range(op):
         if chosen == "cpp":
             run, abs_weight = _cpp_op, cached_abs_weight(weight)
         elif chosen == "triton":
             run, abs_weight = _triton_op, None  # the Triton kernel takes |W| on load
         else:
-            return ibp_linear_reference(center, radius, weight, bias, relu)
+            with full_fp32(center):
+                return ibp_linear_reference(center, radius, weight, bias, relu)
         if relu and _needs_grad(center, radius, weight, bias):
             # Fused, the backward would have to recompute the products: keep the pre-activation.
             return run("ibp_relu", *run("ibp_linear", center, radius, weight, bias, abs_weight, False))
@@ -143,7 +147,9 @@ def ibp_conv2d(center: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor,
         elif chosen == "triton":
             run, abs_weight = _triton_op, None
         else:
-            return ibp_conv2d_reference(center, radius, weight, bias, stride, padding, dilation, groups, relu)
+            with full_fp32(center):
+                return ibp_conv2d_reference(center, radius, weight, bias, stride, padding, dilation, groups,
+                                            relu)
         args = (center, radius, weight, bias, abs_weight, stride, padding, dilation, groups)
         if relu and _needs_grad(center, radius, weight, bias):
             return run("ibp_relu", *run("ibp_conv2d", *args, False))

@@ -257,12 +257,40 @@ class _EagerLoss(torch.autograd.Function):
         else:  # a Triton launcher reaches no autograd key (and torch.compile can trace it)
             output = forward_launcher(*inputs)
         _save(ctx, inputs, output, backward_launcher)
+        # Referenced (not saved: nothing is kept that backward reads) so that a create_graph
+        # backward can tie its gradients to them.
+        ctx.graph_inputs = tuple(t for t in inputs[:2] if t.requires_grad)
         return output[0]
 
     @staticmethod
-    @once_differentiable  # the saved gradient is a constant: a second derivative would be wrong
     def backward(ctx, grad_loss):
-        return backward(ctx, grad_loss) + (None,)
+        # The saved gradient is a constant: a second derivative would be wrong, so the first is
+        # computed without a graph and, under create_graph, differentiating it again raises.
+        with torch.no_grad():
+            grads = backward(ctx, grad_loss) + (None,)
+        return _refuse_double_backward(grads, ctx.graph_inputs) if torch.is_grad_enabled() else grads
+
+
+_DOUBLE_BACKWARD = ("multi_teacher_loss supports one backward only (its gradient comes from the fused "
+                    "kernel): a gradient of its gradient (create_graph=True, then backward again) is not "
+                    "available; use backend='reference' for higher derivatives")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """A first-order gradient tied to the loss's inputs (so a second backward reaches it) whose
+    own backward raises _DOUBLE_BACKWARD instead of returning a silently wrong zero."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(_DOUBLE_BACKWARD)
+
+
+def _refuse_double_backward(grads, inputs):
+    return tuple(_NoDoubleBackward.apply(g, *inputs) if isinstance(g, torch.Tensor) else g for g in grads)
 
 
 # The C++ op's overloads, looked up once (through the overload packet a call costs more); set

@@ -9,7 +9,10 @@ each rank's generator state), history (the per-epoch records), train_time_s.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+import pickle
+import tempfile
+import zipfile
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -18,26 +21,126 @@ from robust_fast.models import build_model
 
 FORMAT = "robust_fast.train/1"
 PathLike = Union[str, "os.PathLike[str]"]
+# What every checkpoint fit writes holds; a file without one of them is not complete.
+REQUIRED_KEYS = ("recipe", "recipe_settings", "config", "model_state", "trainable_state", "optimizer_state",
+                 "scheduler_state", "epoch", "rng", "history", "train_time_s")
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
-    """Writes state to path through a temporary file, so a crash never leaves half a file."""
+    """Writes state to path through a temporary file of a unique name in the same folder,
+    flushed to disk before it is renamed over path: a crash leaves the old file or the new one,
+    never half a file, and two writers never share a temporary."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp"
-    torch.save({"format": FORMAT, **state}, temporary)
-    os.replace(temporary, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    _fsync_folder(folder)  # the rename itself reaches the disk
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _not_a_checkpoint(path: str, why: str) -> ValueError:
+    return ValueError(f"{path} is not a complete robust_fast checkpoint ({why}): it may be truncated by a "
+                      f"crash or full disk, or be another program's file; use the checkpoint.pt that "
+                      f"robust-fast train / robust_fast.train.fit wrote")
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """The checkpoint at path; a ValueError naming the file when it is empty, truncated, not a
+    torch file or not one that robust_fast.train wrote."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    # weights_only: tensors, dicts, lists and numbers only (RNG states are uint8 tensors).
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    if os.path.getsize(path) == 0:
+        raise _not_a_checkpoint(path, "the file is empty")
+    try:
+        # weights_only: tensors, dicts, lists and numbers only (RNG states are uint8 tensors).
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+            UnicodeDecodeError, KeyError, IndexError, AttributeError, TypeError) as error:
+        raise _not_a_checkpoint(path, f"torch.load failed: {type(error).__name__}: "
+                                      f"{str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a robust_fast training checkpoint (format {FORMAT})")
+        raise _not_a_checkpoint(path, f"no format {FORMAT!r} in it")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise _not_a_checkpoint(path, f"missing {', '.join(missing)}")
     return state
+
+
+# TrainConfig fields a resumed run may change: they shape only the per-epoch record. epochs may
+# grow (the run goes on); every other field decides the trained parameters and must match.
+RECORD_ONLY_FIELDS = ("eval_samples", "eval_steps", "eval_eps", "progress", "backend")
+
+
+def _comparable(value):
+    if isinstance(value, (tuple, list)):
+        return [_comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    return value
+
+
+def resume_changes(state: Dict[str, Any], path: str, recipe_name: str, recipe_settings: Dict[str, Any],
+                   config: Dict[str, Any], model_spec: Optional[Dict[str, Any]]) -> List[str]:
+    """What a resumed run changes against the checkpoint it continues, as lines to show; a
+    ValueError naming every change that would make it another run (the recipe or its settings,
+    the model, the optimiser, the learning rate and its schedule, fewer epochs, ...)."""
+    refused: List[str] = []
+    if state["recipe"] != recipe_name:
+        raise ValueError(f"fit: resume={path} holds a {state['recipe']!r} run, not {recipe_name!r}")
+    saved_optimizer, optimizer = state["config"].get("optimizer"), config.get("optimizer")
+    if saved_optimizer != optimizer:
+        raise ValueError(f"fit: resume={path} was trained with optimizer {saved_optimizer!r}, this run asks for "
+                         f"{optimizer!r}: an optimiser's state does not carry over to another type; resume with "
+                         f"optimizer={saved_optimizer!r}, or start a new run from the checkpoint's model")
+    saved_spec = state.get("model_spec")
+    if saved_spec and model_spec and _comparable(saved_spec) != _comparable(model_spec):
+        refused.append(f"model: checkpoint {saved_spec}, this run {model_spec}")
+    saved_settings = _comparable(state["recipe_settings"])
+    for key in sorted(set(saved_settings) | set(recipe_settings)):
+        old, new = saved_settings.get(key), _comparable(recipe_settings.get(key))
+        if old != new:
+            refused.append(f"recipe setting {key}: checkpoint {old!r}, this run {new!r}")
+    allowed: List[str] = []
+    saved_config = _comparable(state["config"])
+    for key in sorted(set(saved_config) | set(config)):
+        old, new = saved_config.get(key), _comparable(config.get(key))
+        if old == new:
+            continue
+        change = f"{key}: checkpoint {old!r}, this run {new!r}"
+        if key in RECORD_ONLY_FIELDS:
+            allowed.append(change)
+        elif key == "epochs" and isinstance(old, int) and isinstance(new, int) and new > old:
+            allowed.append(change + f" (the schedule now spans {new} epochs)")
+        else:
+            refused.append(change)
+    if refused:
+        raise ValueError(f"fit: resume={path} continues another run; changed: " + "; ".join(refused)
+                         + ". Resume with the checkpoint's settings (only more epochs and the evaluation "
+                           "settings may change), or start a new run")
+    return allowed
 
 
 def model_from_checkpoint(checkpoint: Union[PathLike, Dict[str, Any]],

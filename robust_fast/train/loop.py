@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,13 +24,14 @@ from torch.utils.data.distributed import DistributedSampler
 
 from robust_fast._progress import shown as bars_shown
 from robust_fast.train import distributed as dist_util
-from robust_fast.train.checkpoint import load_checkpoint, save_checkpoint
+from robust_fast.train.checkpoint import load_checkpoint, resume_changes, save_checkpoint
 from robust_fast.train.config import TrainConfig, lr_factor
 from robust_fast.train.evaluate import evaluate
 from robust_fast.train.recipes import Batch, Recipe
 
 Data = Tuple[torch.Tensor, torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.pt"
+POSTFIX_INTERVAL_S = 1.0  # how often the bar's loss and accuracy are read back from the device
 LOG_NAME = "log.jsonl"
 
 
@@ -57,6 +59,20 @@ def _check_data(name: str, data) -> Data:
     if labels.dtype != torch.int64:
         raise TypeError(f"fit: {name} labels must be int64, got {labels.dtype}")
     return images, labels
+
+
+def _append_log(path: str, recipe_name: str, record: Dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"recipe": recipe_name, **record}) + "\n")
+
+
+def _write_log(path: str, recipe_name: str, history: List[Dict[str, Any]]) -> None:
+    """log.jsonl holding exactly the records of history (through a temporary, renamed over it)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        for record in history:
+            f.write(json.dumps({"recipe": recipe_name, **record}) + "\n")
+    os.replace(temporary, path)
 
 
 def _shard_batches(sampler: DistributedSampler, per_rank: int) -> List[torch.Tensor]:
@@ -119,9 +135,16 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
     start_epoch, train_time = 0, 0.0
     if resume is not None:
         state = load_checkpoint(resume, map_location=device)
-        if state["recipe"] != recipe.name:
-            raise ValueError(f"fit: resume= holds a {state['recipe']!r} run, not {recipe.name!r}")
-        trainable.load_state_dict(state["trainable_state"])
+        changes = resume_changes(state, os.fspath(resume), recipe.name, recipe.settings(), config.to_dict(),
+                                 getattr(model, "spec", None))
+        if changes and dist_util.is_main():
+            warnings.warn(f"fit: resuming {os.fspath(resume)} with changed settings: " + "; ".join(changes),
+                          stacklevel=2)
+        try:
+            trainable.load_state_dict(state["trainable_state"])
+        except RuntimeError as error:
+            raise ValueError(f"fit: resume={os.fspath(resume)} holds another model's parameters: "
+                             f"{str(error).splitlines()[0]}") from None
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         rng = state["rng"]
@@ -139,8 +162,13 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, LOG_NAME)
         checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
-        if resume is None and os.path.exists(log_path):
-            os.remove(log_path)  # a fresh run starts a fresh record
+        if resume is None:
+            if os.path.exists(log_path):
+                os.remove(log_path)  # a fresh run starts a fresh record
+        else:
+            # The checkpoint's history is the record of the epochs it holds: a crash after an
+            # epoch's checkpoint and before its log line (or a log from another run) is mended.
+            _write_log(log_path, recipe.name, history)
 
     from tqdm.auto import tqdm
 
@@ -155,7 +183,12 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         sampler.set_epoch(epoch)
         shards = _shard_batches(sampler, per_rank)
         trainable.train()
-        loss_sum = correct = seen = 0.0
+        # Running sums stay on the device: reading them is a host sync, done only when the bar
+        # shows them (at most every POSTFIX_INTERVAL_S) and at the end of the epoch.
+        loss_sum_t = torch.zeros((), dtype=torch.float64, device=device)
+        correct_t = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        shown_at = -POSTFIX_INTERVAL_S
         bar = tqdm(total=len(shards), desc=f"{recipe.name} {epoch + 1}/{config.epochs}", unit="batch",
                    disable=not (config.progress and main and bars_shown(None)), leave=False, dynamic_ncols=True)
         epoch_start = time.perf_counter()
@@ -173,13 +206,15 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
             optimizer.step()
             scheduler.step()
             n = y.shape[0]
-            loss_sum += float(loss.detach()) * n
-            correct += float((logits.detach().argmax(dim=1) == y).sum())
+            loss_sum_t += loss.detach().to(torch.float64) * n
+            correct_t += (logits.detach().argmax(dim=1) == y).sum()
             seen += n
-            bar.update(1)
             elapsed = time.perf_counter() - epoch_start
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
-                            samples_per_s=f"{seen * world / max(elapsed, 1e-9):.0f}", refresh=False)
+            if not bar.disable and elapsed - shown_at >= POSTFIX_INTERVAL_S:
+                shown_at = elapsed
+                bar.set_postfix(loss=f"{float(loss_sum_t) / seen:.4f}", acc=f"{int(correct_t) / seen:.3f}",
+                                samples_per_s=f"{seen * world / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update(1)
             steps_done += 1
             if max_steps is not None and steps_done >= max_steps:
                 break
@@ -190,7 +225,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         train_time += epoch_time
         if max_steps is not None and steps_done >= max_steps:
             break
-        loss_sum, correct, seen = dist_util.sum_across_ranks([loss_sum, correct, seen])
+        loss_sum, correct, seen = dist_util.sum_across_ranks([float(loss_sum_t), float(correct_t), float(seen)])
         record: Dict[str, Any] = {
             "epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time, "train_time_s": train_time,
@@ -208,8 +243,8 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
         history.append(record)
         generator_states = dist_util.all_gather_objects(generator.get_state().cpu())
         if main and log_path is not None:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"recipe": recipe.name, **record}) + "\n")
+            # The checkpoint first: a crash before the log line loses a line that resume writes
+            # back from the checkpoint's history, never repeats an epoch.
             save_checkpoint(checkpoint_path, {
                 "recipe": recipe.name, "recipe_settings": recipe.settings(), "config": config.to_dict(),
                 "model_spec": getattr(model, "spec", None), "model_state": model.state_dict(),
@@ -217,6 +252,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
                 "scheduler_state": scheduler.state_dict(), "epoch": epoch + 1,
                 "rng": {"torch": torch.get_rng_state(), "generators": generator_states},
                 "history": history, "train_time_s": train_time})
+            _append_log(log_path, recipe.name, record)
         if main and config.progress:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                               if isinstance(v, float) and k not in ("lr", "eval_eps"))

@@ -24,6 +24,12 @@ enum class LossKind : int { kCosine = 0, kL2 = 1, kL2Normalized = 2, kL1 = 3, kM
 // F.cosine_similarity's default eps: each norm is clamped to at least this.
 constexpr double kCosineEps = 1e-8;
 
+// max(v, lo) that keeps a NaN v NaN (as torch's clamp_min): a NaN norm must not become eps.
+template <typename acc_t>
+RF_HOST_DEVICE acc_t clamp_min_keep_nan(acc_t v, acc_t lo) {
+  return v > lo ? v : (v != v ? v : lo);
+}
+
 // The sums one row needs (each kind uses some of them).
 template <typename acc_t>
 struct RowSums {
@@ -84,7 +90,7 @@ RF_HOST_DEVICE RowGrad<acc_t> finalize(const RowSums<acc_t>& r, acc_t coef, int6
     // F.cosine_similarity: t/(ns' nt') - cos s/(ns' |s|), the second term 0 when |s| = 0.
     const acc_t eps = static_cast<acc_t>(kCosineEps);
     const acc_t ns = std::sqrt(r.ss), nt = std::sqrt(r.tt);
-    const acc_t ns_c = ns > eps ? ns : eps, nt_c = nt > eps ? nt : eps;
+    const acc_t ns_c = clamp_min_keep_nan(ns, eps), nt_c = clamp_min_keep_nan(nt, eps);
     const acc_t inv = acc_t(1) / (ns_c * nt_c);
     const acc_t cosine = r.st * inv;
     g.loss = acc_t(1) - cosine;
@@ -95,12 +101,12 @@ RF_HOST_DEVICE RowGrad<acc_t> finalize(const RowSums<acc_t>& r, acc_t coef, int6
   } else if constexpr (Kind == LossKind::kL2) {
     const acc_t n = std::sqrt(r.dd);
     g.loss = n;
-    g.gs_d = n > acc_t(0) ? coef / n : acc_t(0);  // s = t: gradient 0, never NaN
+    g.gs_d = n == acc_t(0) ? acc_t(0) : coef / n;  // s = t: gradient 0; a NaN row stays NaN
     g.gt_d = -g.gs_d;
   } else if constexpr (Kind == LossKind::kL2Normalized) {
     const acc_t n = std::sqrt(r.dd), nt = std::sqrt(r.tt);
     g.loss = n / nt;
-    g.gs_d = n > acc_t(0) ? coef / (n * nt) : acc_t(0);
+    g.gs_d = n == acc_t(0) ? acc_t(0) : coef / (n * nt);
     g.gt_d = -g.gs_d;
     g.gt_t = -coef * g.loss / (nt * nt);
   } else if constexpr (Kind == LossKind::kL1) {
