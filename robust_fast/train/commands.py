@@ -6,14 +6,15 @@ import inspect
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from robust_fast.data import load_fashion_mnist
+from robust_fast.data import CLASSES as CLASS_NAMES
+from robust_fast.data import load_fashion_mnist, load_task, parse_classes
 from robust_fast.models import build_model
 from robust_fast.train import distributed as dist_util
-from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
+from robust_fast.train.checkpoint import check_classes, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, evaluate
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
@@ -77,6 +78,7 @@ def add_train_parser(commands) -> None:
     p.add_argument("--max-grad-norm", type=float, default=None,
                    help=f"clip the gradient's norm (default: the recipe's, {_ibp_default('max_grad_norm'):g} "
                         f"for ibp, none otherwise)")
+    add_class_options(p)
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--eval-samples", type=int, default=500, help="held-out test images evaluated each epoch")
@@ -86,6 +88,51 @@ def add_train_parser(commands) -> None:
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--backend", default=None, help="robust_fast backend for the fused ops")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _classes(text: str):
+    try:
+        return parse_classes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def add_class_options(p) -> None:
+    """--classes and --num-classes: the task is a subset of Fashion-MNIST's classes, relabelled
+    0..k-1 in the order named, the model's head as wide as the task."""
+    p.add_argument("--classes", type=_classes, default=None, metavar="LIST",
+                   help="train on these classes only, relabelled 0..k-1 in this order: '0-4', '5,7,9' "
+                        "(default: all 10; the checkpoint records them)")
+    p.add_argument("--num-classes", type=_positive(int), default=None,
+                   help="the head's outputs (default: the number of --classes, else 10); without --classes: "
+                        "classes 0..N-1")
+    p.add_argument("--per-class", type=_positive(int), default=None,
+                   help="at most N training images of each class (a seeded draw: --seed)")
+
+
+def task_classes(args: argparse.Namespace) -> Optional[Tuple[int, ...]]:
+    """The classes --classes / --num-classes name (None: all ten, as they are)."""
+    classes, count = args.classes, args.num_classes
+    if classes is not None and count is not None and count != len(classes):
+        raise ValueError(f"--num-classes {count} does not match the {len(classes)} classes of --classes "
+                         f"{','.join(map(str, classes))}")
+    if classes is None and count is not None:
+        classes = parse_classes(f"0-{count - 1}") if count <= len(CLASS_NAMES) else None
+        if classes is None:
+            raise ValueError(f"--num-classes {count}: Fashion-MNIST has {len(CLASS_NAMES)} classes")
+    return classes
+
+
+def load_train_data(args: argparse.Namespace, classes, seed: int):
+    """(training images, labels) of the task, and the held-out test slice of the same classes."""
+    if classes is None and args.per_class is None:
+        train = load_fashion_mnist("train", root=args.data, limit=args.limit)
+        held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
+    else:
+        every = classes if classes is not None else tuple(range(len(CLASS_NAMES)))
+        train = load_task("train", every, per_class=args.per_class, seed=seed, root=args.data, limit=args.limit)
+        held_out = load_task("test", every, root=args.data, limit=args.eval_samples or None)
+    return train, held_out
 
 
 def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, teacher: Optional[torch.nn.Module] = None,
@@ -142,11 +189,13 @@ def run_train(args: argparse.Namespace) -> int:
                          lr_decay_epochs=tuple(args.lr_decay_epochs), seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps,
                          eval_eps=args.eps, progress=not args.no_progress, backend=args.backend,
                          max_grad_norm=max_grad_norm)
-    train = load_fashion_mnist("train", root=args.data, limit=args.limit)
-    held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
+    classes = task_classes(args)
+    if args.resume is not None:
+        check_classes(args.resume, classes if classes is not None else range(len(CLASS_NAMES)), "resumed checkpoint")
+    train, held_out = load_train_data(args, classes, args.seed)
     torch.manual_seed(args.seed)
     model_name = args.model or ("small_cnn" if args.recipe == "ibp" else "resnet_small")
-    model = build_model(model_name, **({"width": args.width} if args.width else {}))
+    model = build_model(model_name, classes=classes, **({"width": args.width} if args.width else {}))
     out = args.out or os.path.join("runs", args.recipe)
     result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
     if dist_util.is_main():
@@ -209,6 +258,9 @@ def add_eval_parser(commands) -> None:
                    help=f"smoothing: noise samples that bound its probability (default {SmoothingSettings.n})")
     p.add_argument("--smoothing-alpha", type=_probability, default=None,
                    help=f"smoothing: the certificate's failure probability (default {SmoothingSettings.alpha})")
+    p.add_argument("--classes", type=_classes, default=None, metavar="LIST",
+                   help="the classes the checkpoint's head stands for, checked (default: the ones it records); "
+                        "the test images of those classes, relabelled as in training")
     p.add_argument("--samples", type=int, default=None, help="the first N test images (default all)")
     p.add_argument("--batch-size", type=_positive(int), default=500,
                    help="inputs through the model at once: the attack's images, the certification's noisy copies")
@@ -275,9 +327,19 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
+    try:
+        if args.classes is not None:
+            check_classes(state, args.classes)
+        classes = checkpoint_classes(state)
+    except ValueError as error:
+        print(f"robust-fast eval: {error}", file=sys.stderr)
+        return 2
     model = model_from_checkpoint(state, map_location=dist_util.default_device())
     eps = args.eps if args.eps is not None else float(state["config"].get("eval_eps", 0.1))
-    images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
+    if classes == tuple(range(len(CLASS_NAMES))):
+        images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
+    else:
+        images, labels = load_task("test", classes, root=args.data, limit=args.samples)
     smoothing = None
     if args.certify == "smoothing":
         given = {k: v for k, v in (("n0", args.n0), ("n", args.n), ("alpha", args.smoothing_alpha)) if v is not None}
@@ -293,7 +355,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not dist_util.is_main():  # rank 0 prints and writes
         return 0
     row = {"checkpoint": args.checkpoint, "recipe": state["recipe"], "model": (state.get("model_spec") or {}).get("name"),
-           "epochs": state["epoch"], "train_time_s": state["train_time_s"], **numbers}
+           "epochs": state["epoch"], "train_time_s": state["train_time_s"], "classes": list(classes), **numbers}
     restarts = f", {args.restarts} restart{'s' if args.restarts > 1 else ''}" if args.attack != "auto" else ""
     ball = "L2 eps" if args.norm == "l2" else "eps"
     attack = f"{ATTACK_NAMES[args.attack]}-{args.steps} acc ({ball} {eps:g}{restarts})"
