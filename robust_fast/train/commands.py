@@ -1,4 +1,4 @@
-"""`robust-fast train <recipe>` and `robust-fast eval <checkpoint>`."""
+"""`robust-fast train <recipe>` (and `train transfer --source CKPT --mode ...`) and `robust-fast eval <checkpoint>`."""
 from __future__ import annotations
 
 import argparse
@@ -11,16 +11,20 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from robust_fast.data import CLASSES as CLASS_NAMES
-from robust_fast.data import load_fashion_mnist, load_task, parse_classes
+from robust_fast.data import TARGET_CLASSES, load_fashion_mnist, load_task, parse_classes
 from robust_fast.models import build_model
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import check_classes, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, evaluate
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
+from robust_fast.train.functions import train_transfer
 from robust_fast.train.loop import fit
 from robust_fast.train.recipes import (ARD, CRT, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Gaussian,
                                        SmoothAdv, Standard)
+from robust_fast.train.transfer import MODES, SCALES, LwF
+
+TRANSFER_NAMES = tuple(cls.name for cls in MODES.values())  # `train transfer --mode ...` runs them
 
 
 def _default(recipe, name: str):
@@ -35,7 +39,8 @@ def _ibp_default(name: str):
 def add_train_parser(commands) -> None:
     p = commands.add_parser("train", help="train a model with one recipe on Fashion-MNIST "
                                           "(under torchrun: data-parallel)")
-    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("recipe", choices=sorted([n for n in RECIPES if n not in TRANSFER_NAMES] + ["transfer"]),
+                   help="a recipe; transfer: robust transfer learning from --source (--mode head|finetune|lwf)")
     p.add_argument("--model", default=None,
                    help="small_cnn, wide_cnn or resnet_small (default; small_cnn for ibp)")
     p.add_argument("--width", type=int, default=None, help="the model's width (wide_cnn, resnet_small)")
@@ -79,6 +84,24 @@ def add_train_parser(commands) -> None:
                    help=f"clip the gradient's norm (default: the recipe's, {_ibp_default('max_grad_norm'):g} "
                         f"for ibp, none otherwise)")
     add_class_options(p)
+    t = p.add_argument_group("transfer")
+    t.add_argument("--source", default=None, help="transfer: the source model's checkpoint (not modified)")
+    t.add_argument("--mode", choices=tuple(MODES), default="head",
+                   help="transfer: head (a new head on the frozen extractor), finetune (every layer, CE), lwf "
+                        "(every layer, CE + lambda * feature change); default head")
+    t.add_argument("--blocks", type=int, default=None,
+                   help="transfer: head also retrains the extractor's last N blocks; finetune and lwf train only "
+                        "them (default: head 0, others all)")
+    t.add_argument("--head-epochs", type=int, default=None,
+                   help="transfer finetune / lwf: epochs of head-only warm start first (default lwf 1, finetune 0)")
+    t.add_argument("--lambda-feat", type=float, default=None,
+                   help=f"transfer lwf: weight of the feature change (default {_default(LwF, 'lambda_feat'):g}, "
+                        f"relative to the source features' mean L1 norm; see --feature-scale)")
+    t.add_argument("--feature-scale", choices=SCALES, default="relative",
+                   help="transfer lwf: relative (lambda * ||z - z0||_1 / mean ||z0||_1, default) or absolute "
+                        "(lambda * ||z - z0||_1, the published form with lambda 0.005)")
+    t.add_argument("--no-cache", action="store_true",
+                   help="transfer: run the frozen part on every batch instead of once per image (slower; same result)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--eval-samples", type=int, default=500, help="held-out test images evaluated each epoch")
@@ -171,11 +194,60 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
     raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
 
 
+def _transfer_usage_error(args: argparse.Namespace) -> Optional[str]:
+    if args.recipe == "transfer":
+        if args.source is None:
+            return "train transfer needs --source CHECKPOINT (the source model)"
+        if args.model is not None or args.width is not None:
+            return "train transfer builds its model from --source: --model and --width do not apply"
+        return None
+    given = [flag for flag, value in (("--source", args.source), ("--blocks", args.blocks),
+                                      ("--head-epochs", args.head_epochs), ("--lambda-feat", args.lambda_feat))
+             if value is not None] + (["--no-cache"] if args.no_cache else [])
+    return f"{', '.join(given)}: options of `train transfer` only" if given else None
+
+
+def run_transfer(args: argparse.Namespace, config: TrainConfig, device) -> int:
+    """`robust-fast train transfer --source CKPT --mode head|finetune|lwf`: the target task is
+    --classes (default 5-9, data.TARGET_CLASSES)."""
+    source = model_from_checkpoint(args.source, map_location=device)
+    if args.classes is None and args.num_classes is None:
+        args.classes = TARGET_CLASSES
+    classes = task_classes(args)
+    if args.resume is not None:
+        check_classes(args.resume, classes, "resumed checkpoint")
+    train, held_out = load_train_data(args, classes, args.seed)
+    out = args.out or os.path.join("runs", f"transfer_{args.mode}")
+    given = {k: v for k, v in (("head_epochs", args.head_epochs), ("lambda_feat", args.lambda_feat)) if v is not None}
+    result = train_transfer(source, train, config, mode=args.mode, classes=classes,
+                            blocks=-1 if args.blocks is None else args.blocks, cache=not args.no_cache,
+                            scale=args.feature_scale, source_path=args.source, eval_data=held_out, out_dir=out,
+                            resume=args.resume, device=device, **given)
+    if dist_util.is_main():
+        print(f"transfer ({args.mode}, classes {','.join(map(str, classes))}): {result.train_time_s:.1f} s of "
+              f"training; checkpoint {result.checkpoint}, per-epoch record {os.path.join(out, 'log.jsonl')}")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
+    problem = _transfer_usage_error(args)
+    if problem:
+        raise ValueError(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     joined = dist_util.init_from_env()
     device = dist_util.default_device()
+    if args.recipe == "transfer":
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                             momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                             lr_decay_epochs=tuple(args.lr_decay_epochs), seed=args.seed,
+                             eval_samples=args.eval_samples, eval_steps=args.eval_steps, eval_eps=args.eps,
+                             progress=not args.no_progress, backend=args.backend, max_grad_norm=args.max_grad_norm)
+        try:
+            return run_transfer(args, config, device)
+        finally:
+            if joined:
+                torch.distributed.destroy_process_group()
     teacher = model_from_checkpoint(args.teacher, map_location=device) if args.teacher else None
     recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=args.teacher,
                           lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
