@@ -60,14 +60,14 @@ class TransferDemoSettings:
     # epochs per setting; the small set gets more epochs (the same order of steps)
     epochs: Dict[str, Dict[str, int]] = field(default_factory=lambda: {
         "all": {"head": 10, "finetune": 3, "lwf": 3, "head_warm": 1, "pgd_at": 4},
-        "few": {"head": 40, "finetune": 20, "lwf": 20, "head_warm": 10, "pgd_at": 20}})
+        "few": {"head": 200, "finetune": 20, "lwf": 20, "head_warm": 50, "pgd_at": 20}})
     lwf_lambda: float = 4.0                       # relative to the source features' mean L1 norm
     pgd_at_steps: int = 5                         # PGD-AT from scratch: the robust source's recipe
     optimizer: str = "adam"
     lr: float = 1e-3
     schedule: str = "cosine"
     batch_size: int = 128
-    test_samples: int = 2000                      # the target test set's first N images
+    test_samples: int = 1000                      # the target test set's first N images
     eval_steps: int = 20
     auto_attacks: Tuple[str, ...] = ("apgd-ce", "apgd-t")
     auto_steps: int = 20
@@ -274,7 +274,7 @@ def add_transfer_demo_options(p) -> None:
     t.add_argument("--lwf-lambda", type=float, default=None,
                    help="LwF's weight, relative to the source features' mean L1 norm (default 4)")
     t.add_argument("--source-epochs", type=int, default=None)
-    t.add_argument("--test-samples", type=int, default=None, help="target test images (default 2000)")
+    t.add_argument("--test-samples", type=int, default=None, help="target test images (default 1000)")
     t.add_argument("--naive-head", action="store_true",
                    help="also train the robust head through the network on every batch (no feature cache), timed")
 
