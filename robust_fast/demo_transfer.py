@@ -222,21 +222,29 @@ def plot(results: Dict[str, Any], path: str) -> None:
 
     blocks = results["targets"]
     s = results["settings"]
-    figure, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 4.2), squeeze=False)
+    from matplotlib.ticker import ScalarFormatter
+
+    figure, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 4.8), squeeze=False)
+    colours = {name: f"C{i}" for i, name in enumerate(list(RUNS) + ["head_naive"])}
     for axis, block in zip(axes[0], blocks):
         for row in block["runs"]:
-            point = axis.scatter(row["train_time_s"], 100 * row["robust_acc"], s=60, zorder=3,
-                                 label=f"{row['label']} (clean {row['clean_acc']:.0%})")
-            axis.scatter(row["train_time_s"], 100 * row["clean_acc"], s=60, marker="x", color=point.get_facecolor())
+            colour = colours[row["run"]]
+            axis.scatter(row["train_time_s"], 100 * row["robust_acc"], s=60, zorder=3, color=colour, label=row["label"])
+            axis.scatter(row["train_time_s"], 100 * row["clean_acc"], s=60, marker="x", color=colour)
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(ScalarFormatter())
+        axis.tick_params(axis="x", which="minor", labelsize=7)
+        axis.set_ylim(-3, 103)
         axis.set_xlabel("training time on the target (s, log)")
         axis.set_ylabel(f"accuracy (%): dots PGD-{s['eval_steps']} at eps {s['eps']:g}, crosses clean")
         title = "all target images" if block["per_class"] is None else f"{block['per_class']} images per class"
         axis.set_title(f"{title} ({block['train_images']})", fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="center right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     figure.suptitle(f"Transfer from classes {s['source_classes']} to {s['target_classes']}", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
