@@ -219,6 +219,8 @@ def load_task(split: str = "train", classes=SOURCE_CLASSES, per_class: Optional[
               root: Optional[str] = None, limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST's `split` restricted to `classes` (relabelled 0..k-1), at most `per_class`
     images of each (seeded draw); limit: the first `limit` examples of the task."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
     images, labels = class_subset(*load_fashion_mnist(split, root=root), classes, per_class=per_class, seed=seed)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]

@@ -144,6 +144,8 @@ def test_train_transfer_rejects_bad_settings():
         train_transfer(source(), task(), config(), mode="head", head_epochs=1)
     with pytest.raises(ValueError, match="scale must be one of"):
         LwF(source(), scale="per_feature")
+    with pytest.raises(ValueError, match=r"labels must be 0..1"):
+        train_transfer(source(), task(classes=3), config(), mode="head", classes=(5, 6))
     with pytest.raises(TypeError, match="robust_fast.models model"):
         transfer_model(torch.nn.Linear(3, 3), num_classes=2)
 

@@ -102,6 +102,11 @@ def train_transfer(source: nn.Module, train_data, config: Optional[TrainConfig] 
     if num_classes is None and classes is None:
         num_classes = int(train_data[1].max()) + 1 if train_data[1].numel() else 1
     model = transfer_model(source, classes=classes, num_classes=num_classes, seed=config.seed)
+    heads = model.classifier.out_features
+    if train_data[1].numel() and not 0 <= int(train_data[1].min()) <= int(train_data[1].max()) < heads:
+        raise ValueError(f"train_transfer: the labels must be 0..{heads - 1} (the target task's {heads} classes, "
+                         f"relabelled as data.class_subset does), got {int(train_data[1].min())}.."
+                         f"{int(train_data[1].max())}")
     if head_epochs is None:
         head_epochs = 1 if mode == "lwf" else 0
     if mode == "head" and head_epochs:
