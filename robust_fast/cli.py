@@ -1,4 +1,4 @@
-"""robust-fast info | demo | train <recipe> | eval <checkpoint> | bench <name> [args]
+"""robust-fast info | demo [rrm|crt|transfer] | train <recipe> | eval <checkpoint> | bench <name> [args]
 (also: python -m robust_fast ...). A mistake in what was asked for prints one line; --debug
 (or ROBUST_FAST_DEBUG=1) shows the traceback instead."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import List, Optional
 from robust_fast._user_errors import USER_ERRORS, debug_requested
 from robust_fast.demo import add_demo_parser, run_demo
 from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
+from robust_fast.demo_transfer import add_transfer_demo_options, run_transfer_demo, transfer_usage_error
 from robust_fast.info import info_lines
 from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
 
@@ -68,7 +69,9 @@ def _main(argv: List[str]) -> int:
                       "(of the checkout, else of the current directory) unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
-    add_crt_demo_options(add_demo_parser(commands))
+    demo = add_demo_parser(commands)
+    add_crt_demo_options(demo)
+    add_transfer_demo_options(demo)
     add_train_parser(commands)
     add_eval_parser(commands)
     args = parser.parse_args(argv)
@@ -76,9 +79,11 @@ def _main(argv: List[str]) -> int:
         print("\n".join(info_lines()))
         return 0
     if args.command == "demo":
-        problem = demo_usage_error(args)
+        problem = transfer_usage_error(args) or demo_usage_error(args)
         if problem:
             parser.error(problem)
+        if args.section == "transfer":
+            return run_transfer_demo(args)
         return run_crt_demo(args) if args.section == "crt" else run_demo(args)
     if args.command == "train":
         return run_train(args)

@@ -136,3 +136,92 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle
     else:
         for start in range(0, n, batch_size):
             yield images[start:start + batch_size], labels[start:start + batch_size]
+
+
+# --------------------------------------------------------------------------------------------
+# tasks from a subset of the classes (transfer learning: a source task and a target task)
+
+SOURCE_CLASSES = (0, 1, 2, 3, 4)   # the default source task: T-shirt/top ... Coat
+TARGET_CLASSES = (5, 6, 7, 8, 9)   # the default target task: Sandal ... Ankle boot
+
+
+def parse_classes(text: str, num_labels: int = len(CLASSES)) -> Tuple[int, ...]:
+    """'0-4' or '5,7,9' or '0-2,8' → a tuple of distinct class indices in [0, num_labels), in the
+    order given (that order is the new labels' order: the first class named becomes 0)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"classes must be a text such as '0-4' or '5,7,9', got {text!r}")
+    found = []
+    for part in text.split(","):
+        part = part.strip()
+        bounds = part.split("-")
+        try:
+            if len(bounds) == 1:
+                found.append(int(bounds[0]))
+            elif len(bounds) == 2:
+                low, high = int(bounds[0]), int(bounds[1])
+                if low > high:
+                    raise ValueError
+                found.extend(range(low, high + 1))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"classes: cannot read {part!r} of {text!r} (use '0-4' or '5,7,9')") from None
+    return check_classes(found, num_labels)
+
+
+def check_classes(classes, num_labels: int = len(CLASSES)) -> Tuple[int, ...]:
+    """classes as a tuple of distinct ints in [0, num_labels), else a ValueError naming them."""
+    if isinstance(classes, str):
+        return parse_classes(classes, num_labels)
+    try:
+        values = tuple(classes)
+    except TypeError:
+        raise ValueError(f"classes must be a sequence of class indices, got {classes!r}") from None
+    if not values:
+        raise ValueError("classes must name at least one class")
+    for c in values:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < num_labels:
+            raise ValueError(f"classes must be ints in [0, {num_labels}), got {c!r} in {values}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"classes must be distinct, got {values}")
+    return tuple(int(c) for c in values)
+
+
+def class_subset(images: torch.Tensor, labels: torch.Tensor, classes, per_class: Optional[int] = None,
+                 seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The examples of `classes` only, relabelled 0..k-1 in the order the classes are given
+    (classes[i] becomes label i), in their original order.
+
+    per_class: keep at most this many examples of each class, drawn without replacement by a
+    generator seeded with `seed` (the same seed, the same images), then kept in their original
+    order. None: all of them. The inputs are not modified.
+    """
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images and labels differ in length: {images.shape[0]} != {labels.shape[0]}")
+    classes = check_classes(classes, max(len(CLASSES), int(labels.max()) + 1 if labels.numel() else 0))
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        raise ValueError(f"per_class must be None or an int >= 1, got {per_class!r}")
+    generator = torch.Generator().manual_seed(seed)
+    keep, new_labels = [], []
+    for new, old in enumerate(classes):
+        rows = torch.nonzero(labels.cpu() == old).flatten()
+        if per_class is not None and rows.numel() > per_class:
+            rows = rows[torch.randperm(rows.numel(), generator=generator)[:per_class]].sort().values
+        keep.append(rows)
+        new_labels.append(torch.full((rows.numel(),), new, dtype=torch.int64))
+    rows, relabelled = torch.cat(keep), torch.cat(new_labels)
+    order = rows.argsort()  # back to the original order, so no class comes in one block
+    rows, relabelled = rows[order], relabelled[order]
+    return images[rows.to(images.device)], relabelled.to(labels.device)
+
+
+def load_task(split: str = "train", classes=SOURCE_CLASSES, per_class: Optional[int] = None, seed: int = 0,
+              root: Optional[str] = None, limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's `split` restricted to `classes` (relabelled 0..k-1), at most `per_class`
+    images of each (seeded draw); limit: the first `limit` examples of the task."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+    images, labels = class_subset(*load_fashion_mnist(split, root=root), classes, per_class=per_class, seed=seed)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels

@@ -285,12 +285,14 @@ def add_demo_parser(commands) -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="robustness transfer end to end on Fashion-MNIST (eps 0.1): a cached "
                                          "robust teacher, a student trained four ways, one table; "
                                          "`demo crt`: certified robustness transfer (randomized smoothing)")
-    p.add_argument("section", nargs="?", choices=("rrm", "crt"), default="rrm",
+    p.add_argument("section", nargs="?", choices=("rrm", "crt", "transfer"), default="rrm",
                    help="rrm (default): RRM against adversarial training at L-inf eps 0.1; crt: CRT against "
-                        "Gaussian and SmoothAdv training, certified by randomized smoothing at sigma 0.25")
+                        "Gaussian and SmoothAdv training, certified by randomized smoothing at sigma 0.25; "
+                        "transfer: robust transfer learning (a new head, fine-tuning, LwF) to new classes")
     p.add_argument("--quick", action="store_true", help="the same path on a subset (a check, not a measurement)")
     p.add_argument("--out", default=None, help="results folder (default runs/demo-<time>)")
-    p.add_argument("--retrain-teacher", action="store_true", help="train the teacher even when cached")
+    p.add_argument("--retrain-teacher", action="store_true",
+                   help="train the teacher (demo transfer: the sources) even when cached")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default $ROBUST_FAST_DATA or Debian's)")
     p.add_argument("--seed", type=int, default=0, help="the students' seed (the teacher's is fixed)")
     p.add_argument("--threads", type=int, default=None,

@@ -17,7 +17,8 @@ build_model(name, **kwargs) makes one from its registered name (checkpoints stor
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple, Type
+import inspect
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -222,14 +223,42 @@ class WithFeatures(nn.Module):
 MODELS: Dict[str, Type[nn.Module]] = {"small_cnn": SmallCNN, "wide_cnn": WideCNN, "resnet_small": ResNetSmall}
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    """A model by its registered name (see MODELS), with its constructor's keyword arguments."""
+def build_model(name: str, classes: Optional[Sequence[int]] = None, **kwargs) -> nn.Module:
+    """A model by its registered name (see MODELS), with its constructor's keyword arguments.
+
+    classes: the data set's classes the model's outputs stand for (output i is class
+    classes[i]; robust_fast.data.class_subset relabels a task that way); num_classes defaults to
+    their number. Checkpoints record them (model.spec["classes"]), so a model is never evaluated
+    on, or resumed with, another set of classes by mistake. None: outputs 0..num_classes-1 are
+    classes 0..num_classes-1.
+    """
     if name not in MODELS:
         raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        if kwargs.setdefault("num_classes", len(classes)) != len(classes):
+            raise ValueError(f"build_model: num_classes={kwargs['num_classes']} but {len(classes)} classes "
+                             f"{tuple(classes)} were named")
     model = MODELS[name](**kwargs)
     model.spec = {"name": name, "kwargs": dict(kwargs)}  # checkpoints store it to rebuild the model
+    if classes is not None:
+        model.spec["classes"] = classes
     return model
 
 
+def model_classes(model_or_spec) -> Tuple[int, ...]:
+    """The classes a model's outputs stand for: its spec's "classes", else 0..num_classes-1
+    (num_classes: the classifier's outputs, or the spec's, or its constructor's default)."""
+    spec = model_or_spec if isinstance(model_or_spec, dict) else getattr(model_or_spec, "spec", None) or {}
+    if spec.get("classes") is not None:
+        return tuple(int(c) for c in spec["classes"])
+    if isinstance(model_or_spec, nn.Module):
+        return tuple(range(model_or_spec.classifier.out_features))
+    count = spec.get("kwargs", {}).get("num_classes")
+    if count is None:
+        count = inspect.signature(MODELS[spec["name"]]).parameters["num_classes"].default
+    return tuple(range(int(count)))
+
+
 __all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "MODELS", "Normalize", "ResNetSmall", "SmallCNN",
-           "WideCNN", "WithFeatures", "build_model"]
+           "WideCNN", "WithFeatures", "build_model", "model_classes"]

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from robust_fast.models import build_model
-from robust_fast.train import RRM, Standard, TrainConfig, fit
+from robust_fast.train import RRM, LwF, Standard, TrainConfig, TransferHead, fit, transfer_model
 
 SIZE = 12
 
@@ -28,6 +28,10 @@ def _student():
 def _recipe(name):
     if name == "standard":
         return Standard()
+    if name == "transfer_head":
+        return TransferHead()
+    if name == "transfer_lwf":
+        return LwF(_student(), lambda_feat=1.0)
     torch.manual_seed(1)
     teacher = build_model("wide_cnn", input_size=SIZE, num_classes=3, width=4, feature_dim=24)
     return RRM(teacher, lambda_ce=0.1)
@@ -39,7 +43,7 @@ def _config(epochs=1):
 
 
 def _train(name, max_steps, out_dir=None):
-    model = _student()
+    model = transfer_model(_student(), num_classes=3, seed=2) if name.startswith("transfer") else _student()
     fit(_recipe(name), model, _data(), _config(), max_steps=max_steps, out_dir=out_dir)
     return model
 
@@ -69,10 +73,11 @@ def _two_processes(name, max_steps, tmp_path, out_dir=None):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("name", ["standard", "rrm"])
+@pytest.mark.parametrize("name", ["standard", "rrm", "transfer_head", "transfer_lwf"])
 def test_two_processes_take_the_step_one_process_takes(tmp_path, name):
     single = _train(name, max_steps=1).state_dict()
-    untrained = _student().state_dict()
+    untrained = (transfer_model(_student(), num_classes=3, seed=2) if name.startswith("transfer")
+                 else _student()).state_dict()
     double = _two_processes(name, 1, tmp_path)
     for key, value in single.items():
         torch.testing.assert_close(double[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -1,4 +1,4 @@
-"""`robust-fast train <recipe>` and `robust-fast eval <checkpoint>`."""
+"""`robust-fast train <recipe>` (and `train transfer --source CKPT --mode ...`) and `robust-fast eval <checkpoint>`."""
 from __future__ import annotations
 
 import argparse
@@ -6,21 +6,26 @@ import inspect
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from robust_fast._user_errors import writable_folder
-from robust_fast.data import load_fashion_mnist
+from robust_fast.data import CLASSES as CLASS_NAMES
+from robust_fast.data import TARGET_CLASSES, load_fashion_mnist, load_task, parse_classes
 from robust_fast.models import build_model
 from robust_fast.train import distributed as dist_util
-from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
+from robust_fast.train.checkpoint import check_classes, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, evaluate
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
+from robust_fast.train.functions import train_transfer
 from robust_fast.train.loop import fit
 from robust_fast.train.recipes import (ARD, CRT, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Gaussian,
                                        SmoothAdv, Standard)
+from robust_fast.train.transfer import MODES, SCALES, LwF
+
+TRANSFER_NAMES = tuple(cls.name for cls in MODES.values())  # `train transfer --mode ...` runs them
 
 
 def _default(recipe, name: str):
@@ -39,14 +44,14 @@ RECIPE_HELP = {
     "gaussian": "cross-entropy on Gaussian-noise copies, for randomized smoothing (Cohen et al.)",
     "smoothadv": "L2 PGD against the smoothed classifier, then cross-entropy on it (Salman et al.)",
     "crt": "certified robustness transfer: match a smoothed teacher's logits under noise (Vaishnavi et al.)",
+    "transfer": "robust transfer learning from --source: a new head on its frozen features, fine-tuning, or "
+                "fine-tuning with a feature-change penalty (--mode head|finetune|lwf; Shafahi et al.)",
 }
 
 
 def _common_options() -> argparse.ArgumentParser:
     """The options every recipe takes: model, optimisation, data, evaluation, output."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--width", type=_positive(int), default=None, help="the model's width (wide_cnn, resnet_small; "
-                                                                      "default: the model's own)")
     p.add_argument("--epochs", type=_positive(int), default=5, help="epochs to train")
     p.add_argument("--batch-size", type=_positive(int), default=128, help="the global batch (split over ranks)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="the optimizer")
@@ -69,6 +74,7 @@ def _common_options() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--backend", default=None, help="robust_fast backend for the fused ops (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_class_options(p)
     return p
 
 
@@ -157,18 +163,92 @@ def add_train_parser(commands) -> None:
                                         "`robust-fast train RECIPE --help` lists that recipe's options.")
     recipes = p.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
     common = _common_options()
-    for name in sorted(RECIPES):
+    for name in sorted(n for n in RECIPES if n not in TRANSFER_NAMES):
         recipe = RECIPES[name]
         sub = recipes.add_parser(name, parents=[common], help=RECIPE_HELP.get(name, ""),
                                  description=f"{name}: {RECIPE_HELP.get(name, '')}", formatter_class=_Help)
         sub.add_argument("--model", default="small_cnn" if name == "ibp" else "resnet_small",
                          help="small_cnn, wide_cnn or resnet_small")
+        sub.add_argument("--width", type=_positive(int), default=None,
+                         help="the model's width (wide_cnn, resnet_small; default: the model's own)")
         clip = (_default(recipe, "max_grad_norm") if "max_grad_norm" in inspect.signature(recipe).parameters
                 else recipe.max_grad_norm)
         sub.add_argument("--max-grad-norm", type=_positive(float), default=clip,
                          help="clip the gradient's norm (None: no clipping)")
         if RECIPE_OPTIONS.get(name):
             RECIPE_OPTIONS[name](sub.add_argument_group(f"{name} options"), recipe)
+    sub = recipes.add_parser("transfer", parents=[common], help=RECIPE_HELP["transfer"],
+                             description=f"transfer: {RECIPE_HELP['transfer']}. The model is the source's "
+                                         "(its architecture and width) with a new head.", formatter_class=_Help)
+    sub.add_argument("--max-grad-norm", type=_positive(float), default=None,
+                     help="clip the gradient's norm (None: no clipping)")
+    _transfer(sub.add_argument_group("transfer options"))
+
+
+def _transfer(p) -> None:
+    p.add_argument("--source", default=None, metavar="CHECKPOINT",
+                   help="the source model's checkpoint (required; not modified)")
+    p.add_argument("--mode", choices=tuple(MODES), default="head",
+                   help="head (a new head on the frozen extractor), finetune (every layer, CE), lwf "
+                        "(every layer, CE + lambda * feature change)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="head also retrains the extractor's last N blocks; finetune and lwf train only "
+                        "them (default: head 0, others all)")
+    p.add_argument("--head-epochs", type=int, default=None,
+                   help="finetune / lwf: epochs of head-only warm start first (default: lwf 1, finetune 0)")
+    p.add_argument("--lambda-feat", type=float, default=None,
+                   help=f"lwf: weight of the feature change (default {_default(LwF, 'lambda_feat'):g}, "
+                        f"relative to the source features' mean L1 norm; see --feature-scale)")
+    p.add_argument("--feature-scale", choices=SCALES, default="relative",
+                   help="lwf: relative (lambda * ||z - z0||_1 / mean ||z0||_1) or absolute "
+                        "(lambda * ||z - z0||_1, the published form with lambda 0.005)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="run the frozen part on every batch instead of once per image (slower; same result)")
+
+
+def _classes(text: str):
+    try:
+        return parse_classes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def add_class_options(p) -> None:
+    """--classes and --num-classes: the task is a subset of Fashion-MNIST's classes, relabelled
+    0..k-1 in the order named, the model's head as wide as the task."""
+    p.add_argument("--classes", type=_classes, default=None, metavar="LIST",
+                   help="train on these classes only, relabelled 0..k-1 in this order: '0-4', '5,7,9' "
+                        "(default: all 10; the checkpoint records them)")
+    p.add_argument("--num-classes", type=_positive(int), default=None,
+                   help="the head's outputs (default: the number of --classes, else 10); without --classes: "
+                        "classes 0..N-1")
+    p.add_argument("--per-class", type=_positive(int), default=None,
+                   help="at most N training images of each class (a seeded draw: --seed)")
+
+
+def task_classes(args: argparse.Namespace) -> Optional[Tuple[int, ...]]:
+    """The classes --classes / --num-classes name (None: all ten, as they are)."""
+    classes, count = args.classes, args.num_classes
+    if classes is not None and count is not None and count != len(classes):
+        raise ValueError(f"--num-classes {count} does not match the {len(classes)} classes of --classes "
+                         f"{','.join(map(str, classes))}")
+    if classes is None and count is not None:
+        classes = parse_classes(f"0-{count - 1}") if count <= len(CLASS_NAMES) else None
+        if classes is None:
+            raise ValueError(f"--num-classes {count}: Fashion-MNIST has {len(CLASS_NAMES)} classes")
+    return classes
+
+
+def load_train_data(args: argparse.Namespace, classes, seed: int):
+    """(training images, labels) of the task, and the held-out test slice of the same classes."""
+    if classes is None and args.per_class is None:
+        train = load_fashion_mnist("train", root=args.data, limit=args.limit)
+        held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
+    else:
+        every = classes if classes is not None else tuple(range(len(CLASS_NAMES)))
+        train = load_task("train", every, per_class=args.per_class, seed=seed, root=args.data, limit=args.limit)
+        held_out = load_task("test", every, root=args.data, limit=args.eval_samples or None)
+    return train, held_out
 
 
 def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, teacher: Optional[torch.nn.Module] = None,
@@ -212,11 +292,53 @@ RECIPE_SETTINGS = ("eps", "steps", "lambda_ce", "kind", "noise_std", "temperatur
                    "ramp_epochs", "kappa_end", "ramp", "sigma", "noise_samples", "l2_eps")
 
 
+def _transfer_usage_error(args: argparse.Namespace) -> Optional[str]:
+    if args.recipe == "transfer" and args.source is None:
+        return "train transfer needs --source CHECKPOINT (the source model)"
+    return None
+
+
+def run_transfer(args: argparse.Namespace, config: TrainConfig, device) -> int:
+    """`robust-fast train transfer --source CKPT --mode head|finetune|lwf`: the target task is
+    --classes (default 5-9, data.TARGET_CLASSES)."""
+    source = model_from_checkpoint(args.source, map_location=device)
+    if args.classes is None and args.num_classes is None:
+        args.classes = TARGET_CLASSES
+    classes = task_classes(args)
+    if args.resume is not None:
+        check_classes(args.resume, classes, "resumed checkpoint")
+    out = writable_folder(args.out or os.path.join("runs", f"transfer_{args.mode}"))  # before any work
+    train, held_out = load_train_data(args, classes, args.seed)
+    given = {k: v for k, v in (("head_epochs", args.head_epochs), ("lambda_feat", args.lambda_feat)) if v is not None}
+    result = train_transfer(source, train, config, mode=args.mode, classes=classes,
+                            blocks=-1 if args.blocks is None else args.blocks, cache=not args.no_cache,
+                            scale=args.feature_scale, source_path=args.source, eval_data=held_out, out_dir=out,
+                            resume=args.resume, device=device, **given)
+    if dist_util.is_main():
+        print(f"transfer ({args.mode}, classes {','.join(map(str, classes))}): {result.train_time_s:.1f} s of "
+              f"training; checkpoint {result.checkpoint}, per-epoch record {os.path.join(out, 'log.jsonl')}")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
+    problem = _transfer_usage_error(args)
+    if problem:
+        raise ValueError(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     joined = dist_util.init_from_env()
     device = dist_util.default_device()
+    if args.recipe == "transfer":
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                             momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                             lr_decay_epochs=tuple(args.lr_decay_epochs), seed=args.seed,
+                             eval_samples=args.eval_samples, eval_steps=args.eval_steps, eval_eps=args.eps,
+                             progress=not args.no_progress, backend=args.backend, max_grad_norm=args.max_grad_norm)
+        try:
+            return run_transfer(args, config, device)
+        finally:
+            if joined:
+                torch.distributed.destroy_process_group()
     teacher_path = getattr(args, "teacher", None)
     teacher = model_from_checkpoint(teacher_path, map_location=device) if teacher_path else None
     given = {key: getattr(args, key) for key in RECIPE_SETTINGS if getattr(args, key, None) is not None}
@@ -229,10 +351,12 @@ def run_train(args: argparse.Namespace) -> int:
                          eval_eps=args.eps, progress=not args.no_progress, backend=args.backend,
                          max_grad_norm=max_grad_norm)
     out = writable_folder(args.out or os.path.join("runs", args.recipe))  # before any work
-    train = load_fashion_mnist("train", root=args.data, limit=args.limit)
-    held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
+    classes = task_classes(args)
+    if args.resume is not None:
+        check_classes(args.resume, classes if classes is not None else range(len(CLASS_NAMES)), "resumed checkpoint")
+    train, held_out = load_train_data(args, classes, args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, **({"width": args.width} if args.width else {}))
+    model = build_model(args.model, classes=classes, **({"width": args.width} if args.width else {}))
     result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
     if dist_util.is_main():
         print(f"{args.recipe}: {result.train_time_s:.1f} s of training; checkpoint {result.checkpoint}, "
@@ -302,6 +426,9 @@ def add_eval_parser(commands) -> None:
     p.add_argument("--smoothing-batch-size", type=_batch_size_or_auto, default=None,
                    help="smoothing: noisy copies per forward pass, or auto (default: the fastest of a few, "
                         "measured on the model; the numbers do not depend on it)")
+    p.add_argument("--classes", type=_classes, default=None, metavar="LIST",
+                   help="the classes the checkpoint's head stands for, checked (default: the ones it records); "
+                        "the test images of those classes, relabelled as in training")
     p.add_argument("--samples", type=int, default=None, help="the first N test images (default all)")
     p.add_argument("--batch-size", type=_positive(int), default=500,
                    help="the attack's images through the model at once")
@@ -372,9 +499,19 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:  # found now, not after the attack has run
         writable_folder(os.path.dirname(os.path.abspath(args.json)), option="--json")
     state = load_checkpoint(args.checkpoint)
+    try:
+        if args.classes is not None:
+            check_classes(state, args.classes)
+        classes = checkpoint_classes(state)
+    except ValueError as error:
+        print(f"robust-fast eval: {error}", file=sys.stderr)
+        return 2
     model = model_from_checkpoint(state, map_location=dist_util.default_device())
     eps = args.eps if args.eps is not None else float(state["config"].get("eval_eps", 0.1))
-    images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
+    if classes == tuple(range(len(CLASS_NAMES))):
+        images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
+    else:
+        images, labels = load_task("test", classes, root=args.data, limit=args.samples)
     smoothing = None
     if args.certify == "smoothing":
         given = {k: v for k, v in (("n0", args.n0), ("n", args.n), ("alpha", args.smoothing_alpha),
@@ -391,7 +528,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not dist_util.is_main():  # rank 0 prints and writes
         return 0
     row = {"checkpoint": args.checkpoint, "recipe": state["recipe"], "model": (state.get("model_spec") or {}).get("name"),
-           "epochs": state["epoch"], "train_time_s": state["train_time_s"], **numbers}
+           "epochs": state["epoch"], "train_time_s": state["train_time_s"], "classes": list(classes), **numbers}
     restarts = f", {args.restarts} restart{'s' if args.restarts > 1 else ''}" if args.attack != "auto" else ""
     ball = "L2 eps" if args.norm == "l2" else "eps"
     attack = f"{ATTACK_NAMES[args.attack]}-{args.steps} acc ({ball} {eps:g}{restarts})"
