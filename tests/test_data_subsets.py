@@ -118,6 +118,6 @@ def test_cli_trains_on_classes_and_eval_refuses_other_ones(tmp_path, capsys):
     assert "head has 5 outputs for classes (5, 6, 7, 8, 9)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="head has 5 outputs"):
         cli.main(["train", "standard", "--model", "small_cnn", "--limit", "64", "--epochs", "2",
-                  "--resume", str(out / "checkpoint.pt"), "--out", str(out), "--no-progress"])
+                  "--resume", str(out / "checkpoint.pt"), "--out", str(out), "--no-progress", "--debug"])
     with pytest.raises(ValueError, match="--num-classes 3 does not match"):
-        cli.main(["train", "standard", "--classes", "0-4", "--num-classes", "3", "--out", str(out)])
+        cli.main(["train", "standard", "--classes", "0-4", "--num-classes", "3", "--out", str(out), "--debug"])
