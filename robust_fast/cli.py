@@ -8,6 +8,7 @@ import pkgutil
 import sys
 from typing import List, Optional
 
+from robust_fast._allocator import tune_cpu_allocator
 from robust_fast.demo import add_demo_parser, run_demo
 from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
 from robust_fast.info import info_lines
@@ -49,6 +50,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
+    if args.command in ("demo", "train", "eval"):
+        tune_cpu_allocator()  # freed memory kept for the next tensor: no page faults (_allocator.py)
     if args.command == "demo":
         problem = demo_usage_error(args)
         if problem:
