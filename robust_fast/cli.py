@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from robust_fast._user_errors import USER_ERRORS, debug_requested
+from robust_fast._allocator import tune_cpu_allocator
 from robust_fast.demo import add_demo_parser, run_demo
 from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
 from robust_fast.demo_transfer import add_transfer_demo_options, run_transfer_demo, transfer_usage_error
@@ -78,6 +79,8 @@ def _main(argv: List[str]) -> int:
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
+    if args.command in ("demo", "train", "eval"):
+        tune_cpu_allocator()  # freed memory kept for the next tensor: no page faults (_allocator.py)
     if args.command == "demo":
         problem = transfer_usage_error(args) or demo_usage_error(args)
         if problem:

@@ -221,3 +221,24 @@ def test_auto_attack_l2_runs_and_is_at_least_as_strong_as_apgd_alone():
     assert result.robust_accuracy() <= robust_alone
     with pytest.raises(ValueError, match="eps must be > 0"):
         attacks.auto_attack(model, x, y, eps=0.0, norm="l2")
+
+
+def test_skipping_unchanged_windows_changes_no_result(monkeypatch):
+    """On CPU a candidate equal to the best point is not queried: querying every candidate (the
+    accelerator's path, here with fooled samples leaving after every query as on CPU) gives the
+    same points, with more rows through the model."""
+    import sys
+    square_module = sys.modules["robust_fast.attacks.square"]
+    model = conv_model(1, 8, 8, seed=3)
+    x = images(24, (1, 8, 8), seed=4)
+    y = predictions(model, x)
+    calls = []
+    counting = lambda z: calls.append(z.shape[0]) or model(z)
+    skipping = attacks.square(counting, x, y, eps=0.05, n_queries=300, generator=gen(5))
+    seen_skipping = sum(calls)
+    monkeypatch.setattr(square_module, "reads_back_for_free", lambda device: False)
+    monkeypatch.setattr(square_module, "COMPACT_EVERY", 1)
+    calls.clear()
+    every = attacks.square(counting, x, y, eps=0.05, n_queries=300, generator=gen(5))
+    assert sum(calls) > seen_skipping
+    assert torch.equal(skipping, every)

@@ -1,22 +1,39 @@
-"""AutoAttack-style evaluation (Croce & Hein, ICML 2020): several attacks in turn, each only on
-the samples every earlier one failed to fool. The standard version's attacks are APGD-CE,
-APGD-T, FAB-T and Square; FAB-T is not included here.
+"""AutoAttack (Croce & Hein, ICML 2020): several attacks in turn, each only on the samples every
+earlier one failed to fool.
+
+version="standard" is the evaluation people publish, with the reference code's settings:
+APGD-CE (100 steps, 1 restart), APGD-T (100 steps, 9 target classes, 1 restart), FAB-T (100
+steps, 9 target classes, 1 restart, alpha_max 0.1, eta 1.05, beta 0.9) and Square (5000
+queries, p_init 0.8, 1 restart, the window schedule of 10000 queries: not rescaled).
+version="fast" (the default, and this function's behaviour before the standard version
+existed) runs APGD-CE, APGD-T and Square (the schedule rescaled to n_queries), without FAB-T.
 """
 from __future__ import annotations
 
 import time
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
+from robust_fast.attacks import fab as fab_settings
 from robust_fast.attacks._common import check_attack_arguments, clean_predictions
 from robust_fast.attacks.apgd import apgd, apgdt
+from robust_fast.attacks.fab import fab_t
 from robust_fast.attacks.square import square
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
-DEFAULT_ATTACKS = ("apgd-ce", "apgd-t", "square")
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+VERSIONS = ("standard", "fast")
+STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+FAST_ATTACKS = ("apgd-ce", "apgd-t", "square")
+DEFAULT_ATTACKS = FAST_ATTACKS  # the sequence of version="fast" (the name kept for old callers)
+# The reference's standard settings (each attack one restart).
+STANDARD_SETTINGS: Dict[str, Any] = {
+    "steps": 100, "n_target_classes": 9, "n_queries": 5000, "square_rescale_schedule": False,
+    "fab_steps": fab_settings.STEPS, "fab_n_target_classes": fab_settings.N_TARGET_CLASSES,
+}
+FAST_SETTINGS: Dict[str, Any] = dict(STANDARD_SETTINGS, square_rescale_schedule=True)
 
 
 class AutoAttackResult(NamedTuple):
@@ -25,6 +42,8 @@ class AutoAttackResult(NamedTuple):
     fooled_by: torch.Tensor
     attacks: Tuple[str, ...]
     seconds: Dict[str, float]  # wall time of each attack (and "clean")
+    version: str = "custom"    # "standard" or "fast" when run with that version's attacks and settings
+    settings: Optional[Dict[str, Any]] = None  # the settings the attacks ran with
 
     def robust_accuracy(self) -> float:
         return float((self.fooled_by == -1).float().mean()) if self.fooled_by.numel() else float("nan")
@@ -44,25 +63,44 @@ def _elapsed(start: float, device: torch.device) -> float:
 
 
 def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm: str = "linf",
-                attacks: Sequence[str] = DEFAULT_ATTACKS, steps: int = 100, n_target_classes: int = 9,
-                n_queries: int = 5000, batch_size: Optional[int] = None,
+                version: str = "fast", attacks: Optional[Sequence[str]] = None, steps: Optional[int] = None,
+                n_target_classes: Optional[int] = None, n_queries: Optional[int] = None,
+                square_rescale_schedule: Optional[bool] = None, fab_steps: Optional[int] = None,
+                fab_n_target_classes: Optional[int] = None, batch_size: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, clip=(0.0, 1.0),
                 backend: Optional[str] = None) -> AutoAttackResult:
-    """Runs `attacks` in order ("apgd-ce", "apgd-dlr", "apgd-t", "square"), each on the samples
-    no earlier attack fooled. Returns AutoAttackResult: x_adv (the fooling point, or x where
-    the sample stayed robust), fooled_by (which attack fooled each sample), the attacks and
-    their wall times; result.robust_accuracy() is the AutoAttack-style robust accuracy.
+    """Runs the attacks of `version` ("standard": APGD-CE, APGD-T, FAB-T, Square with the
+    reference's settings; "fast": APGD-CE, APGD-T, Square), or `attacks` in the order given
+    (names from "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"), each on the samples no
+    earlier attack fooled. Returns AutoAttackResult: x_adv (the fooling point, or x where the
+    sample stayed robust), fooled_by (which attack fooled each sample), the attacks, their wall
+    times, the version and the settings; result.robust_accuracy() is the robust accuracy.
 
-    norm: "linf" or "l2", for every attack. steps: APGD's iterations; n_target_classes:
-    APGD-T's targets; n_queries: Square's budget.
-    FAB-T, one of the standard AutoAttack's four attacks, is not included.
+    Settings left None take the version's: steps (APGD's iterations, 100), n_target_classes
+    (APGD-T's targets, 9), n_queries (Square's budget, 5000), square_rescale_schedule (Square's
+    window schedule stretched to n_queries: False in "standard", as the reference runs it, True
+    in "fast"), fab_steps and fab_n_target_classes (FAB-T's, 100 and 9). A run whose attacks or
+    settings differ from its version's reports version "custom". norm: "linf" or "l2", for
+    every attack.
     """
-    eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, 1, 0.75, batch_size, clip, "auto_attack")
+    if version not in VERSIONS:
+        raise ValueError(f"auto_attack: version must be one of {VERSIONS}, got {version!r}")
+    eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, 100 if steps is None else steps, 1, 0.75,
+                                             batch_size, clip, "auto_attack")
+    default_attacks = STANDARD_ATTACKS if version == "standard" else FAST_ATTACKS
+    if attacks is None:
+        attacks = default_attacks
     if isinstance(attacks, str) or not all(a in ATTACKS for a in attacks):
         raise ValueError(f"auto_attack: attacks must be a sequence of names from {ATTACKS}, got {attacks!r}")
     if norm == "l2" and eps <= 0 and "square" in attacks:
         raise ValueError(f"auto_attack: eps must be > 0 for square with norm='l2', got {eps!r}")
     attacks = tuple(attacks)
+    given = {"steps": steps, "n_target_classes": n_target_classes, "n_queries": n_queries,
+             "square_rescale_schedule": square_rescale_schedule, "fab_steps": fab_steps,
+             "fab_n_target_classes": fab_n_target_classes}
+    defaults = STANDARD_SETTINGS if version == "standard" else FAST_SETTINGS
+    settings = {k: defaults[k] if v is None else v for k, v in given.items()}
+    label = version if attacks == default_attacks and settings == defaults else "custom"
     x = x.detach()
     seconds: Dict[str, float] = {}
     with modules_in_mode(model, False), op_range("auto_attack"), torch.no_grad():
@@ -78,17 +116,21 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
             if index.numel():
                 xs, ys = x[index], y[index]
                 if name == "apgd-ce":
-                    found = apgd(model, xs, ys, steps=steps, loss="ce", backend=backend, **common)
+                    found = apgd(model, xs, ys, steps=settings["steps"], loss="ce", backend=backend, **common)
                 elif name == "apgd-dlr":
-                    found = apgd(model, xs, ys, steps=steps, loss="dlr", backend=backend, **common)
+                    found = apgd(model, xs, ys, steps=settings["steps"], loss="dlr", backend=backend, **common)
                 elif name == "apgd-t":
-                    found = apgdt(model, xs, ys, steps=steps, n_target_classes=n_target_classes,
-                                  backend=backend, **common)
+                    found = apgdt(model, xs, ys, steps=settings["steps"],
+                                  n_target_classes=settings["n_target_classes"], backend=backend, **common)
+                elif name == "fab-t":
+                    found = fab_t(model, xs, ys, steps=settings["fab_steps"],
+                                  n_target_classes=settings["fab_n_target_classes"], **common)
                 else:
-                    found = square(model, xs, ys, n_queries=n_queries, **common)
+                    found = square(model, xs, ys, n_queries=settings["n_queries"],
+                                   rescale_schedule=settings["square_rescale_schedule"], **common)
                 fooled = clean_predictions(model, found, batch_size) != ys
                 x_adv[index[fooled]] = found[fooled]
                 fooled_by[index[fooled]] = k
                 robust[index[fooled]] = False
             seconds[name] = _elapsed(start, x.device)
-        return AutoAttackResult(x_adv, fooled_by, attacks, seconds)
+        return AutoAttackResult(x_adv, fooled_by, attacks, seconds, label, settings)

@@ -1,5 +1,5 @@
 """The torchattacks-compatible classes: `from robust_fast import attacks as torchattacks` and
-torchattacks users' calls (FGSM, PGD, PGDL2, APGD, APGDT, Square; the targeted modes, the
+torchattacks users' calls (FGSM, PGD, PGDL2, APGD, APGDT, FAB (targeted), Square; the targeted modes, the
 normalization the model expects, the model's mode during the attack, the device) run on
 robust_fast's attacks.
 """
@@ -14,6 +14,7 @@ from torch import nn
 
 from robust_fast._modes import modules_in_mode
 from robust_fast.attacks.apgd import apgd, apgdt
+from robust_fast.attacks.fab import fab_t
 from robust_fast.attacks.pgd import fgsm, pgd
 from robust_fast.attacks.square import square
 
@@ -245,7 +246,7 @@ class PGDL2(PGD):
         return dict(super()._options(), eps_for_division=self.eps_for_division)
 
 
-# APGD, APGD-T and Square with torchattacks' arguments and defaults. Differences: the random
+# APGD, APGD-T, FAB-T and Square with torchattacks' arguments and defaults. Differences: the random
 # draws come from a generator seeded with `seed` on every call (torchattacks seeds torch's
 # global generator); eot_iter must be 1; verbose prints nothing.
 
@@ -310,6 +311,33 @@ class APGDT(_SeededAttack):
         return apgdt(self.get_logits, x, y, eps=self.eps, norm=_torchattacks_norm(self.norm),
                      steps=self.steps, n_target_classes=self.n_classes - 1,
                      restarts=self.n_restarts, rho=self.rho, early_stop=self.early_stop,
+                     generator=self._generator(x), batch_size=self.batch_size)
+
+
+class FAB(_SeededAttack):
+    """FAB-T with torchattacks.FAB's arguments and defaults, for multi_targeted=True (the
+    targeted version AutoAttack runs: n_classes - 1 target classes); the untargeted FAB is not
+    implemented. early_stop=False by default: as in torchattacks, every run takes every step and
+    the nearest misclassified point within eps is returned."""
+
+    def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 10,
+                 n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                 verbose: bool = False, seed: int = 0, multi_targeted: bool = False, n_classes: int = 10,
+                 *, early_stop: bool = False, batch_size: Optional[int] = None):
+        super().__init__(model)
+        _torchattacks_norm(norm)
+        if not multi_targeted:
+            raise ValueError("FAB: only the targeted version is implemented: pass multi_targeted=True")
+        self.norm, self.eps, self.steps, self.n_restarts = norm, eps, steps, n_restarts
+        self.alpha_max, self.eta, self.beta, self.verbose, self.seed = alpha_max, eta, beta, verbose, seed
+        self.multi_targeted, self.n_classes = multi_targeted, n_classes
+        self.early_stop, self.batch_size = early_stop, batch_size
+
+    def forward(self, x, y):
+        self._untargeted()
+        return fab_t(self.get_logits, x, y, eps=self.eps, norm=_torchattacks_norm(self.norm),
+                     steps=self.steps, n_target_classes=self.n_classes - 1, restarts=self.n_restarts,
+                     alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, early_stop=self.early_stop,
                      generator=self._generator(x), batch_size=self.batch_size)
 
 

@@ -23,7 +23,10 @@ then eps again; the candidate x + nu is clipped into the box (for x inside the b
 only shrinks |nu|, so the candidate stays in the ball).
 
 All samples still robust are queried together, their random draws made on the device; the
-samples already fooled are dropped every few queries (the only reads back from the device).
+samples already fooled are dropped after every query on CPU, every few queries on an
+accelerator (the only reads back from the device). An L-inf query touches only its window:
+the window's old values are saved, the new ones written into the best point in place, and
+written back where the candidate is not kept (no full-size candidate, no full-size select).
 """
 from __future__ import annotations
 
@@ -37,11 +40,10 @@ import torch.nn.functional as F
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
 from robust_fast.attacks._common import check_attack_arguments, chunks
-from robust_fast.attacks.apgd import margin
+from robust_fast.attacks.apgd import margin, reads_back_for_free
 
 SQUARE_LOSSES = ("margin", "ce")
-COMPACT_EVERY = 32      # queries between drops of fooled samples (each one a read back)
-REDRAWS = 3             # extra draws for a window that would leave the candidate unchanged
+COMPACT_EVERY = 32      # queries between drops of fooled samples on an accelerator (each one a read back)
 
 # (fraction of 10000 queries after which, divisor of p_init): the published schedule.
 _P_SCHEDULE = ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16),
@@ -76,21 +78,44 @@ def _random_signs(shape, generator, device, dtype):
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
 
 
-def _linf_candidate(x, x_best, eps, side, clip, generator):
-    """x_best with one random window per sample set to x +- eps (per channel)."""
-    n, c, h, w = x.shape
-    device = x.device
+def _linf_query(model, x_flat, x_best, y, eps, side, clip, generator, loss):
+    """One L-inf query of every sample, in place: a random side x side window of x_best set to
+    x +- eps (one random sign per channel) and clipped into the box; the model's margin and
+    objective at the candidates; then, where the candidate is not kept (decided by the caller
+    through the returned `keep`), the window's old values are written back. Only the window's
+    n * C * side^2 values are read and written: a query costs little beyond the model's forward.
+    Returns (margin, objective, restore) with restore(keep) finishing the query."""
+    n, c, h, w = x_best.shape
+    device = x_best.device
     top = torch.randint(0, h - side + 1, (n, 1), generator=generator, device=device)
     left = torch.randint(0, w - side + 1, (n, 1), generator=generator, device=device)
-    rows = torch.arange(h, device=device)
-    cols = torch.arange(w, device=device)
-    in_rows = (rows >= top) & (rows < top + side)
-    in_cols = (cols >= left) & (cols < left + side)
-    window = in_rows[:, None, :, None] & in_cols[:, None, None, :]
-    signs = _random_signs((n, c, 1, 1), generator, device, x.dtype)
-    candidate = torch.where(window, x + eps * signs, x_best)
+    signs = _random_signs((n, c, 1), generator, device, x_best.dtype)
+    offsets = torch.arange(side, device=device)
+    pixels = ((top + offsets)[:, :, None] * w + (left + offsets)[:, None, :]).reshape(n, 1, side * side)
+    index = pixels.expand(n, c, side * side)
+    best_flat = x_best.view(n, c, h * w)
+    old = best_flat.gather(2, index)
+    new = x_flat.gather(2, index).add_(signs, alpha=eps)
     low, high = clip
-    return candidate if low is None and high is None else candidate.clamp(min=low, max=high)
+    if low is not None or high is not None:
+        new.clamp_(min=low, max=high)
+    best_flat.scatter_(2, index, new)
+    changed = (new != old).flatten(1).any(dim=1)
+    if reads_back_for_free(device) and not bool(changed.all()):
+        # A window already at those values leaves its candidate equal to the best point: its
+        # objective is known and the candidate cannot be kept, so it is not queried (on CPU,
+        # where the model's time grows with the rows; the outcome is the same).
+        margin_new = torch.full((n,), math.inf, dtype=x_best.dtype, device=device)
+        objective_new = torch.full((n,), math.inf, dtype=x_best.dtype, device=device)
+        queried = changed.nonzero().squeeze(1)
+        if queried.numel():
+            margin_new[queried], objective_new[queried] = _objective(model, x_best[queried], y[queried], loss)
+    else:
+        margin_new, objective_new = _objective(model, x_best, y, loss)
+
+    def restore(keep: torch.Tensor) -> None:
+        best_flat.scatter_(2, index, torch.where(keep[:, None, None], new, old))
+    return margin_new, objective_new, restore
 
 
 # --- L2 ---------------------------------------------------------------------------------------
@@ -209,32 +234,38 @@ def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, cli
         x_best = x + eps * stripes
         if low is not None or high is not None:
             x_best = x_best.clamp(min=low, max=high)
+    x_best = x_best.contiguous()
     margin_best, objective_best = _objective(model, x_best, y, loss)
     out = x_best.clone()
     rows = torch.arange(n, device=x.device)
+    x_flat = x.reshape(n, c, h * w)
+    # Fooled samples leave after every query where reading back costs nothing (CPU), else
+    # every COMPACT_EVERY queries.
+    every = 1 if reads_back_for_free(x.device) else COMPACT_EVERY
     for query in range(1, n_queries):
-        if query % COMPACT_EVERY == 0:
+        if query % every == 0:
             robust = margin_best > 0
             if not bool(robust.all()):
                 out[rows] = x_best
                 rows, x, y, x_best = rows[robust], x[robust], y[robust], x_best[robust]
+                x_flat = x.reshape(x.shape[0], c, h * w)
                 margin_best, objective_best = margin_best[robust], objective_best[robust]
                 if rows.numel() == 0:
                     return out
         side = window_side(p_selection(p_init, query, n_queries, rescale), c, h, w)
         if norm == "l2":
             candidate = _l2_candidate(x, x_best, eps, side, clip, generator)
+            margin_new, objective_new = _objective(model, candidate, y, loss)
         else:
-            candidate = _linf_candidate(x, x_best, eps, side, clip, generator)
-        # L-inf: a window already at those signs changes nothing: draw again.
-        for _ in range(REDRAWS if norm == "linf" else 0):
-            unchanged = ((candidate - x_best).abs() < 1e-7).flatten(1).all(dim=1)
-            redrawn = _linf_candidate(x, x_best, eps, side, clip, generator)
-            candidate = torch.where(unchanged[:, None, None, None], redrawn, candidate)
-        margin_new, objective_new = _objective(model, candidate, y, loss)
-        # Fooled samples stay where they are until they are dropped.
-        better = (objective_new < objective_best) & (margin_best > 0)
-        x_best = torch.where(better[:, None, None, None], candidate, x_best)
+            margin_new, objective_new, restore = _linf_query(model, x_flat, x_best, y, eps, side, clip,
+                                                              generator, loss)
+        # Kept where the objective improves or the candidate fools the model; fooled samples
+        # stay where they are until they are dropped.
+        better = ((objective_new < objective_best) | (margin_new <= 0)) & (margin_best > 0)
+        if norm == "l2":
+            x_best = torch.where(better[:, None, None, None], candidate, x_best)
+        else:
+            restore(better)
         margin_best = torch.where(better, margin_new, margin_best)
         objective_best = torch.where(better, objective_new, objective_best)
     out[rows] = x_best

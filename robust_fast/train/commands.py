@@ -17,7 +17,7 @@ from robust_fast.models import build_model
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import check_classes, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
-from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, evaluate
+from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, VERSIONS, evaluate
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
 from robust_fast.train.functions import train_transfer
 from robust_fast.train.loop import fit
@@ -398,13 +398,16 @@ SMOOTHING_OPTIONS = (("--sigma", "sigma"), ("--n0", "n0"), ("--n", "n"), ("--smo
 
 
 def add_eval_parser(commands) -> None:
-    p = commands.add_parser("eval", help="clean and robust accuracy (PGD-20 by default, APGD or AutoAttack-style; "
+    p = commands.add_parser("eval", help="clean and robust accuracy (PGD-20 by default, APGD or AutoAttack; "
                                          "L-inf or L2) and optionally IBP- or randomized-smoothing-certified accuracy "
-                                         "of a checkpoint on Fashion-MNIST's test set (under torchrun the smoothing "
-                                         "certification is split across processes)")
+                                         "of a checkpoint on Fashion-MNIST's test set (under torchrun AutoAttack's "
+                                         "batches and the smoothing certification are split across processes)")
     p.add_argument("checkpoint")
     p.add_argument("--attack", choices=ATTACKS, default="pgd",
-                   help="pgd (default), apgd (APGD-CE) or auto (APGD-CE, APGD-T, Square in turn)")
+                   help="pgd (default), apgd (APGD-CE) or auto (AutoAttack: the attacks of --version in turn)")
+    p.add_argument("--version", choices=VERSIONS, default=None, dest="auto_version",
+                   help="--attack auto: standard (APGD-CE, APGD-T, FAB-T, Square with the reference's settings: "
+                        "the number people publish) or fast (APGD-CE, APGD-T, Square; the default)")
     p.add_argument("--no-attack", action="store_true", help="no attack: clean accuracy (and certificates) only")
     p.add_argument("--norm", choices=NORMS, default="linf", help="the attack's ball: linf (default) or l2")
     p.add_argument("--certify", choices=CERTIFIERS, default=None,
@@ -412,7 +415,8 @@ def add_eval_parser(commands) -> None:
                         "smoothing, L2; needs --sigma)")
     p.add_argument("--eps", type=_positive(float), default=None,
                    help="the attack's radius: L-inf (default: the run's) or, with --norm l2, L2 (required)")
-    p.add_argument("--steps", type=_positive(int), default=20)
+    p.add_argument("--steps", type=_positive(int), default=None,
+                   help="attack iterations (default 20 for pgd and apgd; for auto the version's, 100)")
     p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
     p.add_argument("--restarts", type=_positive(int), default=1)
     p.add_argument("--no-early-stop", action="store_true")
@@ -451,7 +455,7 @@ def format_table(rows: List[Dict[str, Any]], columns) -> str:
     return "\n".join(lines)
 
 
-ATTACK_NAMES = {"pgd": "PGD", "apgd": "APGD-CE", "auto": "AutoAttack-style"}
+ATTACK_NAMES = {"pgd": "PGD", "apgd": "APGD-CE", "auto": "AutoAttack"}
 
 
 def _eval_usage_error(args: argparse.Namespace) -> Optional[str]:
@@ -465,6 +469,8 @@ def _eval_usage_error(args: argparse.Namespace) -> Optional[str]:
         return "--certify ibp certifies L-inf balls: it does not go with --norm l2"
     if args.norm == "l2" and args.eps is None and not args.no_attack:
         return "--norm l2 needs --eps (the L2 radius; the run's eps is an L-inf radius)"
+    if args.auto_version is not None and args.attack != "auto":
+        return "--version applies to --attack auto only"
     if args.samples is not None and args.samples < 1:
         return f"--samples must be >= 1, got {args.samples}"
     return None
@@ -521,7 +527,7 @@ def _eval(args: argparse.Namespace) -> int:
         numbers = evaluate(model, images, labels, eps=eps, steps=args.steps, alpha=args.alpha,
                            restarts=args.restarts, early_stop=not args.no_early_stop, batch_size=args.batch_size,
                            seed=args.seed, robust=not args.no_attack, attack=args.attack, certify=args.certify,
-                           backend=args.backend, norm=args.norm, smoothing=smoothing)
+                           backend=args.backend, norm=args.norm, smoothing=smoothing, auto_version=args.auto_version or "fast")
     except TypeError as error:  # a layer interval bound propagation does not support
         print(f"robust-fast eval: {error}", file=sys.stderr)
         return 2
@@ -531,7 +537,10 @@ def _eval(args: argparse.Namespace) -> int:
            "epochs": state["epoch"], "train_time_s": state["train_time_s"], "classes": list(classes), **numbers}
     restarts = f", {args.restarts} restart{'s' if args.restarts > 1 else ''}" if args.attack != "auto" else ""
     ball = "L2 eps" if args.norm == "l2" else "eps"
-    attack = f"{ATTACK_NAMES[args.attack]}-{args.steps} acc ({ball} {eps:g}{restarts})"
+    if args.attack == "auto":
+        attack = f"AutoAttack {numbers['auto_version']} acc ({ball} {eps:g})"
+    else:
+        attack = f"{ATTACK_NAMES[args.attack]}-{numbers.get('steps', args.steps)} acc ({ball} {eps:g}{restarts})"
     columns = [("recipe", "recipe", ""), ("model", "model", ""), ("test images", "n", "d"),
                ("clean acc", "clean_acc", ".2%")]
     if not args.no_attack:

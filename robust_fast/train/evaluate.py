@@ -1,4 +1,4 @@
-"""Clean, robust (PGD, APGD or AutoAttack-style, L-inf or L2) and certified (IBP or randomized
+"""Clean, robust (PGD, APGD or AutoAttack, standard or fast, L-inf or L2) and certified (IBP or randomized
 smoothing) accuracy of a trained model: the numbers `robust-fast eval` prints (evaluate), and the
 two plain accuracies (accuracy, robust_accuracy) the PGD benchmark reports."""
 from __future__ import annotations
@@ -13,9 +13,11 @@ from torch import nn
 from robust_fast._modes import modules_in_mode
 from robust_fast._progress import progress_bar
 from robust_fast.attacks import apgd, auto_attack, pgd
+from robust_fast.attacks.autoattack import VERSIONS
 from robust_fast.certify import certify as ibp_certify
 from robust_fast.data import batches
-from robust_fast.train.evaluate_smoothing import SmoothingSettings, evaluate_smoothing
+from robust_fast.train import distributed as dist_util
+from robust_fast.train.evaluate_smoothing import SmoothingSettings, _shard, evaluate_smoothing
 
 ATTACKS = ("pgd", "apgd", "auto")
 NORMS = ("linf", "l2")
@@ -23,11 +25,11 @@ CERTIFIERS = ("ibp", "smoothing")
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float = 0.1,
-             steps: int = 20, alpha: Optional[float] = None, restarts: int = 1, early_stop: bool = True,
+             steps: Optional[int] = None, alpha: Optional[float] = None, restarts: int = 1, early_stop: bool = True,
              batch_size: int = 500, seed: int = 0, robust: bool = True, attack: str = "pgd",
              certify: Optional[str] = None, auto_attacks: Optional[Sequence[str]] = None,
              backend: Optional[str] = None, norm: str = "linf", smoothing: Optional[SmoothingSettings] = None,
-             progress: Optional[bool] = None) -> Dict[str, Any]:
+             progress: Optional[bool] = None, auto_version: str = "fast") -> Dict[str, Any]:
     """{"clean_acc", "robust_acc", "n", ...} of `model` on (images in [0, 1], labels).
 
     The attack is PGD-`steps` in the L-inf ball of radius eps (norm="l2": the L2 ball of radius
@@ -38,10 +40,16 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     numbers. robust=False: clean accuracy only. The model runs in eval mode; its modes are
     restored.
 
+    steps: 20 by default for "pgd" and "apgd"; for "auto", the version's (100) unless given.
     attack: "pgd" (above), "apgd" (APGD with the cross-entropy loss, `steps` iterations,
-    `restarts` restarts) or "auto" (auto_attack: APGD-CE, APGD-T and Square in turn on the
-    survivors, `steps` APGD iterations, or the attacks listed in auto_attacks; the result adds
-    "fooled_by", samples per attack).
+    `restarts` restarts) or "auto" (auto_attack of version auto_version: "standard", APGD-CE,
+    APGD-T, FAB-T and Square with the reference's settings, or "fast", APGD-CE, APGD-T and
+    Square; or the attacks listed in auto_attacks; the result adds "auto_version" (the version
+    that ran: "custom" where steps or the attacks differ from the version's), "fooled_by"
+    (samples per attack) and "fooled_by_sample" (per image: -1 robust, 0 misclassified clean,
+    k fooled by the k-th attack)). Each batch of "auto" draws from its own generator, seeded by
+    `seed` and the batch's index, so under a process group (torchrun) the batches are split
+    across ranks and rank 0 gathers every image's result: the same numbers as one process.
     certify="ibp": also "certified_acc", the fraction IBP certifies at eps (L-inf only;
     robust_fast.certify; the model must be one interval_bounds supports).
     certify="smoothing": certifies every image with the smoothed classifier of
@@ -56,6 +64,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     """
     if attack not in ATTACKS:
         raise ValueError(f"evaluate: attack must be one of {ATTACKS}, got {attack!r}")
+    if auto_version not in VERSIONS:
+        raise ValueError(f"evaluate: auto_version must be one of {VERSIONS}, got {auto_version!r}")
     if norm not in NORMS:
         raise ValueError(f"evaluate: norm must be one of {NORMS}, got {norm!r}")
     if certify is not None and certify not in CERTIFIERS:
@@ -69,11 +79,15 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
         raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"evaluate: images and labels differ in length: {images.shape[0]} != {labels.shape[0]}")
+    if attack == "auto" and robust:
+        return _evaluate_auto(model, images, labels, eps=eps, steps=steps, batch_size=batch_size, seed=seed,
+                              norm=norm, auto_attacks=auto_attacks, version=auto_version, backend=backend,
+                              certify=certify, smoothing=smoothing, progress=progress)
+    steps = 20 if steps is None else steps
     alpha = eps / 4 if alpha is None else alpha
     device = next(iter(model.parameters())).device
     generator = torch.Generator(device=device).manual_seed(seed)
     clean = fooled_free = certified = 0
-    fooled_by: Dict[str, int] = {}
     start = time.perf_counter()
     smoothed = {}
     if certify == "smoothing":  # first: under a process group every rank must reach it together
@@ -91,15 +105,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
             if attack == "pgd":
                 x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, restarts=restarts,
                             early_stop=early_stop, random_start=True, generator=generator, backend=backend)
-            elif attack == "apgd":
+            else:
                 x_adv = apgd(model, x, y, eps=eps, norm=norm, steps=steps, loss="ce", restarts=restarts,
                              early_stop=early_stop, generator=generator, backend=backend)
-            else:
-                outcome = auto_attack(model, x, y, eps=eps, norm=norm, steps=steps, generator=generator,
-                                      backend=backend, **({"attacks": tuple(auto_attacks)} if auto_attacks else {}))
-                x_adv = outcome.x_adv
-                for name, count in outcome.breakdown().items():
-                    fooled_by[name] = fooled_by.get(name, 0) + int(count)
             with modules_in_mode(model, False), torch.no_grad():
                 fooled_free += int((model(x_adv).argmax(dim=1) == y).sum())
         if certify == "ibp":
@@ -115,10 +123,55 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
                       steps=steps, restarts=restarts, early_stop=early_stop, seed=seed)
         if attack == "pgd":
             result["alpha"] = alpha
-        if attack == "auto":
-            result["fooled_by"] = fooled_by
     if certify == "ibp":
         result.update(certified_acc=certified / n if n else math.nan, certifier="ibp", eps=eps)
+    result.update(smoothed)
+    result["time_s"] = time.perf_counter() - start
+    return result
+
+
+def _evaluate_auto(model, images, labels, *, eps, steps, batch_size, seed, norm, auto_attacks, version, backend,
+                   certify, smoothing, progress) -> Dict[str, Any]:
+    """evaluate(attack="auto"): batch b attacked with a generator seeded by (seed, b); under a
+    process group each rank takes a contiguous share of the batches and every rank receives the
+    per-image results (rank 0 reports them)."""
+    device = next(iter(model.parameters())).device
+    start = time.perf_counter()
+    smoothed = {}
+    if certify == "smoothing":  # first: under a process group every rank must reach it together
+        smoothed = evaluate_smoothing(model, images, labels, smoothing, seed=seed, batch_size=batch_size,
+                                      progress=progress)
+    n = images.shape[0]
+    n_batches = math.ceil(n / batch_size)
+    mine = _shard(n_batches, dist_util.world_size(), dist_util.rank())
+    outcomes: Dict[int, Dict[str, Any]] = {}
+    for b in mine:
+        x = images[b * batch_size:(b + 1) * batch_size].to(device)
+        y = labels[b * batch_size:(b + 1) * batch_size].to(device)
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        outcome = auto_attack(model, x, y, eps=eps, norm=norm, version=version, steps=steps, generator=generator,
+                              backend=backend, **({"attacks": tuple(auto_attacks)} if auto_attacks else {}))
+        row = {"fooled_by": outcome.fooled_by.cpu(), "version": outcome.version, "attacks": outcome.attacks,
+               "settings": outcome.settings}
+        if certify == "ibp":
+            row["certified"] = ibp_certify(model, x, y, eps, backend=backend).cpu()
+        outcomes[b] = row
+    for part in dist_util.all_gather_objects(outcomes):
+        outcomes.update(part)
+    rows = [outcomes[b] for b in range(n_batches)]
+    fooled_by_sample = torch.cat([r["fooled_by"] for r in rows]) if rows else torch.zeros(0, dtype=torch.int64)
+    names = ("clean",) + (rows[0]["attacks"] if rows else ())
+    counts = {name: int((fooled_by_sample == k).sum()) for k, name in enumerate(names)}
+    counts["robust"] = int((fooled_by_sample == -1).sum())
+    result: Dict[str, Any] = {
+        "n": n, "clean_acc": (n - counts["clean"]) / n if n else math.nan,
+        "robust_acc": counts["robust"] / n if n else math.nan, "attack": "auto", "norm": norm, "eps": eps,
+        "auto_version": rows[0]["version"] if rows else version, "auto_settings": rows[0]["settings"] if rows else {},
+        "steps": rows[0]["settings"]["steps"] if rows else steps, "seed": seed, "fooled_by": counts,
+        "fooled_by_sample": fooled_by_sample.tolist(), "processes": dist_util.world_size()}
+    if certify == "ibp":
+        certified = int(sum(int(r["certified"].sum()) for r in rows))
+        result.update(certified_acc=certified / n if n else math.nan, certifier="ibp")
     result.update(smoothed)
     result["time_s"] = time.perf_counter() - start
     return result
