@@ -228,7 +228,7 @@ def bench_auto(config, notes, durations) -> List[Dict[str, object]]:
     return [{"part": "auto_attack", "impl": "robust_fast auto_attack", "n_images": x.shape[0],
              "attacks": list(result.attacks), "total_s": total, "seconds": result.seconds,
              "fooled": counts, "robust_accuracy": result.robust_accuracy(),
-             "clean_accuracy": 1 - counts["clean"] / x.shape[0], **settings}]
+             "clean_accuracy": 1 - counts["misclassified_clean"] / x.shape[0], **settings}]
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_standard_version_order_settings_and_survivors(monkeypatch):
     assert settings[2]["steps"] == 100 and settings[2]["n_target_classes"] == 9
     assert settings[3]["steps"] == 100 and settings[3]["n_target_classes"] == 9
     assert settings[4]["n_queries"] == 5000 and settings[4]["rescale_schedule"] is False
-    counts = {name: int((expected == k).sum()) for k, name in enumerate(("clean",) + result.attacks)}
+    counts = {name: int((expected == k).sum()) for k, name in enumerate(("misclassified_clean",) + result.attacks)}
     assert result.breakdown() == dict(counts, robust=int((expected == -1).sum()))
     assert min(counts.values()) > 0
     with torch.no_grad():

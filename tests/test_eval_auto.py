@@ -43,7 +43,7 @@ def test_evaluate_auto_is_a_loop_of_auto_attack_over_batches(checkpoint):
     assert numbers["fooled_by_sample"] == fooled_by
     assert numbers["robust_acc"] == sum(f == -1 for f in fooled_by) / IMAGES
     assert numbers["auto_version"] == "custom" and numbers["processes"] == 1
-    assert set(numbers["fooled_by"]) == {"clean", "apgd-ce", "fab-t", "robust"}
+    assert set(numbers["fooled_by"]) == {"misclassified_clean", "apgd-ce", "fab-t", "robust"}
 
 
 def test_eval_reports_the_version_that_ran(checkpoint, tmp_path, capsys):
@@ -52,7 +52,7 @@ def test_eval_reports_the_version_that_ran(checkpoint, tmp_path, capsys):
     assert "AutoAttack custom acc (eps 0.3)" in capsys.readouterr().out  # --steps 3: not the standard's 100
     numbers = json.loads(report.read_text())
     assert numbers["auto_settings"]["steps"] == 3 and numbers["auto_settings"]["n_queries"] == 5000
-    assert set(numbers["fooled_by"]) == {"clean", "apgd-ce", "apgd-t", "fab-t", "square", "robust"}
+    assert set(numbers["fooled_by"]) == {"misclassified_clean", "apgd-ce", "apgd-t", "fab-t", "square", "robust"}
     assert cli.main(["eval", checkpoint, "--version", "standard"]) == 2
     assert "--version applies to --attack auto only" in capsys.readouterr().err
 

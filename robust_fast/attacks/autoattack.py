@@ -49,8 +49,9 @@ class AutoAttackResult(NamedTuple):
         return float((self.fooled_by == -1).float().mean()) if self.fooled_by.numel() else float("nan")
 
     def breakdown(self) -> Dict[str, int]:
-        """How many samples each stage fooled (robust: never fooled)."""
-        names = ("clean",) + self.attacks
+        """How many samples each stage fooled: "misclassified_clean" (wrong before any attack),
+        each attack by name, and "robust" (never fooled)."""
+        names = ("misclassified_clean",) + self.attacks
         counts = {name: int((self.fooled_by == k).sum()) for k, name in enumerate(names)}
         counts["robust"] = int((self.fooled_by == -1).sum())
         return counts

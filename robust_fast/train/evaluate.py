@@ -160,11 +160,11 @@ def _evaluate_auto(model, images, labels, *, eps, steps, batch_size, seed, norm,
         outcomes.update(part)
     rows = [outcomes[b] for b in range(n_batches)]
     fooled_by_sample = torch.cat([r["fooled_by"] for r in rows]) if rows else torch.zeros(0, dtype=torch.int64)
-    names = ("clean",) + (rows[0]["attacks"] if rows else ())
+    names = ("misclassified_clean",) + (rows[0]["attacks"] if rows else ())
     counts = {name: int((fooled_by_sample == k).sum()) for k, name in enumerate(names)}
     counts["robust"] = int((fooled_by_sample == -1).sum())
     result: Dict[str, Any] = {
-        "n": n, "clean_acc": (n - counts["clean"]) / n if n else math.nan,
+        "n": n, "clean_acc": (n - counts["misclassified_clean"]) / n if n else math.nan,
         "robust_acc": counts["robust"] / n if n else math.nan, "attack": "auto", "norm": norm, "eps": eps,
         "auto_version": rows[0]["version"] if rows else version, "auto_settings": rows[0]["settings"] if rows else {},
         "steps": rows[0]["settings"]["steps"] if rows else steps, "seed": seed, "fooled_by": counts,
