@@ -11,10 +11,13 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from robust_fast.data import load_fashion_mnist
-from robust_fast.models import build_model
+from robust_fast.models import PREDICTIONS, TeacherMapStudent, build_model
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from robust_fast.train.darht import DARHT
+from robust_fast.train.darht import HEADS as DARHT_HEADS
+from robust_fast.train.darht import WEIGHTS as DARHT_WEIGHTS
 from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, evaluate
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
 from robust_fast.train.loop import fit
@@ -51,8 +54,20 @@ def add_train_parser(commands) -> None:
     p.add_argument("--eps", type=float, default=0.1, help="L-inf radius of training attacks and of evaluation")
     p.add_argument("--steps", type=int, default=None,
                    help=f"PGD steps (pgd_at, ard: {_default(PGDAT, 'steps')}; "
-                        f"smoothadv: {_default(SmoothAdv, 'steps')})")
-    p.add_argument("--teacher", help="checkpoint of the frozen teacher (rrm, kd, ard, crt)")
+                        f"smoothadv: {_default(SmoothAdv, 'steps')}; darht: {_default(DARHT, 'attack_steps')})")
+    p.add_argument("--teacher", action="append", default=None, metavar="CHECKPOINT",
+                   help="checkpoint of the frozen teacher (rrm, kd, ard, crt: one; darht: repeat it, one per "
+                        "teacher, any architecture)")
+    p.add_argument("--weights", choices=DARHT_WEIGHTS, default=None,
+                   help="darht: teacher weights exp(-CE(T_k(x), y)) per batch (default, the public code's), "
+                        "per sample (the paper's formula), or none")
+    p.add_argument("--head", choices=DARHT_HEADS, default=None,
+                   help="darht: the K*C -> C head in the distillation-only phase: follow (default: trained on "
+                        "the detached map) or frozen (the public code's)")
+    p.add_argument("--prediction", choices=PREDICTIONS, default="head",
+                   help="darht: the student's logits: its head (default) or the mean of its map's slices")
+    p.add_argument("--adversarial-fraction", type=float, default=None,
+                   help="darht: the share of batches replaced by PGD examples against the student (default 0.5)")
     p.add_argument("--lambda-ce", type=float, default=0.005, help="rrm: weight of the cross-entropy")
     p.add_argument("--kind", default="cosine", choices=("cosine", "l2_normalized"), help="rrm: feature distance")
     p.add_argument("--noise-std", type=float, default=0.0, help="rrm: match on x + N(0, std^2)")
@@ -124,17 +139,48 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
     raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {name!r}")
 
 
+def _darht_recipe(args: argparse.Namespace, teachers, paths) -> DARHT:
+    given = {k: v for k, v in (("attack_steps", args.steps), ("weights", args.weights), ("head", args.head),
+                               ("adversarial_fraction", args.adversarial_fraction)) if v is not None}
+    return DARHT(teachers, eps=args.eps, teacher_paths=paths, **given)
+
+
+def _usage_error(message: str) -> int:
+    print(f"robust-fast train: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    paths = args.teacher or []
+    if args.recipe == "darht" and not paths:
+        return _usage_error("darht needs its teachers: --teacher CHECKPOINT, once per teacher")
+    if args.recipe != "darht" and len(paths) > 1:
+        return _usage_error(f"{args.recipe} takes one --teacher, got {len(paths)} (only darht takes several)")
     joined = dist_util.init_from_env()
     device = dist_util.default_device()
-    teacher = model_from_checkpoint(args.teacher, map_location=device) if args.teacher else None
-    recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=args.teacher,
-                          lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
-                          temperature=args.temperature, alpha=args.alpha, warmup_epochs=args.warmup_epochs,
-                          ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end, ramp=args.ramp, sigma=args.sigma,
-                          noise_samples=args.noise_samples, l2_eps=args.l2_eps)
+    teachers = [model_from_checkpoint(path, map_location=device) for path in paths]
+    torch.manual_seed(args.seed)
+    model_name = args.model or ("small_cnn" if args.recipe == "ibp" else "resnet_small")
+    model = build_model(model_name, **({"width": args.width} if args.width else {}))
+    if args.recipe == "darht":
+        try:
+            recipe = _darht_recipe(args, teachers, paths)
+            model = TeacherMapStudent(model, len(teachers), prediction=args.prediction)
+            recipe.check_student(model)
+        except (TypeError, ValueError) as error:
+            if joined:
+                torch.distributed.destroy_process_group()
+            return _usage_error(str(error))
+    else:
+        teacher = teachers[0] if teachers else None
+        teacher_path = paths[0] if paths else None
+        recipe = build_recipe(args.recipe, eps=args.eps, steps=args.steps, teacher=teacher, teacher_path=teacher_path,
+                              lambda_ce=args.lambda_ce, kind=args.kind, noise_std=args.noise_std,
+                              temperature=args.temperature, alpha=args.alpha, warmup_epochs=args.warmup_epochs,
+                              ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end, ramp=args.ramp,
+                              sigma=args.sigma, noise_samples=args.noise_samples, l2_eps=args.l2_eps)
     # the clip the run uses, written into its configuration (and so its checkpoint)
     max_grad_norm = args.max_grad_norm if args.max_grad_norm is not None else recipe.max_grad_norm
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -144,9 +190,6 @@ def run_train(args: argparse.Namespace) -> int:
                          max_grad_norm=max_grad_norm)
     train = load_fashion_mnist("train", root=args.data, limit=args.limit)
     held_out = load_fashion_mnist("test", root=args.data, limit=args.eval_samples or None)
-    torch.manual_seed(args.seed)
-    model_name = args.model or ("small_cnn" if args.recipe == "ibp" else "resnet_small")
-    model = build_model(model_name, **({"width": args.width} if args.width else {}))
     out = args.out or os.path.join("runs", args.recipe)
     result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
     if dist_util.is_main():
