@@ -1,4 +1,4 @@
-"""robust-fast info | demo | train <recipe> | eval <checkpoint> | bench <name> [args]
+"""robust-fast info | demo | train <recipe> | eval <checkpoint> | transferability <checkpoints> | bench <name> [args]
 (also: python -m robust_fast ...)."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from robust_fast.demo import add_demo_parser, run_demo
 from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
 from robust_fast.info import info_lines
 from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
+from robust_fast.transferability import add_transferability_parser, run_transferability
 
 # Short names of benchmarks whose module is named after the op family.
 ALIASES = {"loss": "multi_teacher_loss"}
@@ -45,6 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_crt_demo_options(add_demo_parser(commands))
     add_train_parser(commands)
     add_eval_parser(commands)
+    add_transferability_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
@@ -58,6 +60,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_train(args)
     if args.command == "eval":
         return run_eval(args)
+    if args.command == "transferability":
+        return run_transferability(args)
     return _run_benchmark(args.name, args.args)
 
 
