@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from robust_fast.demo import add_demo_parser, run_demo
 from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
+from robust_fast.demo_darht import add_darht_demo_options, darht_usage_error, run_darht_demo
 from robust_fast.info import info_lines
 from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
 from robust_fast.transferability import add_transferability_parser, run_transferability
@@ -43,7 +44,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "(of the checkout, else of the current directory) unless --out DIR or --save-reference")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
-    add_crt_demo_options(add_demo_parser(commands))
+    demo = add_demo_parser(commands)
+    add_crt_demo_options(demo)
+    add_darht_demo_options(demo)
     add_train_parser(commands)
     add_eval_parser(commands)
     add_transferability_parser(commands)
@@ -52,9 +55,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\n".join(info_lines()))
         return 0
     if args.command == "demo":
-        problem = demo_usage_error(args)
+        problem = darht_usage_error(args) or (None if args.section == "darht" else demo_usage_error(args))
         if problem:
             parser.error(problem)
+        if args.section == "darht":
+            return run_darht_demo(args)
         return run_crt_demo(args) if args.section == "crt" else run_demo(args)
     if args.command == "train":
         return run_train(args)

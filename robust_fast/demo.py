@@ -260,9 +260,10 @@ def add_demo_parser(commands) -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="robustness transfer end to end on Fashion-MNIST (eps 0.1): a cached "
                                          "robust teacher, a student trained four ways, one table; "
                                          "`demo crt`: certified robustness transfer (randomized smoothing)")
-    p.add_argument("section", nargs="?", choices=("rrm", "crt"), default="rrm",
+    p.add_argument("section", nargs="?", choices=("rrm", "crt", "darht"), default="rrm",
                    help="rrm (default): RRM against adversarial training at L-inf eps 0.1; crt: CRT against "
-                        "Gaussian and SmoothAdv training, certified by randomized smoothing at sigma 0.25")
+                        "Gaussian and SmoothAdv training, certified by randomized smoothing at sigma 0.25; darht: "
+                        "DARHT from heterogeneous and homogeneous teacher sets against ARD and PGD-AT")
     p.add_argument("--quick", action="store_true", help="the same path on a subset (a check, not a measurement)")
     p.add_argument("--out", default=None, help="results folder (default runs/demo-<time>)")
     p.add_argument("--retrain-teacher", action="store_true", help="train the teacher even when cached")
