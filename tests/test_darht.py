@@ -334,3 +334,60 @@ def test_cli_darht_needs_a_teacher(tmp_path, fake_data, capsys):
     one = _checkpoint(tmp_path, "one", build_model("small_cnn"))
     assert cli.main(["train", "kd", "--teacher", one, "--teacher", one, "--out", str(tmp_path / "k")]) == 2
     assert "kd takes one --teacher" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# under torchrun: 2 gloo processes on one global batch take the step 1 process takes
+
+def _ddp_setup():
+    size = 12
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    images = (0.2 + 0.3 * labels.view(-1, 1, 1, 1) + 0.1 * torch.randn(32, 1, size, size, generator=g)).clamp(0, 1)
+    torch.manual_seed(1)
+    teachers = [build_model("wide_cnn", input_size=size, num_classes=3, width=4, feature_dim=24),
+                build_model("small_cnn", input_size=size, num_classes=3)]
+    torch.manual_seed(0)
+    student = TeacherMapStudent(build_model("resnet_small", input_size=size, num_classes=3, width=4, feature_dim=16),
+                                2)
+    # the last phase (the head on the detached map: every trained parameter gets a gradient);
+    # per-sample weights (per-batch weights are each rank's shard mean); no adversarial draw
+    recipe = DARHT(teachers, schedule=(0.0, 0.0), adversarial_fraction=0.0, weights="sample")
+    config = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.5, momentum=0.9, schedule="constant",
+                         progress=False, eval_samples=0)
+    return recipe, student, (images, labels), config
+
+
+def _ddp_worker(rank, world, port, result_path):
+    import os
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        recipe, student, data, config = _ddp_setup()
+        fit(recipe, student, data, config, max_steps=1)
+        if rank == 0:
+            torch.save(student.state_dict(), result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_take_the_step_one_process_takes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    recipe, student, data, config = _ddp_setup()
+    untrained = copy.deepcopy(student.state_dict())
+    fit(recipe, student, data, config, max_steps=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "double.pt")
+    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    double = torch.load(path, weights_only=True)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(double[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    moved = max(float((student.state_dict()[k] - untrained[k]).abs().max()) for k in untrained)
+    assert moved > 1e-2

@@ -13,7 +13,9 @@ run, the method's 0-49, 50-117 and 118-349 of 350 epochs scaled to the run's len
 
 with w_k = exp(-CE(T_k(x), y)), one weight per teacher per batch (weights="batch": the public
 code, which takes the batch mean of the cross-entropy) or per sample (weights="sample": the
-paper's formula read per sample), or 1 (weights="none"). The KL term is one call of the fused
+paper's formula read per sample), or 1 (weights="none"). Under torchrun a per-batch weight is
+the mean over each rank's shard (one process and N processes then differ slightly; per-sample
+weights give the same step). The KL term is one call of the fused
 multi_teacher_loss on the (B, K, C) map, kind "kl", temperature 1, averaged over samples
 (KLDivLoss(reduction="batchmean") in the public code).
 
