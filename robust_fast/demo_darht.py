@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from robust_fast.data import load_fashion_mnist
-from robust_fast.demo import _machine, cached_teacher, choose_threads
+from robust_fast.demo import _machine, cache_dir, cached_teacher, choose_threads
 from robust_fast.models import TeacherMapStudent, build_model
 from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
@@ -146,6 +147,31 @@ def candidate_teachers(settings: DARHTDemoSettings, train, held_out, log=print, 
         info["name"] = spec.name
         found.append((spec, model.eval(), info))
     return found
+
+
+def teacher_matrix(settings: DARHTDemoSettings, specs: Sequence[TeacherSpec], teachers, test, log=print,
+                   retrain: bool = False) -> Dict[str, Any]:
+    """The candidates' transferability matrix on the test images, cached beside the teachers (it
+    depends only on them and on the attack): computing it is PGD-20 on every candidate."""
+    key = {"teachers": [teacher_key(spec, settings) for spec in specs], "names": [spec.name for spec in specs],
+           "eps": settings.eps, "steps": settings.matrix_steps, "test_samples": settings.test_samples,
+           "seed": settings.seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"demo_darht_matrix_{digest}.json")
+    if os.path.isfile(path) and not retrain:
+        log(f"transferability: cached {path}")
+        with open(path, encoding="utf-8") as f:
+            return {**json.load(f), "cached": True}
+    log(f"transferability of {len(teachers)} candidate teachers on {test[0].shape[0]} test images")
+    start = time.perf_counter()
+    matrix = transferability(teachers, *test, eps=settings.eps, steps=settings.matrix_steps,
+                             names=[spec.name for spec in specs], seed=settings.seed)
+    matrix["time_s"] = time.perf_counter() - start
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(matrix, f)
+    os.replace(path + ".tmp", path)
+    return {**matrix, "cached": False}
 
 
 def heterogeneous_set(matrix: Dict[str, Any], specs: Sequence[TeacherSpec], size: int,
@@ -275,11 +301,7 @@ def run(settings: DARHTDemoSettings, out: str, log=print, retrain_teachers: bool
     specs = [spec for spec, _, _ in found]
     teachers = [model for _, model, _ in found]
     paths = [info["path"] for _, _, info in found]
-    log(f"transferability of {len(teachers)} candidate teachers on {test[0].shape[0]} test images")
-    matrix_start = time.perf_counter()
-    matrix = transferability(teachers, *test, eps=settings.eps, steps=settings.matrix_steps,
-                             names=[s.name for s in specs], seed=settings.seed)
-    matrix["time_s"] = time.perf_counter() - matrix_start
+    matrix = teacher_matrix(settings, specs, teachers, test, log=log, retrain=retrain_teachers)
     plot_transferability(matrix, os.path.join(out, "transferability.png"),
                          title=f"Candidate teachers: PGD-{settings.matrix_steps} examples at L-inf eps "
                                f"{settings.eps:g}, {matrix['n']} Fashion-MNIST test images")

@@ -69,7 +69,9 @@ def test_demo_darht_quick_writes_table_json_and_figures(tmp_path, monkeypatch, c
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run finds every teacher in the cache
     assert cli.main(["demo", "darht", "--quick", "--out", str(tmp_path / "again")]) == 0
-    assert all(t["cached"] for t in json.loads((tmp_path / "again" / "results.json").read_text())["teachers"])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert all(t["cached"] for t in again["teachers"]) and again["transferability"]["cached"]
+    assert again["transferability"]["accuracy"] == results["transferability"]["accuracy"]
 
 
 @pytest.mark.parametrize("argv", [["demo", "--seeds", "2"], ["demo", "crt", "--darht-epochs", "2"],
