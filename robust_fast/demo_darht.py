@@ -72,7 +72,8 @@ def default_teachers() -> List[TeacherSpec]:
 @dataclass
 class DARHTDemoSettings:
     eps: float = 0.1
-    train_samples: int = 20000          # the first N training images (teachers and students)
+    teacher_train_samples: int = 20000  # the first N training images: the teachers'
+    train_samples: int = 10000          # the students' (the first N), for time: 4 students x --seeds
     test_samples: int = 1000            # the first N test images (matrix and final evaluation)
     seeds: int = 1                      # seeds per student (initial weights and draws: seed, seed + 1, ...)
     seed: int = 0
@@ -108,7 +109,7 @@ class DARHTDemoSettings:
                     TeacherSpec("WideCNN PGD-AT seed 1", tiny, "pgd_at", {"eps": 0.1, "steps": 2}, 1, seed=1),
                     TeacherSpec("SmallCNN IBP", {"name": "small_cnn", "kwargs": {}}, "ibp", {"eps": 0.1}, 1),
                     TeacherSpec("WideCNN Gaussian", tiny, "gaussian", {"sigma": 0.3}, 1)]
-        return cls(train_samples=512, test_samples=64, teachers=teachers,
+        return cls(teacher_train_samples=512, train_samples=256, test_samples=64, teachers=teachers,
                    student_model={"name": "resnet_small", "kwargs": {"width": 4}},
                    epochs={name: 1 for name in STUDENTS}, pgd_at_steps=2, darht_attack_steps=2, curve_samples=32,
                    curve_steps=2, matrix_steps=3, eval_steps=3, auto_steps=5, min_relative_robustness=0.0)
@@ -123,7 +124,7 @@ def _config(settings: DARHTDemoSettings, epochs: int, seed: int) -> TrainConfig:
 def teacher_key(spec: TeacherSpec, settings: DARHTDemoSettings) -> Dict[str, Any]:
     """Everything a teacher's weights depend on. A PGD-AT WideCNN gets the RRM demo's key, so the
     two demos share that teacher's cache file."""
-    common = {"model": spec.model, "epochs": spec.epochs, "train_samples": settings.train_samples,
+    common = {"model": spec.model, "epochs": spec.epochs, "train_samples": settings.teacher_train_samples,
               "seed": spec.seed, "optimizer": settings.optimizer, "lr": settings.lr, "schedule": settings.schedule,
               "batch_size": settings.batch_size}
     if spec.recipe == "pgd_at":
@@ -294,10 +295,11 @@ def run(settings: DARHTDemoSettings, out: str, log=print, retrain_teachers: bool
     """Runs the demo into the folder `out` and returns what results.json holds."""
     os.makedirs(out, exist_ok=True)
     started = time.time()
-    train = load_fashion_mnist("train", root=data_root, limit=settings.train_samples)
+    teacher_train = load_fashion_mnist("train", root=data_root, limit=settings.teacher_train_samples)
+    train = (teacher_train[0][:settings.train_samples], teacher_train[1][:settings.train_samples])
     test = load_fashion_mnist("test", root=data_root, limit=settings.test_samples)
     held_out = (test[0][:settings.curve_samples], test[1][:settings.curve_samples])
-    found = candidate_teachers(settings, train, held_out, log=log, retrain=retrain_teachers)
+    found = candidate_teachers(settings, teacher_train, held_out, log=log, retrain=retrain_teachers)
     specs = [spec for spec, _, _ in found]
     teachers = [model for _, model, _ in found]
     paths = [info["path"] for _, _, info in found]
@@ -400,8 +402,8 @@ def _cell(row: Dict[str, Any], key: str, percent: bool = True) -> str:
 
 def table(results: Dict[str, Any]) -> str:
     s = results["settings"]
-    header = (f"Fashion-MNIST, L-inf eps {s['eps']:g}, {s['train_samples']} training images, {s['test_samples']} "
-              f"test images; student {s['student_model']['name']}; {s['seeds']} seed(s) per student "
+    header = (f"Fashion-MNIST, L-inf eps {s['eps']:g}, {s['train_samples']} training images for the students "
+              f"({s['teacher_train_samples']} for the teachers), {s['test_samples']} test images; student {s['student_model']['name']}; {s['seeds']} seed(s) per student "
               f"(mean ± standard deviation)")
     teachers = ["| teacher | method | epochs | clean | PGD-20 | training time s |", "|---|---|---|---|---|---|"]
     for t in results["teachers"]:
