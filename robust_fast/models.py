@@ -297,8 +297,9 @@ class TeacherMapStudent(nn.Module):
         return (features, logits) if return_features else logits
 
 
-MODELS: Dict[str, Type[nn.Module]] = {"small_cnn": SmallCNN, "wide_cnn": WideCNN, "resnet_small": ResNetSmall,
-                                      "teacher_map": TeacherMapStudent}
+MODELS: Dict[str, Type[nn.Module]] = {"small_cnn": SmallCNN, "wide_cnn": WideCNN, "resnet_small": ResNetSmall}
+# models around one of MODELS (built by name too, so checkpoints rebuild them)
+WRAPPERS: Dict[str, Type[nn.Module]] = {"teacher_map": TeacherMapStudent}
 
 
 def input_shape(model: nn.Module) -> Tuple[int, int, int]:
@@ -313,12 +314,12 @@ def build_model(name: str, **kwargs) -> nn.Module:
     """A model by its registered name (see MODELS), with its constructor's keyword arguments.
     teacher_map takes its backbone as a spec: build_model("teacher_map", backbone={"name":
     "resnet_small", "kwargs": {"width": 8}}, num_teachers=3)."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
-    model = MODELS[name](**kwargs)
+    if name not in MODELS and name not in WRAPPERS:
+        raise ValueError(f"model must be one of {tuple(MODELS) + tuple(WRAPPERS)}, got {name!r}")
+    model = (MODELS.get(name) or WRAPPERS[name])(**kwargs)
     model.spec = {"name": name, "kwargs": dict(kwargs)}  # checkpoints store it to rebuild the model
     return model
 
 
 __all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "MODELS", "Normalize", "ResNetSmall", "SmallCNN",
-           "TeacherMapStudent", "WideCNN", "WithFeatures", "build_model", "input_shape"]
+           "TeacherMapStudent", "WRAPPERS", "WideCNN", "WithFeatures", "build_model", "input_shape"]
