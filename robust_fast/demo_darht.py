@@ -235,10 +235,12 @@ def _evaluate(model, test, settings: DARHTDemoSettings, seed: int) -> Dict[str, 
 
 
 def step_breakdown(student: TeacherMapStudent, recipe: DARHT, x: torch.Tensor, y: torch.Tensor,
-                   repeats: int = 5) -> Dict[str, float]:
+                   repeats: int = 5, pgd_at_steps: int = 7) -> Dict[str, float]:
     """Milliseconds per DARHT step, median of `repeats`, by part: the PGD attack on the student
     (when the batch is adversarial), each teacher's forward, the student's forward and backward,
-    the loss (multi_teacher_loss forward + backward on the (B, K, C) map, and the weights)."""
+    the loss (multi_teacher_loss forward + backward on the (B, K, C) map, and the weights); the
+    step with and without the attack, the expected step at the recipe's adversarial fraction,
+    and a PGD-AT step (PGD-pgd_at_steps + the backbone's forward and backward) for the ratio."""
     from robust_fast.attacks import pgd
 
     def median_ms(work) -> float:
@@ -270,6 +272,17 @@ def step_breakdown(student: TeacherMapStudent, recipe: DARHT, x: torch.Tensor, y
     student.zero_grad(set_to_none=True)
     parts["step, adversarial batch"] = sum(parts.values())
     parts["step, clean batch"] = parts["step, adversarial batch"] - parts["attack"]
+    fraction = recipe.adversarial_fraction
+    parts["step, expected"] = parts["step, clean batch"] + fraction * parts["attack"]
+    if pgd_at_steps:  # PGD-AT's step on the same student, timed back to back: the cost ratio under one load
+        backbone = student.backbone
+
+        def pgd_at_step():
+            x_adv = pgd(backbone, x, y, eps=recipe.eps, alpha=recipe.eps / 4, steps=pgd_at_steps, random_start=True)
+            torch.nn.functional.cross_entropy(backbone(x_adv), y).backward()
+        parts["PGD-AT step"] = median_ms(pgd_at_step)
+        backbone.zero_grad(set_to_none=True)
+        parts["expected step / PGD-AT step"] = parts["step, expected"] / parts["PGD-AT step"]
     return parts
 
 
@@ -357,7 +370,8 @@ def run(settings: DARHTDemoSettings, out: str, log=print, retrain_teachers: bool
     torch.manual_seed(settings.seed)
     probe = _student(settings, settings.seed, settings.set_size)
     breakdown = step_breakdown(probe, _recipe("darht_heterogeneous", settings, sets, teachers, paths),
-                               train[0][:settings.batch_size], train[1][:settings.batch_size])
+                               train[0][:settings.batch_size], train[1][:settings.batch_size],
+                               pgd_at_steps=settings.pgd_at_steps)
     plot(rows, runs, settings, os.path.join(out, "darht.png"))
     results = {"settings": dataclasses.asdict(settings), "machine": _machine(), "teachers": teacher_rows,
                "transferability": matrix, "sets": {k: [names[i] for i in v] for k, v in sets.items()},
@@ -427,8 +441,10 @@ def table(results: Dict[str, Any]) -> str:
     sets = results["sets"]
     chosen = (f"sets: heterogeneous {', '.join(sets['heterogeneous'])}; homogeneous {', '.join(sets['homogeneous'])}")
     step = results["step_ms"]
-    breakdown = "one DARHT step (ms, batch of " + str(s["batch_size"]) + "): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in step.items())
+    breakdown = "one DARHT step (ms, batch of " + str(s["batch_size"]) + ", medians): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in step.items() if not k.startswith("expected step /")) + (
+        f"; the expected DARHT step costs {step['expected step / PGD-AT step']:.2f} of a PGD-AT step"
+        if "expected step / PGD-AT step" in step else "")
     from robust_fast.transferability import table as matrix_table
     return "\n".join([header, "", *teachers, "", matrix_table(results["transferability"]), "", chosen, "",
                       *lines, "", claim, breakdown])

@@ -64,7 +64,9 @@ def test_demo_darht_quick_writes_table_json_and_figures(tmp_path, monkeypatch, c
     assert results["sets"]["homogeneous"] == list(settings.homogeneous)
     assert len(results["sets"]["heterogeneous"]) == settings.set_size
     assert set(results["claim"]) >= {"holds", "above_homogeneous_auto", "above_ard_auto"}
-    assert results["step_ms"]["attack"] > 0 and "teacher 1" in results["step_ms"]
+    step = results["step_ms"]
+    assert step["attack"] > 0 and "teacher 1" in step and step["PGD-AT step"] > 0
+    assert step["step, expected"] == pytest.approx(step["step, clean batch"] + 0.5 * step["attack"])
     for figure in ("transferability.png", "darht.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run finds every teacher in the cache
