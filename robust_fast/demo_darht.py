@@ -36,7 +36,6 @@ import torch
 from robust_fast.data import load_fashion_mnist
 from robust_fast.demo import _machine, cache_dir, cached_teacher, choose_threads
 from robust_fast.models import TeacherMapStudent, build_model
-from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
 from robust_fast.train.darht import DARHT
 from robust_fast.train.evaluate import evaluate

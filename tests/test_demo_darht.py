@@ -1,6 +1,5 @@
 """robust-fast demo darht: the heterogeneous set's choice on a hand-made matrix, and --quick end to end."""
 import json
-import math
 
 import pytest
 
@@ -32,7 +31,6 @@ def test_heterogeneous_set_takes_the_best_then_the_least_transfer_of_another_kin
     assert picked3 == [0, 2, 3]
     with pytest.raises(ValueError, match="no heterogeneous set of 4"):
         heterogeneous_set(matrix, specs, 4, min_relative_robustness=0.5)
-    assert math.isclose(0.4, (0.5 + 0.3) / 2)
 
 
 def test_the_pgd_at_teacher_shares_the_rrm_demos_cache_key():

@@ -9,7 +9,7 @@ import torch
 from robust_fast import cli
 from robust_fast.attacks import pgd
 from robust_fast.models import build_model
-from robust_fast.transferability import mean_transfer, plot_transferability, table, transferability
+from robust_fast.transferability import mean_transfer, table, transferability
 
 
 def _data(n=24, seed=0):
@@ -34,21 +34,20 @@ def test_two_identical_models_give_their_own_robust_accuracy_everywhere():
     model = _trained()
     twin = copy.deepcopy(model)
     x, y = _data()
-    result = transferability([model, twin], x, y, eps=0.05, steps=5, seed=3, batch_size=10)
+    result = transferability([model, twin], x, y, eps=0.3, steps=5, seed=3, batch_size=10)
     # the model's own robust accuracy under the same PGD (same seed per batch, no early stop)
     correct = 0
     for first in range(0, 24, 10):
         g = torch.Generator().manual_seed(3 * 1_000_003 + first)
-        x_adv = pgd(model, x[first:first + 10], y[first:first + 10], eps=0.05, alpha=0.0125, steps=5,
+        x_adv = pgd(model, x[first:first + 10], y[first:first + 10], eps=0.3, alpha=0.075, steps=5,
                     random_start=True, early_stop=False, generator=g)
         correct += int((model(x_adv).argmax(1) == y[first:first + 10]).sum())
     own = correct / 24
     assert result["accuracy"][0][0] == own == result["accuracy"][1][1]
     assert result["accuracy"][0][1] == result["accuracy"][1][0] == own
     assert result["robust_acc"] == [own, own]
-    if result["successes"][0][0]:
-        assert result["transfer_rate"] == [[1.0, 1.0], [1.0, 1.0]]
-    assert mean_transfer(result, 0, 1) in (1.0,) or math.isnan(mean_transfer(result, 0, 1))
+    assert result["successes"][0][0] > 0                      # the attack fools the model on some images
+    assert result["transfer_rate"] == [[1.0, 1.0], [1.0, 1.0]] and mean_transfer(result, 0, 1) == 1.0
 
 
 def test_a_constant_model_is_never_fooled_and_fools_nobody():
