@@ -1,6 +1,6 @@
-"""robust-fast info | demo [rrm|crt|transfer] | train <recipe> | eval <checkpoint> | bench <name> [args]
-(also: python -m robust_fast ...). A mistake in what was asked for prints one line; --debug
-(or ROBUST_FAST_DEBUG=1) shows the traceback instead."""
+"""robust-fast info | demo [rrm|crt|darht|transfer] | train <recipe> | eval <checkpoint> |
+transferability <checkpoints> | bench <name> [args] (also: python -m robust_fast ...). A mistake
+in what was asked for prints one line; --debug (or ROBUST_FAST_DEBUG=1) shows the traceback."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,11 @@ from robust_fast._user_errors import USER_ERRORS, debug_requested
 from robust_fast._allocator import tune_cpu_allocator
 from robust_fast.demo import add_demo_parser, run_demo
 from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
+from robust_fast.demo_darht import add_darht_demo_options, darht_usage_error, run_darht_demo
 from robust_fast.demo_transfer import add_transfer_demo_options, run_transfer_demo, transfer_usage_error
 from robust_fast.info import info_lines
 from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
+from robust_fast.transferability import add_transferability_parser, run_transferability
 
 # Short names of benchmarks whose module is named after the op family.
 ALIASES = {"loss": "multi_teacher_loss"}
@@ -72,9 +74,11 @@ def _main(argv: List[str]) -> int:
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
     demo = add_demo_parser(commands)
     add_crt_demo_options(demo)
+    add_darht_demo_options(demo)
     add_transfer_demo_options(demo)
     add_train_parser(commands)
     add_eval_parser(commands)
+    add_transferability_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
@@ -82,9 +86,12 @@ def _main(argv: List[str]) -> int:
     if args.command in ("demo", "train", "eval"):
         tune_cpu_allocator()  # freed memory kept for the next tensor: no page faults (_allocator.py)
     if args.command == "demo":
-        problem = transfer_usage_error(args) or demo_usage_error(args)
+        problem = (darht_usage_error(args) or transfer_usage_error(args)
+                   or (None if args.section == "darht" else demo_usage_error(args)))
         if problem:
             parser.error(problem)
+        if args.section == "darht":
+            return run_darht_demo(args)
         if args.section == "transfer":
             return run_transfer_demo(args)
         return run_crt_demo(args) if args.section == "crt" else run_demo(args)
@@ -92,6 +99,8 @@ def _main(argv: List[str]) -> int:
         return run_train(args)
     if args.command == "eval":
         return run_eval(args)
+    if args.command == "transferability":
+        return run_transferability(args)
     return _run_benchmark(args.name, args.args)
 
 

@@ -285,10 +285,11 @@ def add_demo_parser(commands) -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="robustness transfer end to end on Fashion-MNIST (eps 0.1): a cached "
                                          "robust teacher, a student trained four ways, one table; "
                                          "`demo crt`: certified robustness transfer (randomized smoothing)")
-    p.add_argument("section", nargs="?", choices=("rrm", "crt", "transfer"), default="rrm",
+    p.add_argument("section", nargs="?", choices=("rrm", "crt", "darht", "transfer"), default="rrm",
                    help="rrm (default): RRM against adversarial training at L-inf eps 0.1; crt: CRT against "
-                        "Gaussian and SmoothAdv training, certified by randomized smoothing at sigma 0.25; "
-                        "transfer: robust transfer learning (a new head, fine-tuning, LwF) to new classes")
+                        "Gaussian and SmoothAdv training, certified by randomized smoothing at sigma 0.25; darht: "
+                        "DARHT from heterogeneous and homogeneous teacher sets against ARD and PGD-AT; transfer: "
+                        "robust transfer learning (a new head, fine-tuning, LwF) to new classes")
     p.add_argument("--quick", action="store_true", help="the same path on a subset (a check, not a measurement)")
     p.add_argument("--out", default=None, help="results folder (default runs/demo-<time>)")
     p.add_argument("--retrain-teacher", action="store_true",

@@ -139,6 +139,7 @@ class _FeaturesThenClassifier(nn.Module):
                                   nn.Linear(2 * width * side * side, feature_dim), nn.ReLU())
         self.classifier = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
+        self.in_channels, self.num_classes, self.input_size = in_channels, num_classes, input_size
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.normalize(x))
@@ -220,7 +221,94 @@ class WithFeatures(nn.Module):
         return features, logits
 
 
+PREDICTIONS = ("head", "mean")
+
+
+class TeacherMapStudent(nn.Module):
+    """A student with DARHT's student-teacher map (Deng et al. 2024), around any model here:
+
+        backbone.features(x) (feature_dim) → Linear → the map (K·C; slice k, map[:, k], imitates
+        teacher k's logits) → Linear → the student's C logits.
+
+    The backbone's own classifier is not on the path: it stays in the module, frozen
+    (requires_grad off on the backbone given). The map is
+    returned by forward(x, return_map=True) as (B, K, C) (a view of the (B, K·C) output), so
+    slice k is map[:, k, :], which multi_teacher_loss compares with teacher k's row.
+
+    prediction: what model(x) returns as logits. "head" (the method's, and its public code's):
+    the last Linear, K·C → C. "mean": the mean of the map's slices (no head): when training ends
+    with the distillation term alone the head gets no gradient, and the slices are what keeps
+    learning. The head is trained either way while cross-entropy is on; the choice can change
+    after training (set .prediction).
+
+    backbone: a model with features(x), feature_dim and num_classes (SmallCNN, WideCNN,
+    ResNetSmall), or a model spec {"name": ..., "kwargs": {...}} to build it (build_model
+    stores the spec, so checkpoints rebuild the whole student).
+    """
+
+    def __init__(self, backbone, num_teachers: int, prediction: str = "head"):
+        super().__init__()
+        if isinstance(backbone, dict):
+            if set(backbone) != {"name", "kwargs"}:
+                raise ValueError(f"TeacherMapStudent: backbone as a spec must be {{'name': ..., 'kwargs': {{...}}}}, "
+                                 f"got keys {sorted(backbone)}")
+            backbone = build_model(backbone["name"], **backbone["kwargs"])
+        if not isinstance(backbone, nn.Module) or not hasattr(backbone, "features") \
+                or not hasattr(backbone, "feature_dim"):
+            raise TypeError(f"TeacherMapStudent: backbone must be a model with features(x) and feature_dim "
+                            f"(robust_fast.models), got {type(backbone).__name__}")
+        if isinstance(backbone, TeacherMapStudent):
+            raise TypeError("TeacherMapStudent: backbone is already a TeacherMapStudent")
+        _check_sizes("TeacherMapStudent", num_teachers=num_teachers)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"TeacherMapStudent: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        classes = backbone.num_classes if hasattr(backbone, "num_classes") else backbone.classifier.out_features
+        self.backbone, self.num_teachers, self.num_classes = backbone, num_teachers, classes
+        self.in_channels, self.input_size = backbone.in_channels, backbone.input_size
+        self.feature_dim = backbone.feature_dim
+        # the backbone's own classifier is not on the path: frozen, so no optimiser or
+        # DistributedDataParallel waits for its gradient
+        backbone.classifier.requires_grad_(False)
+        self.prediction = prediction
+        self.teacher_map = nn.Linear(backbone.feature_dim, num_teachers * classes)
+        self.classifier = nn.Linear(num_teachers * classes, classes)
+        if getattr(backbone, "spec", None):  # a checkpoint can rebuild it (build_model overwrites it alike)
+            self.spec = {"name": "teacher_map", "kwargs": {"backbone": backbone.spec, "num_teachers": num_teachers,
+                                                           "prediction": prediction}}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.features(x)
+
+    def logits_from_map(self, teacher_map: torch.Tensor) -> torch.Tensor:
+        """The logits `prediction` reads off a (B, K, C) map."""
+        if self.prediction == "mean":
+            return teacher_map.mean(1)
+        return self.classifier(teacher_map.flatten(1))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, return_map: bool = False):
+        """logits; with return_map (map (B, K, C), logits); with return_features (features,
+        logits); both: (features, map, logits). One pass."""
+        features = self.backbone.features(x)
+        teacher_map = self.teacher_map(features).view(features.shape[0], self.num_teachers, self.num_classes)
+        logits = self.logits_from_map(teacher_map)
+        if return_features and return_map:
+            return features, teacher_map, logits
+        if return_map:
+            return teacher_map, logits
+        return (features, logits) if return_features else logits
+
+
 MODELS: Dict[str, Type[nn.Module]] = {"small_cnn": SmallCNN, "wide_cnn": WideCNN, "resnet_small": ResNetSmall}
+# models around one of MODELS (built by name too, so checkpoints rebuild them)
+WRAPPERS: Dict[str, Type[nn.Module]] = {"teacher_map": TeacherMapStudent}
+
+
+def input_shape(model: nn.Module) -> Tuple[int, int, int]:
+    """(channels, height, width) of the images a model here takes."""
+    if not all(hasattr(model, a) for a in ("in_channels", "input_size")):
+        raise TypeError(f"input_shape: {type(model).__name__} does not say its input shape "
+                        f"(in_channels, input_size: the models of robust_fast.models do)")
+    return (model.in_channels, model.input_size, model.input_size)
 
 
 def build_model(name: str, classes: Optional[Sequence[int]] = None, **kwargs) -> nn.Module:
@@ -231,15 +319,17 @@ def build_model(name: str, classes: Optional[Sequence[int]] = None, **kwargs) ->
     their number. Checkpoints record them (model.spec["classes"]), so a model is never evaluated
     on, or resumed with, another set of classes by mistake. None: outputs 0..num_classes-1 are
     classes 0..num_classes-1.
+    teacher_map (WRAPPERS) takes its backbone as a spec: build_model("teacher_map",
+    backbone={"name": "resnet_small", "kwargs": {"width": 8}}, num_teachers=3).
     """
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    if name not in MODELS and name not in WRAPPERS:
+        raise ValueError(f"model must be one of {tuple(MODELS) + tuple(WRAPPERS)}, got {name!r}")
     if classes is not None:
         classes = [int(c) for c in classes]
         if kwargs.setdefault("num_classes", len(classes)) != len(classes):
             raise ValueError(f"build_model: num_classes={kwargs['num_classes']} but {len(classes)} classes "
                              f"{tuple(classes)} were named")
-    model = MODELS[name](**kwargs)
+    model = (MODELS.get(name) or WRAPPERS[name])(**kwargs)
     model.spec = {"name": name, "kwargs": dict(kwargs)}  # checkpoints store it to rebuild the model
     if classes is not None:
         model.spec["classes"] = classes
@@ -261,4 +351,4 @@ def model_classes(model_or_spec) -> Tuple[int, ...]:
 
 
 __all__ = ["FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "MODELS", "Normalize", "ResNetSmall", "SmallCNN",
-           "WideCNN", "WithFeatures", "build_model", "model_classes"]
+           "TeacherMapStudent", "WRAPPERS", "WideCNN", "WithFeatures", "build_model", "input_shape", "model_classes"]

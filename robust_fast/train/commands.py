@@ -13,10 +13,13 @@ import torch
 from robust_fast._user_errors import writable_folder
 from robust_fast.data import CLASSES as CLASS_NAMES
 from robust_fast.data import TARGET_CLASSES, load_fashion_mnist, load_task, parse_classes
-from robust_fast.models import build_model
+from robust_fast.models import PREDICTIONS, TeacherMapStudent, build_model
 from robust_fast.train import distributed as dist_util
 from robust_fast.train.checkpoint import check_classes, checkpoint_classes, load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from robust_fast.train.darht import DARHT
+from robust_fast.train.darht import HEADS as DARHT_HEADS
+from robust_fast.train.darht import WEIGHTS as DARHT_WEIGHTS
 from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, VERSIONS, evaluate
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
 from robust_fast.train.functions import train_transfer
@@ -44,6 +47,7 @@ RECIPE_HELP = {
     "gaussian": "cross-entropy on Gaussian-noise copies, for randomized smoothing (Cohen et al.)",
     "smoothadv": "L2 PGD against the smoothed classifier, then cross-entropy on it (Salman et al.)",
     "crt": "certified robustness transfer: match a smoothed teacher's logits under noise (Vaishnavi et al.)",
+    "darht": "distillation from several heterogeneous teachers through a student-teacher map (Deng et al.)",
     "transfer": "robust transfer learning from --source: a new head on its frozen features, fine-tuning, or "
                 "fine-tuning with a feature-change penalty (--mode head|finetune|lwf; Shafahi et al.)",
 }
@@ -79,7 +83,8 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _teacher(p, recipe) -> None:
-    p.add_argument("--teacher", metavar="CHECKPOINT", help="checkpoint of the frozen teacher (required)")
+    p.add_argument("--teacher", action="append", metavar="CHECKPOINT",
+                   help="checkpoint of the frozen teacher (required)")
 
 
 def _steps(p, recipe) -> None:
@@ -141,9 +146,26 @@ def _kd(p, recipe) -> None:
     _distillation(p, recipe)
 
 
+def _darht(p, recipe) -> None:
+    p.add_argument("--teacher", action="append", metavar="CHECKPOINT",
+                   help="checkpoint of a frozen teacher: repeat it, once per teacher (any architecture)")
+    p.add_argument("--steps", type=_positive(int), default=_default(recipe, "attack_steps"),
+                   help="PGD steps of the adversarial batches")
+    p.add_argument("--adversarial-fraction", type=float, default=_default(recipe, "adversarial_fraction"),
+                   help="the share of batches replaced by PGD examples against the student")
+    p.add_argument("--weights", choices=DARHT_WEIGHTS, default=_default(recipe, "weights"),
+                   help="teacher weights exp(-CE(T_k(x), y)) per batch (the public code's), per sample (the "
+                        "paper's formula), or none")
+    p.add_argument("--head", choices=DARHT_HEADS, default=_default(recipe, "head"),
+                   help="the K*C -> C head in the distillation-only phase: follow (trained on the detached map) "
+                        "or frozen (the public code's)")
+    p.add_argument("--prediction", choices=PREDICTIONS, default="head",
+                   help="the student's logits: its head or the mean of its map's slices")
+
+
 # Each recipe's own options, added to its subcommand (`robust-fast train <recipe> --help`).
 RECIPE_OPTIONS = {"standard": None, "pgd_at": _steps, "fast_at": None, "rrm": _rrm, "kd": _kd, "ard": _ard,
-                  "ibp": _ibp, "gaussian": _noise, "smoothadv": _smoothadv, "crt": _crt}
+                  "ibp": _ibp, "gaussian": _noise, "smoothadv": _smoothadv, "crt": _crt, "darht": _darht}
 
 
 class _Help(argparse.HelpFormatter):
@@ -320,12 +342,28 @@ def run_transfer(args: argparse.Namespace, config: TrainConfig, device) -> int:
     return 0
 
 
+def _darht_recipe(args: argparse.Namespace, teachers, paths) -> DARHT:
+    given = {k: v for k, v in (("attack_steps", args.steps), ("weights", args.weights), ("head", args.head),
+                               ("adversarial_fraction", args.adversarial_fraction)) if v is not None}
+    return DARHT(teachers, eps=args.eps, teacher_paths=paths, **given)
+
+
+def _usage_error(message: str) -> int:
+    print(f"robust-fast train: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run_train(args: argparse.Namespace) -> int:
     problem = _transfer_usage_error(args)
     if problem:
         raise ValueError(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
+    paths = getattr(args, "teacher", None) or []
+    if args.recipe == "darht" and not paths:
+        return _usage_error("darht needs its teachers: --teacher CHECKPOINT, once per teacher")
+    if args.recipe != "darht" and len(paths) > 1:
+        return _usage_error(f"{args.recipe} takes one --teacher, got {len(paths)} (only darht takes several)")
     joined = dist_util.init_from_env()
     device = dist_util.default_device()
     if args.recipe == "transfer":
@@ -339,10 +377,12 @@ def run_train(args: argparse.Namespace) -> int:
         finally:
             if joined:
                 torch.distributed.destroy_process_group()
-    teacher_path = getattr(args, "teacher", None)
-    teacher = model_from_checkpoint(teacher_path, map_location=device) if teacher_path else None
-    given = {key: getattr(args, key) for key in RECIPE_SETTINGS if getattr(args, key, None) is not None}
-    recipe = build_recipe(args.recipe, teacher=teacher, teacher_path=getattr(args, "teacher", None), **given)
+    teachers = [model_from_checkpoint(path, map_location=device) for path in paths]
+    recipe = None  # darht's is built with its student, below
+    if args.recipe != "darht":
+        given = {key: getattr(args, key) for key in RECIPE_SETTINGS if getattr(args, key, None) is not None}
+        recipe = build_recipe(args.recipe, teacher=teachers[0] if teachers else None,
+                              teacher_path=paths[0] if paths else None, **given)
     # the clip the run uses, written into its configuration (and so its checkpoint)
     max_grad_norm = args.max_grad_norm
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -357,6 +397,15 @@ def run_train(args: argparse.Namespace) -> int:
     train, held_out = load_train_data(args, classes, args.seed)
     torch.manual_seed(args.seed)
     model = build_model(args.model, classes=classes, **({"width": args.width} if args.width else {}))
+    if args.recipe == "darht":
+        try:
+            recipe = _darht_recipe(args, teachers, paths)
+            model = TeacherMapStudent(model, len(teachers), prediction=args.prediction)
+            recipe.check_student(model)
+        except (TypeError, ValueError) as error:
+            if joined:
+                torch.distributed.destroy_process_group()
+            return _usage_error(str(error))
     result = fit(recipe, model, train, config, eval_data=held_out, out_dir=out, resume=args.resume, device=device)
     if dist_util.is_main():
         print(f"{args.recipe}: {result.train_time_s:.1f} s of training; checkpoint {result.checkpoint}, "

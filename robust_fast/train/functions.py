@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 
+from robust_fast.models import TeacherMapStudent
 from robust_fast.train.config import TrainConfig
+from robust_fast.train.darht import DARHT
 from robust_fast.train.loop import TrainResult, fit
 from robust_fast.train.recipes import ARD, CRT, IBP, KD, PGDAT, RRM, FastAT, Gaussian, SmoothAdv, Standard
 from robust_fast.train.transfer import MODES, FineTune, LwF, TransferHead, transfer_model
@@ -139,3 +141,15 @@ def train_transfer(source: nn.Module, train_data, config: Optional[TrainConfig] 
         result.history = warm.history + result.history
         result.train_time_s += warm.train_time_s
     return result
+
+
+def train_darht(model: nn.Module, train_data, config: Optional[TrainConfig] = None, *,
+                teachers: Sequence[nn.Module], **options) -> TrainResult:
+    """DARHT from `teachers`. model: a TeacherMapStudent with one map slice per teacher, or any
+    model of robust_fast.models, which is then wrapped in one (TeacherMapStudent(model,
+    len(teachers))); the result's model is the student that was trained."""
+    settings, fit_options = _split(options)
+    prediction = settings.pop("prediction", "head")
+    if not isinstance(model, TeacherMapStudent):
+        model = TeacherMapStudent(model, len(teachers), prediction=prediction)
+    return fit(DARHT(teachers, **settings), model, train_data, config, **fit_options)

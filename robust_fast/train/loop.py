@@ -198,7 +198,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
             loss, logits = recipe.batch_loss(Batch(net=net, model=model, x=x, y=y, epoch=epoch,
                                                    generator=generator, backend=config.backend, index=index,
                                                    step=epoch * steps_per_epoch + position,
-                                                   steps_per_epoch=steps_per_epoch))
+                                                   steps_per_epoch=steps_per_epoch, epochs=config.epochs))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:  # after DDP's all-reduce: every rank clips alike

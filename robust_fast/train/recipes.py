@@ -59,6 +59,7 @@ class Batch:
     index: Optional[torch.Tensor] = None  # the rows of the training set x and y come from
     step: int = 0                       # 0-based count of batches since the run began (schedules)
     steps_per_epoch: int = 1
+    epochs: int = 1                     # the run's epochs (schedules scaled to the run)
 
 
 class Recipe:
