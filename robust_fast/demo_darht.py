@@ -460,10 +460,11 @@ def add_darht_demo_options(p) -> None:
                        help="darht: the head in the distillation-only phase (default follow)")
     group.add_argument("--adversarial-fraction", type=float, default=None,
                        help="darht: share of batches replaced by PGD examples (default 0.5)")
-    group.add_argument("--test-samples", type=int, default=None, help="darht: test images (default 1000)")
+    group.add_argument("--test-samples", type=int, default=None,
+                       help="darht and transfer: test images (default 1000)")
 
 
-DARHT_OPTIONS = ("seeds", "darht_epochs", "darht_weights", "darht_head", "adversarial_fraction", "test_samples")
+DARHT_OPTIONS = ("seeds", "darht_epochs", "darht_weights", "darht_head", "adversarial_fraction")
 _OTHER_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise", "gaussian_epochs", "smoothadv_epochs", "crt_epochs", "samples",
                   "n", "teacher_epochs", "teacher_steps", "teacher_eps", "teacher_noise_samples", "smoothadv_steps",
                   "smoothadv_noise_samples")
@@ -477,6 +478,8 @@ def darht_usage_error(args) -> Optional[str]:
             given.append("certify_teacher")
     else:
         given = [o for o in DARHT_OPTIONS if getattr(args, o, None) is not None]
+        if args.section != "transfer" and getattr(args, "test_samples", None) is not None:
+            given.append("test_samples")  # the darht and transfer sections' option
     if given:
         return f"{', '.join('--' + o.replace('_', '-') for o in given)}: not an option of `demo {args.section}`"
     return None

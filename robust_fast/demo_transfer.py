@@ -285,12 +285,12 @@ def add_transfer_demo_options(p) -> None:
     t.add_argument("--lwf-lambda", type=float, default=None,
                    help="LwF's weight, relative to the source features' mean L1 norm (default 4)")
     t.add_argument("--source-epochs", type=int, default=None)
-    t.add_argument("--test-samples", type=int, default=None, help="target test images (default 1000)")
     t.add_argument("--naive-head", action="store_true",
                    help="also train the robust head through the network on every batch (no feature cache), timed")
 
 
-TRANSFER_OPTIONS = ("source_classes", "target_classes", "per_class", "lwf_lambda", "source_epochs", "test_samples")
+# --test-samples (added by demo_darht) is also this section's: the target test images (default 1000)
+TRANSFER_OPTIONS = ("source_classes", "target_classes", "per_class", "lwf_lambda", "source_epochs")
 _RRM_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise")
 
 

@@ -14,6 +14,7 @@ from robust_fast.train import KD, Batch, TrainConfig, fit, train_darht
 from robust_fast.train.checkpoint import model_from_checkpoint
 from robust_fast.train.darht import DARHT, _MapAndHead
 from robust_fast.train.recipes import RECIPES
+from toy_models import write_checkpoint
 
 BACKBONES = [("small_cnn", {}), ("wide_cnn", {"width": 4}), ("resnet_small", {"width": 4})]
 
@@ -289,11 +290,7 @@ def test_train_darht_wraps_a_plain_model():
 # the command line
 
 def _checkpoint(tmp_path, name, model):
-    from robust_fast.train.checkpoint import save_checkpoint
-    path = tmp_path / f"{name}.pt"
-    save_checkpoint(str(path), {"recipe": "standard", "model_spec": model.spec, "model_state": model.state_dict(),
-                                "train_time_s": 0.0})
-    return str(path)
+    return write_checkpoint(tmp_path / f"{name}.pt", model)
 
 
 @pytest.fixture

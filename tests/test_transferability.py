@@ -10,6 +10,7 @@ from robust_fast import cli
 from robust_fast.attacks import pgd
 from robust_fast.models import build_model
 from robust_fast.transferability import mean_transfer, table, transferability
+from toy_models import write_checkpoint
 
 
 def _data(n=24, seed=0):
@@ -83,14 +84,11 @@ def test_bad_arguments():
 
 def test_cli_writes_table_json_and_heatmap(tmp_path, monkeypatch, capsys):
     import robust_fast.data as data
-    from robust_fast.train.checkpoint import save_checkpoint
     x, y = _data(12)
     monkeypatch.setattr(data, "load_fashion_mnist", lambda split, root=None, limit=None: (x[:limit], y[:limit]))
     paths = []
     for name, model in (("a", _trained(0, steps=2)), ("b", build_model("wide_cnn", width=4))):
-        path = tmp_path / f"{name}.pt"
-        save_checkpoint(str(path), {"recipe": "standard", "model_spec": model.spec, "model_state": model.state_dict()})
-        paths.append(str(path))
+        paths.append(write_checkpoint(tmp_path / f"{name}.pt", model))
     out = tmp_path / "out"
     assert cli.main(["transferability", *paths, "--samples", "12", "--steps", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
