@@ -34,7 +34,7 @@ from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
 from robust_fast.train.evaluate import evaluate
 from robust_fast.train.loop import CHECKPOINT_NAME, LOG_NAME, fit
-from robust_fast.train.recipes import PGDAT, RRM, FastAT, Standard
+from robust_fast.train.recipes import HEADS, PGDAT, RRM, FastAT, Standard
 
 STUDENTS = ("standard", "pgd_at", "fast_at", "rrm")
 LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "fast_at": "Fast-AT", "rrm": "RRM"}
@@ -65,6 +65,10 @@ class DemoSettings:
     # second in our trials (README, "Training and the demo"); 4 epochs fit in a third of PGD-AT's time.
     rrm_lambda_ce: float = 0.001
     rrm_noise_std: float = 0.2
+    # RRM's classifier (train rrm --head) and the passes of the robust head trained last
+    # (--robust-head-epochs): docs/training.md, "RRM's head and matching points".
+    rrm_head: str = "own"
+    rrm_robust_head_epochs: float = 0.0
     optimizer: str = "adam"
     lr: float = 1e-3
     schedule: str = "cosine"
@@ -145,7 +149,8 @@ def _recipe(name: str, settings: DemoSettings, teacher, teacher_path: str):
     if name == "fast_at":
         return FastAT(eps=settings.eps)
     return RRM(teacher, lambda_ce=settings.rrm_lambda_ce, noise_std=settings.rrm_noise_std,
-               teacher_path=teacher_path)
+               teacher_path=teacher_path, head=settings.rrm_head, robust_head_epochs=settings.rrm_robust_head_epochs,
+               eps=settings.eps, seed=settings.seed)
 
 
 def _evaluate(model, test, settings: DemoSettings) -> Dict[str, Any]:
@@ -302,6 +307,9 @@ def add_demo_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--rrm-epochs", type=int, default=None)
     p.add_argument("--rrm-lambda", type=float, default=None, help="RRM's cross-entropy weight")
     p.add_argument("--rrm-noise", type=float, default=None, help="RRM: match on x + N(0, std^2)")
+    p.add_argument("--rrm-head", choices=HEADS, default=None, help="RRM's classifier (as train rrm --head)")
+    p.add_argument("--rrm-robust-head", type=float, default=None, metavar="EPOCHS",
+                   help="RRM: train the last layer alone on PGD examples for this many passes at the end")
     return p
 
 
@@ -332,6 +340,10 @@ def _run_demo(args: argparse.Namespace) -> int:
         settings.rrm_lambda_ce = args.rrm_lambda
     if args.rrm_noise is not None:
         settings.rrm_noise_std = args.rrm_noise
+    if args.rrm_head is not None:
+        settings.rrm_head = args.rrm_head
+    if args.rrm_robust_head is not None:
+        settings.rrm_robust_head_epochs = args.rrm_robust_head
     out = args.out or os.path.join("runs", time.strftime(f"demo{'-quick' if args.quick else ''}-%Y%m%d-%H%M%S"))
     results = run(settings, out, retrain_teacher=args.retrain_teacher, data_root=args.data)
     print(table(results))

@@ -207,17 +207,21 @@ def _per_channel(values: Sequence[float], channels: int) -> Tuple[float, ...]:
 
 class WithFeatures(nn.Module):
     """model(x) → (features, logits), as losses.FeatureExtractor(layer=None) expects; with a
-    projection, the features are mapped first (a student matched to a wider teacher)."""
+    projection, the features are mapped first (a student matched to a wider teacher). With a
+    head, the logits are head(features) (the mapped ones) instead of the model's own."""
 
-    def __init__(self, model: nn.Module, projection: nn.Module = None):
+    def __init__(self, model: nn.Module, projection: nn.Module = None, head: nn.Module = None):
         super().__init__()
         self.model = model
         self.projection = projection
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         features, logits = self.model(x, return_features=True)
         if self.projection is not None:
             features = self.projection(features)
+        if self.head is not None:
+            logits = self.head(features)
         return features, logits
 
 

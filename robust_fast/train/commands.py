@@ -24,8 +24,8 @@ from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, VERSIONS, eva
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
 from robust_fast.train.functions import train_transfer
 from robust_fast.train.loop import fit
-from robust_fast.train.recipes import (ARD, CRT, IBP, KD, PGDAT, RECIPES, RRM, TEACHER_RECIPES, FastAT, Gaussian,
-                                       SmoothAdv, Standard)
+from robust_fast.train.recipes import (ARD, CRT, HEADS, IBP, KD, MATCH_POINTS, PGDAT, RECIPES, RRM,
+                                       TEACHER_RECIPES, FastAT, Gaussian, SmoothAdv, Standard)
 from robust_fast.train.transfer import MODES, SCALES, LwF
 
 TRANSFER_NAMES = tuple(cls.name for cls in MODES.values())  # `train transfer --mode ...` runs them
@@ -111,6 +111,19 @@ def _rrm(p, recipe) -> None:
                    help="feature distance")
     p.add_argument("--noise-std", type=float, default=_default(recipe, "noise_std"),
                    help="match on x + N(0, std^2) (0: clean images)")
+    p.add_argument("--head", choices=HEADS, default=_default(recipe, "head"),
+                   help="the classifier: the student's own; the teacher's, frozen, on the projected features; "
+                        "or the teacher's, fine-tuned by the CE term (folded into the student's last layer)")
+    p.add_argument("--robust-head-epochs", type=float, default=_default(recipe, "robust_head_epochs"),
+                   help="at the end, train the last layer alone on the student's PGD examples (features "
+                        "frozen) for this many passes over the data (fractions allowed; 0: not)")
+    p.add_argument("--head-steps", type=_positive(int), default=_default(recipe, "head_steps"),
+                   help="PGD steps (size eps/4) of the robust head's examples, at --eps")
+    p.add_argument("--match-points", choices=MATCH_POINTS, default=_default(recipe, "match_points"),
+                   help="clean: match on the images; teacher_pgd: also on the teacher's own PGD points "
+                        "(at --eps, computed once per run and cached, like its clean features)")
+    p.add_argument("--match-steps", type=_positive(int), default=_default(recipe, "match_steps"),
+                   help="PGD steps (size eps/4) of the teacher's cached points")
 
 
 def _ibp(p, recipe) -> None:
@@ -278,7 +291,9 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
                  noise_std: float = 0.0, temperature: Optional[float] = None, alpha: Optional[float] = None,
                  warmup_epochs: Optional[float] = None, ramp_epochs: Optional[float] = None,
                  kappa_end: Optional[float] = None, ramp: Optional[str] = None, sigma: Optional[float] = None,
-                 noise_samples: Optional[int] = None, l2_eps: Optional[float] = None):
+                 noise_samples: Optional[int] = None, l2_eps: Optional[float] = None, head: Optional[str] = None,
+                 robust_head_epochs: Optional[float] = None, head_steps: Optional[int] = None,
+                 match_points: Optional[str] = None, match_steps: Optional[int] = None):
     """A recipe from command-line style settings (unused ones are ignored; None: the recipe's default)."""
     if name in TEACHER_RECIPES and teacher is None:
         raise ValueError(f"recipe {name!r} needs a teacher (--teacher CHECKPOINT)")
@@ -298,7 +313,10 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
     if name == "fast_at":
         return FastAT(eps=eps)
     if name == "rrm":
-        return RRM(teacher, lambda_ce=lambda_ce, kind=kind, noise_std=noise_std, teacher_path=teacher_path)
+        given = dict(head=head, robust_head_epochs=robust_head_epochs, head_steps=head_steps,
+                     match_points=match_points, match_steps=match_steps)
+        return RRM(teacher, lambda_ce=lambda_ce, kind=kind, noise_std=noise_std, teacher_path=teacher_path, eps=eps,
+                   **{k: v for k, v in given.items() if v is not None})
     if name == "kd":
         return KD(teacher, teacher_path=teacher_path, **extra)
     if name == "ard":
@@ -311,7 +329,8 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
 
 # The settings build_recipe takes from a recipe's subcommand (those it lacks stay the recipe's).
 RECIPE_SETTINGS = ("eps", "steps", "lambda_ce", "kind", "noise_std", "temperature", "alpha", "warmup_epochs",
-                   "ramp_epochs", "kappa_end", "ramp", "sigma", "noise_samples", "l2_eps")
+                   "ramp_epochs", "kappa_end", "ramp", "sigma", "noise_samples", "l2_eps", "head",
+                   "robust_head_epochs", "head_steps", "match_points", "match_steps")
 
 
 def _transfer_usage_error(args: argparse.Namespace) -> Optional[str]:

@@ -218,6 +218,7 @@ def fit(recipe: Recipe, model: nn.Module, train_data: Data, config: Optional[Tra
             steps_done += 1
             if max_steps is not None and steps_done >= max_steps:
                 break
+        recipe.end_epoch(model, images, labels, device, last=epoch + 1 == config.epochs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - epoch_start

@@ -20,6 +20,10 @@ A recipe is an object with
                               under noise)
     epoch_record() -> dict    optional: the recipe's own numbers of the per-epoch record (IBP:
                               the eps and kappa its last batch trained at)
+    end_epoch(model, images, labels, device, last)
+                              optional: called after each epoch's batches, before its evaluation
+                              (last: the run's final epoch); its time counts as training time
+                              (RRM folds its head into the model, and trains a robust head last)
     max_grad_norm             optional: the gradient clip the method needs when the
                               TrainConfig sets none (IBP: 10); None: no clip
 
@@ -84,6 +88,10 @@ class Recipe:
 
     def epoch_record(self) -> Dict[str, Any]:
         return {}
+
+    def end_epoch(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                  last: bool) -> None:
+        pass
 
 
 def _check_eps(caller: str, eps: float) -> float:
@@ -157,6 +165,25 @@ class _WithTeacher(Recipe):
         return self.teacher
 
 
+HEADS = ("own", "teacher", "teacher_finetune")
+MATCH_POINTS = ("clean", "teacher_pgd")
+
+
+def _fold_head(classifier: nn.Linear, projection: Optional[nn.Linear], head: nn.Linear) -> None:
+    """classifier := head ∘ projection, exactly (two linear maps compose to one), so the bare
+    model's own forward gives the logits the recipe trained."""
+    with torch.no_grad():
+        if projection is None:
+            classifier.weight.copy_(head.weight)
+            classifier.bias.copy_(head.bias)
+        else:
+            classifier.weight.copy_(head.weight @ projection.weight)
+            bias = head.bias.clone()
+            if projection.bias is not None:
+                bias += head.weight @ projection.bias
+            classifier.bias.copy_(bias)
+
+
 class RRM(_WithTeacher):
     """Robust representation matching (Vaishnavi et al. 2022): the student on clean inputs,
     lambda_ce·CE(student logits, y) − mean cos(student features, teacher features) (or the
@@ -168,43 +195,111 @@ class RRM(_WithTeacher):
     prepare() computes them once for the whole training set (in fixed chunks, the same values
     on every run and resume) and each batch looks its rows up: an epoch then costs one student
     pass, like standard training. Not with noise (every draw is new).
+
+    head: the student's classifier.
+      "own"               the student's own (trained only by the small CE term);
+      "teacher"           the teacher's classifier, frozen, on the student's projected features:
+                          logits = teacher.classifier(projection(g_S));
+      "teacher_finetune"  the same, starting from the teacher's and trained by the CE term.
+    After every epoch the head (and the projection) is folded into the student's own last
+    Linear, so the saved model is the bare student architecture and gives the same logits.
+    robust_head_epochs > 0: at the end, the student's last Linear alone is trained that many
+    passes (fractions allowed: the first part of a seeded shuffle) by Adam (head_lr) on the
+    PGD examples of the whole student (eps, head_steps steps of eps/4, random start), the
+    features frozen: a cheap robust head on robust-ish features.
+
+    match_points="teacher_pgd": the frozen teacher's own PGD points (eps, match_steps steps of
+    eps/4 from a seeded random start, against the teacher's own prediction, so no labels are
+    needed) are computed once in prepare() with the teacher's features there, and the student
+    matches there too (each batch: its clean images and their teacher PGD points, one student
+    pass over both, the CE term on both). Needs cache_teacher and no noise.
     """
     name = "rrm"
     _CHUNK = 512
+    _HEAD_BATCH = 128
 
     def __init__(self, teacher: nn.Module, lambda_ce: float = 0.005, kind: str = "cosine",
-                 noise_std: float = 0.0, teacher_path: Optional[str] = None, cache_teacher: bool = True):
+                 noise_std: float = 0.0, teacher_path: Optional[str] = None, cache_teacher: bool = True,
+                 head: str = "own", robust_head_epochs: float = 0.0, eps: float = 0.1, head_steps: int = 7,
+                 head_lr: float = 1e-3, match_points: str = "clean", match_steps: int = 10, seed: int = 0):
         super().__init__(teacher, teacher_path)
         self.cache_teacher = bool(cache_teacher) and not noise_std
         self._cached: Optional[torch.Tensor] = None
+        self._points: Optional[torch.Tensor] = None
+        self._points_features: Optional[torch.Tensor] = None
         if not hasattr(teacher, "features") or not hasattr(teacher, "feature_dim"):
             raise TypeError("RRM: teacher must expose features(x) and feature_dim (robust_fast.models)")
         if not noise_std >= 0:
             raise ValueError(f"RRM: noise_std must be >= 0, got {noise_std!r}")
+        if head not in HEADS:
+            raise ValueError(f"RRM: head must be one of {HEADS}, got {head!r}")
+        if head != "own" and not isinstance(getattr(teacher, "classifier", None), nn.Linear):
+            raise TypeError(f"RRM: head={head!r} needs a teacher whose classifier is an nn.Linear")
+        if isinstance(robust_head_epochs, bool) or not isinstance(robust_head_epochs, (int, float)) \
+                or not robust_head_epochs >= 0:
+            raise ValueError(f"RRM: robust_head_epochs must be a number >= 0, got {robust_head_epochs!r}")
+        for name, value in (("head_steps", head_steps), ("match_steps", match_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RRM: {name} must be an int >= 1, got {value!r}")
+        if not head_lr > 0:
+            raise ValueError(f"RRM: head_lr must be > 0, got {head_lr!r}")
+        if match_points not in MATCH_POINTS:
+            raise ValueError(f"RRM: match_points must be one of {MATCH_POINTS}, got {match_points!r}")
+        if match_points != "clean" and not self.cache_teacher:
+            raise ValueError("RRM: match_points='teacher_pgd' needs cache_teacher=True and noise_std=0")
+        self.eps = _check_eps("RRM", eps)
         self.loss = RRMLoss(lambda_ce=lambda_ce, kind=kind)
         self.lambda_ce, self.kind, self.noise_std = lambda_ce, kind, float(noise_std)
+        self.head, self.robust_head_epochs, self.head_steps = head, float(robust_head_epochs), head_steps
+        self.head_lr, self.match_points, self.match_steps, self.seed = float(head_lr), match_points, match_steps, seed
+        self._trainable: Optional[WithFeatures] = None
 
     def settings(self):
         return {"lambda_ce": self.lambda_ce, "kind": self.kind, "noise_std": self.noise_std,
                 "cache_teacher": self.cache_teacher, "teacher": self.teacher_path,
-                "teacher_dim": self.teacher.feature_dim}
+                "teacher_dim": self.teacher.feature_dim, "head": self.head,
+                "robust_head_epochs": self.robust_head_epochs, "eps": self.eps, "head_steps": self.head_steps,
+                "head_lr": self.head_lr, "match_points": self.match_points, "match_steps": self.match_steps,
+                "seed": self.seed}
 
     def prepare(self, images, device):
         if not self.cache_teacher:
             return
         teacher = self._teacher_on(device)
+        chunks = images.split(self._CHUNK)
         with torch.no_grad():
-            self._cached = torch.cat([teacher.features(chunk.to(device))
-                                      for chunk in images.split(self._CHUNK)]) if images.shape[0] else None
+            self._cached = torch.cat([teacher.features(chunk.to(device)) for chunk in chunks]) \
+                if images.shape[0] else None
+        if self.match_points == "teacher_pgd" and images.shape[0]:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            points = []
+            for chunk in chunks:
+                chunk = chunk.to(device)
+                with torch.no_grad():
+                    own = teacher(chunk).argmax(dim=1)
+                points.append(pgd(teacher, chunk, own, eps=self.eps, alpha=self.eps / 4, steps=self.match_steps,
+                                  random_start=True, generator=generator).detach())
+            self._points = torch.cat(points)
+            with torch.no_grad():
+                self._points_features = torch.cat([teacher.features(c) for c in self._points.split(self._CHUNK)])
 
     def trainable(self, model):
         student_dim = getattr(model, "feature_dim", None)
         if student_dim is None:
             raise TypeError("RRM: the student must expose feature_dim and return_features= (robust_fast.models)")
-        projection = None
+        projection = head = None
         if student_dim != self.teacher.feature_dim:
             projection = FeatureProjection(student_dim, self.teacher.feature_dim)
-        return WithFeatures(model, projection)
+        if self.head != "own":
+            if not isinstance(getattr(model, "classifier", None), nn.Linear):
+                raise TypeError(f"RRM: head={self.head!r} needs a student whose classifier is an nn.Linear")
+            source = self.teacher.classifier
+            head = nn.Linear(source.in_features, source.out_features, bias=source.bias is not None)
+            head.load_state_dict(source.state_dict())  # a copy: the teacher's own never changes
+            head.to(source.weight.device)
+            head.requires_grad_(self.head == "teacher_finetune")
+        self._trainable = WithFeatures(model, projection, head)
+        return self._trainable
 
     def batch_loss(self, batch):
         x = batch.x
@@ -212,13 +307,48 @@ class RRM(_WithTeacher):
             noise = torch.randn(x.shape, generator=batch.generator, device=x.device, dtype=x.dtype)
             x = (x + self.noise_std * noise).clamp(0.0, 1.0)
         self.loss.backend = batch.backend
+        y = batch.y
         if self._cached is not None and batch.index is not None and not self.noise_std:
-            teacher_features = self._cached[batch.index.to(self._cached.device)]
+            rows = batch.index.to(self._cached.device)
+            teacher_features = self._cached[rows]
+            if self._points is not None:
+                x = torch.cat([x, self._points[rows].to(x.device)])
+                teacher_features = torch.cat([teacher_features, self._points_features[rows]])
+                y = torch.cat([y, y])
         else:
             with torch.no_grad():
                 teacher_features = self._teacher_on(x.device).features(x)
         features, logits = batch.net(x)
-        return self.loss(logits, features, teacher_features, batch.y), logits
+        loss = self.loss(logits, features, teacher_features, y)
+        return loss, logits[:batch.x.shape[0]]
+
+    def end_epoch(self, model, images, labels, device, last: bool):
+        wrapped = self._trainable
+        if wrapped is not None and wrapped.model is model and wrapped.head is not None:
+            _fold_head(model.classifier, wrapped.projection, wrapped.head)
+        if last and self.robust_head_epochs:
+            self._train_robust_head(model, images, labels, device)
+
+    def _train_robust_head(self, model, images, labels, device):
+        """The student's last Linear alone on the whole student's PGD examples, features frozen."""
+        classifier = model.classifier
+        generator = torch.Generator(device=device).manual_seed(self.seed + 1)
+        cpu = torch.Generator().manual_seed(self.seed + 1)
+        order = torch.randperm(images.shape[0], generator=cpu)
+        count = int(round(self.robust_head_epochs * images.shape[0]))
+        order = torch.cat([order] * (count // images.shape[0] + 1))[:count]
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=self.head_lr)
+        with modules_in_mode(model, False):
+            for index in order.split(self._HEAD_BATCH):
+                x, y = images[index].to(device), labels[index].to(device)
+                x_adv = pgd(model, x, y, eps=self.eps, alpha=self.eps / 4, steps=self.head_steps,
+                            random_start=True, generator=generator)
+                with torch.no_grad():
+                    features = model.features(x_adv)
+                loss = F.cross_entropy(classifier(features), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
 
 class KD(_WithTeacher):
