@@ -25,7 +25,7 @@ from ._common import flat_block, on_device_of, program_index, tl_accumulation_dt
 from ._projection import (PARTIALS_BLOCK, as_fp64, block_sums, box_arguments, clamp_like_torch,
                           clamp_to_radius, l2_block, l2_coefficients, l2_coefficients_kernel,
                           l2_partial_sums_kernel, launch, needs_int64,
-                          radius_arguments, sample_radius, signed_radii, smallest_reliable_grad_sq,
+                          radius_arguments, signed_radii, smallest_reliable_grad_sq,
                           split_l2, store_result)
 
 @triton.jit

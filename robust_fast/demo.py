@@ -33,7 +33,7 @@ from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
 from robust_fast.train.evaluate import evaluate
-from robust_fast.train.loop import CHECKPOINT_NAME, LOG_NAME, fit
+from robust_fast.train.loop import CHECKPOINT_NAME, fit
 from robust_fast.train.recipes import HEADS, PGDAT, RRM, FastAT, Standard
 
 STUDENTS = ("standard", "pgd_at", "fast_at", "rrm")

@@ -1,6 +1,5 @@
 """auto_attack's versions: the standard version's order, settings and survivor bookkeeping (with
 stand-in attacks that fool chosen samples), the fast version unchanged, a real standard run."""
-import pytest
 import torch
 from torch import nn
 

@@ -1,7 +1,6 @@
 """Smoke test of benchmarks/bench_apgd.py (`robust-fast bench apgd`): a --quick run writes the
 JSON with the expected fields. No timing is asserted: speed is never a test."""
 import json
-import os
 
 import pytest
 import torch

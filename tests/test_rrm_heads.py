@@ -6,7 +6,7 @@ import torch
 
 from robust_fast import attacks, cli
 from robust_fast.models import build_model
-from robust_fast.train import RRM, TrainConfig, fit, load_checkpoint, model_from_checkpoint
+from robust_fast.train import RRM, fit, load_checkpoint, model_from_checkpoint
 from robust_fast.train.recipes import Batch
 
 from test_train import config, params, toy_data

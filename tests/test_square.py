@@ -1,7 +1,6 @@
 """The L2 Square attack: the paper's pattern and update against their formulas, the invariants
 of an attack (ball, box, never weaker than the clean point or the start), reproducibility,
 side effects, bad input, and auto_attack with norm="l2"."""
-import math
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import torch
 
 from robust_fast import cli, data
 from robust_fast.models import build_model
-from robust_fast.train import (FineTune, LwF, TrainConfig, TransferHead, fit, load_checkpoint, model_from_checkpoint,
+from robust_fast.train import (LwF, TrainConfig, TransferHead, fit, load_checkpoint, model_from_checkpoint,
                                train_transfer, transfer_model)
 from robust_fast.train.transfer import TransferNet, feature_blocks
 

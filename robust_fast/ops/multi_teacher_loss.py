@@ -18,7 +18,6 @@ import contextlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from robust_fast import _backend, _build
 from robust_fast._checks import check_choice, check_floating_tensor, check_positive_finite
