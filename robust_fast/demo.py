@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -321,17 +322,38 @@ def choose_threads(requested: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
-def run_demo(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def demo_threads(requested: Optional[int]):
+    """Every demo section's torch threads (choose_threads), printed, and restored afterwards:
+    main() may be called from a longer-lived process."""
     previous = torch.get_num_threads()
     try:
-        return _run_demo(args)
+        print(f"torch threads: {choose_threads(requested)}")
+        yield
     finally:
-        torch.set_num_threads(previous)  # main() may be called from a longer-lived process
+        torch.set_num_threads(previous)
+
+
+def output_folder(args: argparse.Namespace, section: str = "") -> str:
+    """--out, or runs/demo[-<section>][-quick]-<time>."""
+    name = "demo" + (f"-{section}" if section else "") + ("-quick" if args.quick else "")
+    return args.out or os.path.join("runs", time.strftime(f"{name}-%Y%m%d-%H%M%S"))
+
+
+def report(out: str, text: str, files: str) -> None:
+    """Prints a section's table, writes it to out/table.md and says what the folder holds."""
+    print(text)
+    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(f"\nresults: {out}/ ({files})")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    with demo_threads(args.threads):
+        return _run_demo(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    threads = choose_threads(args.threads)
-    print(f"torch threads: {threads}")
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     settings.seed = args.seed
     if args.rrm_epochs is not None:
@@ -344,10 +366,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         settings.rrm_head = args.rrm_head
     if args.rrm_robust_head is not None:
         settings.rrm_robust_head_epochs = args.rrm_robust_head
-    out = args.out or os.path.join("runs", time.strftime(f"demo{'-quick' if args.quick else ''}-%Y%m%d-%H%M%S"))
+    out = output_folder(args)
     results = run(settings, out, retrain_teacher=args.retrain_teacher, data_root=args.data)
-    print(table(results))
-    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
-        f.write(table(results) + "\n")
-    print(f"\nresults: {out}/ (results.json, table.md, curves.jsonl, robustness.png, one folder per student)")
+    report(out, table(results), "results.json, table.md, curves.jsonl, robustness.png, one folder per student")
     return 0

@@ -28,7 +28,7 @@ import torch
 
 from robust_fast.certify.smoothing import per_image_radius, plot_certified_accuracy
 from robust_fast.data import load_fashion_mnist
-from robust_fast.demo import _machine, cached_teacher, choose_threads
+from robust_fast.demo import _machine, cached_teacher, demo_threads, output_folder, report
 from robust_fast.models import build_model
 from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
@@ -265,12 +265,8 @@ def demo_usage_error(args) -> Optional[str]:
 
 def run_crt_demo(args) -> int:
     """The `robust-fast demo crt` command."""
-    previous = torch.get_num_threads()
-    try:
-        print(f"torch threads: {choose_threads(args.threads)}")
+    with demo_threads(args.threads):
         return _run_crt_demo(args)
-    finally:
-        torch.set_num_threads(previous)  # main() may be called from a longer-lived process
 
 
 def _run_crt_demo(args) -> int:
@@ -282,11 +278,8 @@ def _run_crt_demo(args) -> int:
     for option in _CRT_OPTIONS[len(STUDENTS):]:
         if getattr(args, option) is not None:
             setattr(settings, "test_samples" if option == "samples" else option, getattr(args, option))
-    out = args.out or os.path.join("runs", time.strftime(f"demo-crt{'-quick' if args.quick else ''}-%Y%m%d-%H%M%S"))
+    out = output_folder(args, "crt")
     results = run(settings, out, retrain_teacher=args.retrain_teacher, data_root=args.data,
                   certify_teacher=args.certify_teacher)
-    print(table(results))
-    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
-        f.write(table(results) + "\n")
-    print(f"\nresults: {out}/ (results.json, table.md, certified.png, one folder per student)")
+    report(out, table(results), "results.json, table.md, certified.png, one folder per student")
     return 0

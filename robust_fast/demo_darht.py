@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from robust_fast.data import load_fashion_mnist
-from robust_fast.demo import _machine, cache_dir, cached_teacher, choose_threads
+from robust_fast.demo import _machine, cache_dir, cached_teacher, demo_threads, output_folder, report
 from robust_fast.models import TeacherMapStudent, build_model
 from robust_fast.train.config import TrainConfig
 from robust_fast.train.darht import DARHT
@@ -487,33 +487,28 @@ def darht_usage_error(args) -> Optional[str]:
 
 def run_darht_demo(args) -> int:
     """The `robust-fast demo darht` command."""
-    previous = torch.get_num_threads()
-    try:
-        print(f"torch threads: {choose_threads(args.threads)}")
-        settings = DARHTDemoSettings.quick() if args.quick else DARHTDemoSettings()
-        settings.seed = args.seed
-        if args.seeds is not None:
-            if args.seeds < 1:
-                print(f"robust-fast demo darht: error: --seeds must be >= 1, got {args.seeds}")
-                return 2
-            settings.seeds = args.seeds
-        if args.darht_epochs is not None:
-            for name in ("darht_heterogeneous", "darht_homogeneous"):
-                settings.epochs[name] = args.darht_epochs
-        for option, field_name in (("darht_weights", "darht_weights"), ("darht_head", "darht_head"),
-                                   ("adversarial_fraction", "darht_adversarial_fraction"),
-                                   ("test_samples", "test_samples")):
-            if getattr(args, option) is not None:
-                setattr(settings, field_name, getattr(args, option))
-        out = args.out or os.path.join("runs", time.strftime(f"demo-darht{'-quick' if args.quick else ''}"
-                                                             f"-%Y%m%d-%H%M%S"))
-        results = run(settings, out, retrain_teachers=args.retrain_teacher, data_root=args.data)
-        text = table(results)
-        print(text)
-        with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        print(f"\nresults: {out}/ (results.json, table.md, transferability.png, darht.png, one folder per run); "
-              f"{results['total_time_s']:.0f} s")
-        return 0
-    finally:
-        torch.set_num_threads(previous)
+    with demo_threads(args.threads):
+        return _run_darht_demo(args)
+
+
+def _run_darht_demo(args) -> int:
+    settings = DARHTDemoSettings.quick() if args.quick else DARHTDemoSettings()
+    settings.seed = args.seed
+    if args.seeds is not None:
+        if args.seeds < 1:
+            print(f"robust-fast demo darht: error: --seeds must be >= 1, got {args.seeds}")
+            return 2
+        settings.seeds = args.seeds
+    if args.darht_epochs is not None:
+        for name in ("darht_heterogeneous", "darht_homogeneous"):
+            settings.epochs[name] = args.darht_epochs
+    for option, field_name in (("darht_weights", "darht_weights"), ("darht_head", "darht_head"),
+                               ("adversarial_fraction", "darht_adversarial_fraction"),
+                               ("test_samples", "test_samples")):
+        if getattr(args, option) is not None:
+            setattr(settings, field_name, getattr(args, option))
+    out = output_folder(args, "darht")
+    results = run(settings, out, retrain_teachers=args.retrain_teacher, data_root=args.data)
+    report(out, table(results), "results.json, table.md, transferability.png, darht.png, one folder per run; "
+                                f"{results['total_time_s']:.0f} s")
+    return 0

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from robust_fast.data import SOURCE_CLASSES, TARGET_CLASSES, load_task
-from robust_fast.demo import _machine, cached_teacher
+from robust_fast.demo import _machine, cached_teacher, demo_threads, output_folder, report
 from robust_fast.models import build_model
 from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
@@ -309,31 +309,26 @@ def transfer_usage_error(args) -> Optional[str]:
 
 def run_transfer_demo(args) -> int:
     """The `robust-fast demo transfer` command."""
-    from robust_fast.data import parse_classes
-    from robust_fast.demo import choose_threads
+    with demo_threads(args.threads):
+        return _run_transfer_demo(args)
 
-    previous = torch.get_num_threads()
-    try:
-        print(f"torch threads: {choose_threads(args.threads)}")
-        settings = TransferDemoSettings.quick() if args.quick else TransferDemoSettings()
-        settings.seed = args.seed
-        if args.source_classes is not None:
-            settings.source_classes = parse_classes(args.source_classes)
-        if args.target_classes is not None:
-            settings.target_classes = parse_classes(args.target_classes)
-        if args.per_class is not None:
-            settings.per_class = (None, args.per_class)
-        for option in ("lwf_lambda", "source_epochs", "test_samples"):
-            if getattr(args, option) is not None:
-                setattr(settings, option, getattr(args, option))
-        settings.naive_head = settings.naive_head or args.naive_head
-        out = args.out or os.path.join(
-            "runs", time.strftime(f"demo-transfer{'-quick' if args.quick else ''}-%Y%m%d-%H%M%S"))
-        results = run(settings, out, retrain_sources=args.retrain_teacher, data_root=args.data)
-        print(table(results))
-        with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
-            f.write(table(results) + "\n")
-        print(f"\nresults: {out}/ (results.json, table.md, transfer.png, one folder per run)")
-        return 0
-    finally:
-        torch.set_num_threads(previous)  # main() may be called from a longer-lived process
+
+def _run_transfer_demo(args) -> int:
+    from robust_fast.data import parse_classes
+
+    settings = TransferDemoSettings.quick() if args.quick else TransferDemoSettings()
+    settings.seed = args.seed
+    if args.source_classes is not None:
+        settings.source_classes = parse_classes(args.source_classes)
+    if args.target_classes is not None:
+        settings.target_classes = parse_classes(args.target_classes)
+    if args.per_class is not None:
+        settings.per_class = (None, args.per_class)
+    for option in ("lwf_lambda", "source_epochs", "test_samples"):
+        if getattr(args, option) is not None:
+            setattr(settings, option, getattr(args, option))
+    settings.naive_head = settings.naive_head or args.naive_head
+    out = output_folder(args, "transfer")
+    results = run(settings, out, retrain_sources=args.retrain_teacher, data_root=args.data)
+    report(out, table(results), "results.json, table.md, transfer.png, one folder per run")
+    return 0

@@ -503,12 +503,11 @@ def test_nan_input_gives_nan_not_a_number(backend, device, kind, where):
             torch.testing.assert_close(a.nan_to_num(), e.nan_to_num(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(unavailable_reason("triton", "cpu") is not None, reason=str(unavailable_reason("triton", "cpu")))
 def test_the_triton_kernel_takes_the_temperature_as_a_scalar(monkeypatch):
     """No tensor is built for the temperature (a host-to-device copy per call on a GPU, and a
     break in CUDA graph capture): it reaches the kernel as scalar arguments, exact enough for
     float64 (KL at T = 3.7 in float64 against the reference to 1e-12)."""
-    if unavailable_reason("triton", "cpu") is not None:
-        pytest.skip(str(unavailable_reason("triton", "cpu")))
     from robust_fast import _backend
     kernels = _backend.triton_kernels("multi_teacher_loss")
     assert not any("temp_ptr" in name for name in kernels._multi_teacher_loss_kernel.arg_names)
@@ -530,12 +529,10 @@ def _gpu_memory_gib() -> float:
 
 
 @pytest.mark.skipif(_gpu_memory_gib() < 24, reason="needs a CUDA device with 24 GiB: the teachers pass 2**31 elements")
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", usable_backends("cuda"))
 def test_teachers_over_two_to_the_31_elements(backend):
     """Offsets k * stride past 2**31 (int64 in every kernel): the last samples' losses of the
     last teacher, whose rows start beyond 2**31 elements, equal the reference on a slice."""
-    if unavailable_reason(backend, "cuda") is not None:
-        pytest.skip(str(unavailable_reason(backend, "cuda")))
     count, batch, dim = 3, 8192, 2**17 + 256            # teacher 2's rows start at 2.15e9 elements
     g = torch.Generator(device="cuda").manual_seed(0)
     teachers = torch.randn((count, batch, dim), generator=g, device="cuda", dtype=torch.float16)

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import robust_fast
 from robust_fast import attacks
 from robust_fast.reference.pgd import pgd_step_reference
-from conftest import backend_devices, unavailable_reason
+from conftest import backend_devices, unavailable_reason, usable_backends
 
 PAIRS = backend_devices()
 PAIRS_AND_REFERENCE = backend_devices(include_reference=True)
@@ -235,10 +235,8 @@ def test_attack_steps_read_nothing_back(backend, norm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", usable_backends("cuda"))
 def test_pgd_step_on_gpu_never_synchronises(backend):
-    if unavailable_reason(backend, "cuda") is not None:
-        pytest.skip(str(unavailable_reason(backend, "cuda")))
     x_adv, grad, x_nat = (torch.rand(16, 3, 32, 32, device="cuda") for _ in range(3))
     eps = torch.full((16,), 0.1, dtype=torch.float64, device="cuda")
     alpha = torch.tensor(0.01, device="cuda")
@@ -255,11 +253,9 @@ def test_pgd_step_on_gpu_never_synchronises(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", usable_backends("cuda"))
 def test_attack_step_captures_in_a_cuda_graph(backend):
     """A step with no host synchronisation can be captured; a sync would abort the capture."""
-    if unavailable_reason(backend, "cuda") is not None:
-        pytest.skip(str(unavailable_reason(backend, "cuda")))
     from robust_fast.ops.pgd import run_pgd_step
 
     model = _small_model().cuda().eval()
