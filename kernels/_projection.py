@@ -207,6 +207,18 @@ def l2_coefficients_kernel(partials_ptr, coefficients_ptr, blocks_per_sample,
     tl.store(coefficients_ptr + sample * 2 + 1, factor)
 
 
+@triton.jit
+def split_piece(coefficients_ptr, blocks_per_sample, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+    # A later split pass's program (sample, block): its index, its sample, its elements' offsets
+    # within the sample, and the sample's (step scale, factor) the coefficients pass wrote.
+    pid = program_index(WIDE_INDEX)
+    sample = pid // blocks_per_sample
+    within = (pid - sample * blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    step_scale = tl.load(coefficients_ptr + sample * 2 + 0)
+    factor = tl.load(coefficients_ptr + sample * 2 + 1)
+    return pid, sample, within, step_scale, factor
+
+
 def programs_in_flight(device: torch.device) -> int:
     """About how many programs the device runs at once (a few per SM)."""
     if device.type != "cuda":

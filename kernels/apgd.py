@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import flat_block, on_device_of, program_index, tl_accumulation_dtype
+from ._common import flat_block, on_device_of, tl_accumulation_dtype
 from ._projection import (PARTIALS_BLOCK, as_fp64, block_sums, box_arguments, clamp_like_torch,
                           clamp_to_radius, l2_block, l2_coefficients, l2_coefficients_kernel,
                           l2_partial_sums_kernel, launch, needs_int64, radius_arguments, sample_radius,
-                          smallest_reliable_grad_sq, split_l2, store_result)
+                          smallest_reliable_grad_sq, split_l2, split_piece, store_result)
 
 
 @triton.jit
@@ -151,12 +151,7 @@ def _apgd_step_l2_moved_sums_kernel(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, coef
                                     BLOCK: tl.constexpr):
     # Split pass 2: program (sample, block) writes its block's squared distance of the momentum
     # point from x_nat, in fp64.
-    pid = program_index(WIDE_INDEX)
-    sample = pid // blocks_per_sample
-    block = pid - sample * blocks_per_sample
-    step_scale = tl.load(coefficients_ptr + sample * 2 + 0)
-    factor = tl.load(coefficients_ptr + sample * 2 + 1)
-    within = block * BLOCK + tl.arange(0, BLOCK)
+    pid, sample, within, step_scale, factor = split_piece(coefficients_ptr, blocks_per_sample, WIDE_INDEX, BLOCK)
     mask = within < sample_numel
     x_raw, x_nat, moved = _l2_moved(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, sample * sample_numel + within,
                                     mask, step_scale, factor, as_fp64(a).to(COMPUTE_DTYPE),
@@ -191,15 +186,10 @@ def _apgd_step_l2_apply_kernel(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, out_ptr, 
                                COMPUTE_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
     # Split pass 3: program (sample, block) projects and writes its block; each element is read
     # before it is written, by this program.
-    pid = program_index(WIDE_INDEX)
-    sample = pid // blocks_per_sample
-    block = pid - sample * blocks_per_sample
-    step_scale = tl.load(coefficients_ptr + sample * 2 + 0)
-    factor = tl.load(coefficients_ptr + sample * 2 + 1)
+    _, sample, within, step_scale, factor = split_piece(coefficients_ptr, blocks_per_sample, WIDE_INDEX, BLOCK)
     projection = tl.load(projection_ptr + sample).to(COMPUTE_DTYPE)
     lo = as_fp64(clip_lo).to(COMPUTE_DTYPE)
     hi = as_fp64(clip_hi).to(COMPUTE_DTYPE)
-    within = block * BLOCK + tl.arange(0, BLOCK)
     mask = within < sample_numel
     offsets = sample * sample_numel + within
     x_raw, x_nat, moved = _l2_moved(x_ptr, x_prev_ptr, grad_ptr, x_nat_ptr, offsets, mask, step_scale, factor,

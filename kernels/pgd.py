@@ -21,12 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import flat_block, on_device_of, program_index, tl_accumulation_dtype
+from ._common import flat_block, on_device_of, tl_accumulation_dtype
 from ._projection import (PARTIALS_BLOCK, as_fp64, block_sums, box_arguments, clamp_like_torch,
                           clamp_to_radius, l2_block, l2_coefficients, l2_coefficients_kernel,
                           l2_partial_sums_kernel, launch, needs_int64,
                           radius_arguments, signed_radii, smallest_reliable_grad_sq,
-                          split_l2, store_result)
+                          split_l2, split_piece, store_result)
 
 @triton.jit
 def _pgd_step_linf_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, numel, sample_numel,
@@ -116,12 +116,7 @@ def _pgd_step_l2_apply_kernel(x_ptr, grad_ptr, x_nat_ptr, out_ptr, coefficients_
                               COMPUTE_DTYPE: tl.constexpr, WIDE_INDEX: tl.constexpr,
                               BLOCK: tl.constexpr):
     # Split pass 2: program (sample, block) writes its block with the sample's coefficients.
-    pid = program_index(WIDE_INDEX)
-    sample = pid // blocks_per_sample
-    block = pid - sample * blocks_per_sample
-    step_scale = tl.load(coefficients_ptr + sample * 2 + 0)
-    factor = tl.load(coefficients_ptr + sample * 2 + 1)
-    within = block * BLOCK + tl.arange(0, BLOCK)
+    _, sample, within, step_scale, factor = split_piece(coefficients_ptr, blocks_per_sample, WIDE_INDEX, BLOCK)
     _l2_write(x_ptr, grad_ptr, x_nat_ptr, out_ptr, sample * sample_numel + within,
               within < sample_numel, step_scale, factor, clip_lo, clip_hi, HAS_LO, HAS_HI,
               COMPUTE_DTYPE)
