@@ -3,6 +3,7 @@ numbers), the row order, reproducibility under one seed, layouts, out=, the grad
 torch.compile, the profiler range and the errors for bad input."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -245,6 +246,43 @@ def test_direct_op_call_with_the_same_seed_repeats():
     a = torch.ops.robust_fast.gaussian_copies(x, 3, 1.0, seed)
     assert torch.equal(a, torch.ops.robust_fast.gaussian_copies(x, 3, 1.0, seed))
     assert not torch.equal(a, torch.ops.robust_fast.gaussian_copies(x, 3, 1.0, seed + 1))
+
+
+def philox4x32_10(groups, seed):
+    """The four 32-bit words of Philox4x32-10 for each counter (group, 0, 0, 0) and the 64-bit
+    key `seed`: the published algorithm in numpy uint64 arithmetic (a 32x32-bit product is exact
+    there), written independently of the C++."""
+    mask = np.uint64(0xFFFFFFFF)
+    c0, c1 = groups & mask, groups >> np.uint64(32)
+    c2, c3 = np.zeros_like(groups), np.zeros_like(groups)
+    k0, k1 = np.uint64(seed) & mask, np.uint64(seed) >> np.uint64(32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c0, c1, c2, c3
+
+
+def box_muller(a, b):
+    u1 = ((a >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0 ** -24
+    u2 = (b >> np.uint64(8)).astype(np.float64) * 2.0 ** -24
+    radius = np.sqrt(-2 * np.log(u1))
+    return radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)
+
+
+@cpp_only
+@pytest.mark.parametrize("seed", [0, 7, -3, 2 ** 40 + 12345])
+def test_cpp_cpu_draws_philox_box_muller(seed):
+    # element e of the output is normal e % 4 of counter e // 4: checks the SIMD lanes' order and
+    # the vectorized Philox rounds against the algorithm (1,000 counters: several SIMD blocks
+    # and a partial one)
+    x = torch.zeros(1, 4000)
+    out = torch.ops.robust_fast.gaussian_copies(x, 1, 1.0, torch.tensor(seed, dtype=torch.int64))
+    w0, w1, w2, w3 = philox4x32_10(np.arange(1000, dtype=np.uint64), seed % 2 ** 64)
+    z0, z1 = box_muller(w0, w1)
+    z2, z3 = box_muller(w2, w3)
+    expected = torch.from_numpy(np.stack([z0, z1, z2, z3], axis=1).flatten())
+    torch.testing.assert_close(out.flatten().double(), expected, rtol=0, atol=2e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible")

@@ -1,7 +1,8 @@
-// CPU kernel of gaussian_copies: at::parallel_for over blocks of 64 output elements. A block's
-// normals come from its 16 Philox counters (normal_math.h), computed lane by lane in plain loops
-// that the compiler vectorizes, then its elements are written as x + sigma * z in one pass. The
-// numbers depend only on (seed, element index): never on the thread count.
+// CPU kernel of gaussian_copies: at::parallel_for over blocks of 256 output elements. A block's
+// normals come from its 64 Philox counters (cpu_philox_lanes.h, in SIMD registers) and Box-Muller
+// (normal_math.h, in plain loops that the compiler vectorizes), then its elements are written as
+// x + sigma * z in one pass. The numbers depend only on (seed, element index): never on the
+// thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "robust_fast/cpu_philox_lanes.h"
 #include "robust_fast/noise_problem.h"
 #include "robust_fast/normal_math.h"
 
@@ -19,24 +21,18 @@ namespace {
 
 using namespace normal_math;
 
-constexpr int64_t kLanes = 16;            // Philox counters per block
-constexpr int64_t kBlock = 4 * kLanes;    // output elements per block
-constexpr int64_t kBlocksPerTask = 256;   // 16K elements: enough to pay for a thread
+constexpr int64_t kLanes = cpu_philox::kLanes;  // Philox counters per block
+constexpr int64_t kBlock = 4 * kLanes;           // output elements per block
+constexpr int64_t kBlocksPerTask = 64;           // 16K elements: enough to pay for a thread
 
 // z[4 i + m] = normal m of counter first_group + i.
 void block_normals(uint64_t first_group, uint64_t seed, float* z) {
-  uint32_t w0[kLanes], w1[kLanes], w2[kLanes], w3[kLanes];
+  cpu_philox::LaneWords words;
+  cpu_philox::philox_lanes(first_group, seed, words);
+  alignas(64) float a0[kLanes], a1[kLanes], b0[kLanes], b1[kLanes];
   for (int64_t i = 0; i < kLanes; ++i) {
-    const Words w = philox4x32_10(first_group + static_cast<uint64_t>(i), seed);
-    w0[i] = w.x0;
-    w1[i] = w.x1;
-    w2[i] = w.x2;
-    w3[i] = w.x3;
-  }
-  float a0[kLanes], a1[kLanes], b0[kLanes], b1[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) {
-    box_muller(w0[i], w1[i], a0[i], a1[i]);
-    box_muller(w2[i], w3[i], b0[i], b1[i]);
+    box_muller(words.words[0][i], words.words[1][i], a0[i], a1[i]);
+    box_muller(words.words[2][i], words.words[3][i], b0[i], b1[i]);
   }
   for (int64_t i = 0; i < kLanes; ++i) {
     z[4 * i + 0] = a0[i];
