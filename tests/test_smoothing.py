@@ -407,6 +407,36 @@ def test_auto_times_only_the_candidates_a_call_can_fill():
     autobatch.clear_cache()
 
 
+class MemoryBoundModel(CountingModel):
+    """Runs out of memory above `limit` rows, as a GPU would."""
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"{x.shape[0]} rows")
+        return super().forward(x)
+
+
+def test_auto_stops_at_the_first_candidate_out_of_memory():
+    from robust_fast.certify import autobatch
+    autobatch.clear_cache()
+    model, x = MemoryBoundModel(limit=250), torch.rand(2, 1, 6, 6)
+    generator = torch.Generator().manual_seed(3)
+    result = certify(model, x, 0.3, n0=100, n=2000, generator=generator)
+    choice = autobatch.cached_choice(model, torch.device("cpu"), x[0])
+    assert set(choice.rows_per_s) == {100, 200} and result.batch_size in (100, 200)
+    assert choice.tried == max(autobatch.needed(torch.device("cpu"), 2 * 2100))  # not measured again
+    assert max(model.batches) <= 250
+    fixed = certify(model, x, 0.3, n0=100, n=2000, generator=torch.Generator().manual_seed(3), batch_size=100)
+    assert torch.equal(fixed.counts, result.counts)
+    # not even the smallest candidate fits: the error is the model's own, not a wrong choice
+    with pytest.raises(torch.OutOfMemoryError):
+        certify(MemoryBoundModel(limit=50), x, 0.3, n0=100, n=2000)
+    autobatch.clear_cache()
+
+
 def test_a_bad_batch_size_names_the_argument():
     model, x = small_problem()
     for bad, error in (("big", ValueError), (0, ValueError), (2.5, TypeError), (True, TypeError)):
