@@ -52,7 +52,9 @@ def _duration(seconds: float) -> str:
 
 
 def _plural(unit: str) -> str:
-    return unit[:-1] + "ies" if unit.endswith("y") else unit + "s"
+    if unit.endswith("y"):
+        return unit[:-1] + "ies"
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
 
 
 class Stage:
