@@ -73,14 +73,25 @@ class Stage:
         self._start = time.perf_counter()
         self._closed = False
         self._bar = None
-        if shown(progress):
+        # A stage opened before its size is known (total 0) draws its bar from its first count on.
+        self._bar_options = dict(options) if shown(progress) else None
+        if self.total:
+            self._open_bar()
+
+    def _open_bar(self) -> None:
+        if self._bar is None and self._bar_options is not None and not self._closed:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, **options)
+            self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, leave=False, dynamic_ncols=True,
+                             **self._bar_options)
+            if self.n:
+                self._bar.update(self.n)
+            if self.fields:
+                self._bar.set_postfix(dict(self.fields), refresh=False)
 
     @property
     def active(self) -> bool:
         """Whether anything is drawn or written (callers skip work that only feeds the display)."""
-        return self._bar is not None or self._log
+        return self._bar_options is not None or self._log
 
     @property
     def disable(self) -> bool:
@@ -88,6 +99,7 @@ class Stage:
 
     def set_total(self, total: int) -> None:
         self.total = int(total)
+        self._open_bar()
         if self._bar is not None:
             self._bar.total = self.total
             self._bar.refresh()
@@ -98,6 +110,8 @@ class Stage:
             self._bar.set_postfix({k: v for k, v in self.fields.items()}, refresh=refresh)
 
     def update(self, n: int = 1, **fields) -> None:
+        if self.total or n:
+            self._open_bar()  # before the count moves: the new bar starts from the count so far
         self.n += n
         if fields:
             self.set_postfix(refresh=False, **fields)

@@ -188,3 +188,17 @@ def test_benchmark_cases_log_one_line_each_inside_a_run_only(monkeypatch, capsys
     harness.compare(candidates, **timing)
     lines = _lines(capsys.readouterr().err)
     assert [line.split(", candidates")[0] for line in lines] == ["bench: two constants: 6/6 passes", "bench: a, b: 6/6 passes"]
+
+
+def test_a_bar_opened_before_its_size_counts_right(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(_progress.sys, "stderr", terminal)
+    stage = _progress.Stage(0, "later", "step", None)
+    stage.set_postfix(left=5)
+    assert terminal.getvalue() == ""  # nothing drawn before the size is known
+    stage.update(2)
+    stage.set_total(10)
+    stage.update(3)
+    assert stage._bar.n == stage.n == 5 and stage._bar.total == 10
+    stage.close()
+    assert "later" in terminal.getvalue() and "left=5" in terminal.getvalue()
