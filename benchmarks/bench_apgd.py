@@ -85,7 +85,7 @@ def bench_step(config, notes) -> List[Dict[str, object]]:
         else:
             notes.append(f"apgd_step: cpp backend not timed: {reason}")
         stats = harness.compare(candidates, rounds=config["rounds"], min_run_time=config["min_run_time"],
-                                min_runs=config["min_runs"])
+                                min_runs=config["min_runs"], label=f"apgd_step {norm}")
         eager_ms = stats["eager reference"]["median_ms"]
         for name, s in stats.items():
             rows.append({"part": "apgd_step", "impl": name, "norm": norm, "shape": list(shape),
@@ -217,12 +217,14 @@ def bench_auto(config, notes, durations) -> List[Dict[str, object]]:
     model.eval()
     settings = config["auto"]
     x, y = data.load_fashion_mnist("test", limit=settings["n_images"])
+    stage = harness.case("auto_attack", 1)
     start = time.perf_counter()
     result = attacks.auto_attack(model, x, y, eps=settings["eps"], steps=settings["steps"],
                                  n_target_classes=settings["n_target_classes"],
                                  n_queries=settings["n_queries"], batch_size=settings["batch_size"],
                                  generator=torch.Generator().manual_seed(settings["seed"]))
     total = time.perf_counter() - start
+    stage.close(seconds=f"{total:.1f}")
     durations["auto_attack"] = total
     counts = result.breakdown()
     return [{"part": "auto_attack", "impl": "robust_fast auto_attack", "n_images": x.shape[0],

@@ -108,21 +108,27 @@ def bench_attacks(model, x, y, c, notes, durations) -> List[Dict[str, object]]:
     counter = ImageCounter(model)
     rows = []
     for name, ours, theirs in _pairs(model, x, y, c):
+        stage = harness.case(name, 1 if theirs is None else 2)
         load_before = _load()
         counter.images, counter.on = 0, True
+        stage.set_postfix(impl="robust_fast")
         x_adv, wall, cpu = _timed(ours)
         counter.on = False
+        stage.update(1)
         row = {"part": "attacks", "attack": name, "impl": f"robust_fast {name}", "n_images": int(x.shape[0]),
                "seconds": wall, "cpu_seconds": cpu, "robust_accuracy": accuracy(x_adv),
                "images_seen": counter.images, "load_before": load_before}
         if theirs is not None:
             counter.images, counter.on = 0, True
+            stage.set_postfix(impl="torchattacks")
             x_ta, wall_ta, cpu_ta = _timed(theirs)
             counter.on = False
+            stage.update(1)
             row.update(torchattacks_seconds=wall_ta, torchattacks_cpu_seconds=cpu_ta,
                        torchattacks_robust_accuracy=accuracy(x_ta), torchattacks_images_seen=counter.images,
                        vs_torchattacks=harness.ratio(wall_ta, wall), vs_torchattacks_cpu=harness.ratio(cpu_ta, cpu))
         row["load_after"] = _load()
+        stage.close(seconds=f"{wall:.1f}")
         row["ms_per_image_seen"] = 1e3 * wall / max(row["images_seen"], 1)
         rows.append(row)
         harness.log(f"    {name}: {wall:.1f} s, robust acc {row['robust_accuracy']:.2%}"
@@ -134,6 +140,8 @@ def bench_attacks(model, x, y, c, notes, durations) -> List[Dict[str, object]]:
 
 
 def bench_auto(model, x, y, c, notes, durations) -> List[Dict[str, object]]:
+    stage = harness.case("AutoAttack standard", 2 if torchattacks is not None else 1)
+    stage.set_postfix(impl="robust_fast")
     load_before = _load()
     result, wall, cpu = _timed(lambda: attacks.auto_attack(
         model, x, y, eps=c["eps"], version="standard", steps=c["steps"], n_target_classes=c["n_target_classes"],
@@ -144,9 +152,12 @@ def bench_auto(model, x, y, c, notes, durations) -> List[Dict[str, object]]:
            "robust_accuracy": result.robust_accuracy(), "stage_seconds": result.seconds,
            "fooled": result.breakdown(), "version": result.version, "settings": result.settings,
            "load_before": load_before}
+    stage.update(1)
     if torchattacks is not None:
         aa = matched_torchattacks_autoattack(model, c)
+        stage.set_postfix(impl="torchattacks")
         x_ta, wall_ta, cpu_ta = _timed(lambda: aa(x, y))
+        stage.update(1)
         with torch.no_grad():
             accuracy_ta = float((model(x_ta).argmax(1) == y).float().mean())
         row.update(torchattacks_seconds=wall_ta, torchattacks_cpu_seconds=cpu_ta,
@@ -158,6 +169,7 @@ def bench_auto(model, x, y, c, notes, durations) -> List[Dict[str, object]]:
     else:
         notes.append(f"torchattacks not importable ({TORCHATTACKS_ERROR})")
     row["load_after"] = _load()
+    stage.close(seconds=f"{wall:.1f}")
     durations["auto"] = wall + row.get("torchattacks_seconds", 0.0)
     harness.log(f"    AutoAttack standard, {x.shape[0]} images: {wall:.1f} s, robust acc {row['robust_accuracy']:.2%}"
                 + (f"; torchattacks {row['torchattacks_seconds']:.1f} s, {row['torchattacks_robust_accuracy']:.2%}"

@@ -189,7 +189,8 @@ def bench_network(name, config, device, use_compile) -> List[Dict[str, object]]:
                 got = fn(model, x, eps)
                 max_diff[impl] = max(float((g - e).abs().max()) for g, e in zip(got, expected))
         stats = harness.compare(candidates, device=device, rounds=config["rounds"],
-                                min_run_time=config["min_run_time"], min_runs=config["min_runs"])
+                                min_run_time=config["min_run_time"], min_runs=config["min_runs"],
+                                label=f"interval_bounds {name} ({mode})")
         in_products = {impl: products_ms(fn) for impl, fn in candidates.items()} if device == "cpu" else {}
         eager_ms = stats["eager reference"]["median_ms"]
         compile_ms = stats.get("torch.compile(eager reference)", {}).get("median_ms")
@@ -223,7 +224,7 @@ def bench_network(name, config, device, use_compile) -> List[Dict[str, object]]:
                 return [interval_bounds(model, x, e, backend=backend) for e in radii]
         stats = harness.compare({"E=4 in one call": batched, "4 calls": separate}, device=device,
                                 rounds=config["rounds"], min_run_time=config["min_run_time"],
-                                min_runs=config["min_runs"])
+                                min_runs=config["min_runs"], label=f"{name}: E={EPS_BATCH} radii ({backend})")
         calls_ms = stats["4 calls"]["median_ms"]
         for impl, s in stats.items():
             rows.append({"part": "E radii", "network": name, "batch": batch, "eps": radii, "mode": "no grad",

@@ -186,7 +186,7 @@ def bench_case(case, config, device, use_compile) -> List[Dict[str, object]]:
         cold = device == "cpu" and case_bytes > (harness.last_level_cache_bytes() or math.inf)
         stats = harness.compare(candidates, device=device, rounds=config["rounds"],
                                 min_run_time=config["min_run_time"], min_runs=config["min_runs"],
-                                cold_cache=cold)
+                                cold_cache=cold, label=f"{kind} B={batch} D={dim} x{count} ({mode})")
         faults = minor_faults_per_call(candidates) if device == "cpu" else {}
         eager_ms = stats["eager loop"]["median_ms"]
         compile_ms = stats.get("torch.compile(eager loop)", {}).get("median_ms")

@@ -167,7 +167,8 @@ def bench_step(config, device, use_compile, notes) -> List[Dict[str, object]]:
                 max_diff[name] = float((fn() - expected).abs().max()) if numel else 0.0
             in_place.copy_(x_adv)
             stats = harness.compare(candidates, device=device, rounds=config["rounds"],
-                                    min_run_time=config["min_run_time"], min_runs=config["min_runs"])
+                                    min_run_time=config["min_run_time"], min_runs=config["min_runs"],
+                                    label=f"pgd_step {norm} {tuple(shape)}")
             eager_ms = stats["eager reference"]["median_ms"]
             compile_ms = stats.get("torch.compile(reference)", {}).get("median_ms")
             ta_ms = stats["torchattacks step"]["median_ms"]
@@ -294,7 +295,7 @@ def bench_attack(config, device, notes) -> List[Dict[str, object]]:
     else:
         notes.append(f"pgd_attack: torchattacks not importable ({TORCHATTACKS_ERROR})")
     timing = config["attack_timing"]
-    stats = harness.compare(candidates, device=device, **timing)
+    stats = harness.compare(candidates, device=device, label="PGD attack", **timing)
     # The step alone at this shape, to say how much of the attack it is.
     x_adv, grad, x_nat = _step_inputs(tuple(x.shape), eps, device)
     step_stats = harness.compare({
@@ -369,7 +370,7 @@ def bench_early_stop(config, device, notes, durations) -> List[Dict[str, object]
     else:
         notes.append(f"early_stop_eval: torchattacks not importable ({TORCHATTACKS_ERROR})")
     start = time.perf_counter()
-    stats = harness.compare(candidates, device=device, **config["eval_timing"])
+    stats = harness.compare(candidates, device=device, label="early-stop evaluation", **config["eval_timing"])
     durations["early_stop_eval"] = time.perf_counter() - start
     clean = accuracy(model, x, y)
     ta = stats.get("torchattacks.PGD", {})

@@ -106,7 +106,8 @@ def bench_copies(config, device, use_compile, notes) -> List[Dict[str, object]]:
         candidates["copy (output size)"] = lambda: dst.copy_(src)
         candidates["fill (output size)"] = lambda: dst.fill_(1.0)
         stats = harness.compare(candidates, device=device, rounds=config["rounds"],
-                                min_run_time=config["min_run_time"], min_runs=config["min_runs"])
+                                min_run_time=config["min_run_time"], min_runs=config["min_runs"],
+                                label=f"gaussian_copies {_label(shape, copies)}")
         eager_ms = stats["eager expression"]["median_ms"]
         compile_ms = stats.get("torch.compile(eager)", {}).get("median_ms")
         copy_ms = stats["copy (output size)"]["median_ms"]
@@ -258,7 +259,7 @@ def bench_certify(config, device, notes) -> List[Dict[str, object]]:
                                                                               num_classes)
     cpu_times = {name: [] for name in candidates}
     candidates = {name: _cpu_timed(fn, cpu_times[name]) for name, fn in candidates.items()}
-    stats = harness.compare(candidates, device=device, rounds=config["rounds"], min_run_time=0.0,
+    stats = harness.compare(candidates, device=device, rounds=config["rounds"], min_run_time=0.0, label="certify",
                             min_runs=config["rounds"], warmup_runs=1, warmup_time=0.0)
     cpu_ms = {name: 1e3 * statistics.median(times[1:] or times) for name, times in cpu_times.items()}  # no warm-up
     reference = {b: stats[f"reference loop ({b})"]["median_ms"] for b in sweep}

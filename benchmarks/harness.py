@@ -20,6 +20,11 @@ Timing
   compare() measures several candidates in interleaved rounds, so a noisy neighbour hurts
   all of them alike and the ratios of one run stay fair.
 
+Progress
+  Each case (a compare(), or a script's case()) is a stage: a bar on a terminal (candidate,
+  round, time left), one line on stderr when it ends where stderr is a log file, nothing with
+  --no-progress or outside a run (a script's functions called from Python stay quiet).
+
 Where results go
   In a source checkout (or an editable install) this file sits in benchmarks/, next to the
   committed reference figures in benchmarks/results/ (REFERENCE_DIR); a run writes
@@ -52,6 +57,7 @@ from torch.utils import benchmark as torch_benchmark
 
 import robust_fast
 from robust_fast import _build
+from robust_fast._progress import Stage, command_progress
 
 Row = Dict[str, object]
 
@@ -125,6 +131,8 @@ def run_benchmarks(bench: Callable[[Run], List[Row]], *, name: str, description:
     before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global _PROGRESS
+    progress_before, _PROGRESS = _PROGRESS, command_progress(not args.no_progress)
     try:  # the machine stamp, written last, records the thread count of the run
         busy = [note_if_busy("when the run started", run.notes)]
         begin = time.perf_counter()
@@ -156,6 +164,7 @@ def run_benchmarks(bench: Callable[[Run], List[Row]], *, name: str, description:
                               title=f"{title} ({run.device}, torch {torch.__version__})")
     finally:
         torch.set_num_threads(before)
+        _PROGRESS = progress_before
     return _finish(paths, refused, run.durations["total"])
 
 
@@ -164,6 +173,16 @@ def main(run: Callable[[Optional[Sequence[str]]], Dict[str, object]],
     """A script's command line (`robust-fast bench <name>` calls it too): run(argv); the exit
     status is 1 when --save-reference was refused because the machine was busy, else 0."""
     return 1 if run(argv).get("reference_refused") else 0
+
+
+# What a case's stage shows: run_benchmarks sets it for its run (command_progress), else quiet.
+_PROGRESS = False
+
+
+def case(label: str, total: int, unit: str = "run") -> Stage:
+    """A case's stage (`with harness.case("APGD-CE", 2) as stage: ... stage.update()`): a bar on
+    a terminal, one line when it ends in a log, nothing outside a run or with --no-progress."""
+    return Stage(total, f"bench: {label}", unit, _PROGRESS)
 
 
 def log(message: str = "") -> None:
@@ -202,6 +221,8 @@ def _parser(stem: str, description: str, *, devices: bool, compile_baseline: boo
     if compile_baseline:
         parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress (default: a bar per case on a terminal, one line per case in a log file)")
     return parser
 
 
@@ -406,7 +427,7 @@ def summarize(samples: Sequence[float]) -> Dict[str, float]:
 
 def compare(candidates: Dict[str, Callable[[], object]], *, device: str = "cpu", rounds: int = 3,
             min_run_time: float = 0.5, min_runs: int = 5, warmup_time: float = 0.1,
-            warmup_runs: int = 3, cold_cache: bool = False) -> Dict[str, Dict[str, object]]:
+            warmup_runs: int = 3, cold_cache: bool = False, label: Optional[str] = None) -> Dict[str, Dict[str, object]]:
     """Times every candidate in `rounds` interleaved passes (each pass gets min_run_time/rounds
     and min_runs/rounds of each); the samples of all passes are pooled per candidate.
     cold_cache: see time_samples.
@@ -414,11 +435,26 @@ def compare(candidates: Dict[str, Callable[[], object]], *, device: str = "cpu",
     Each candidate is first warmed up, untimed: called at least warmup_runs times and for at
     least warmup_time seconds (lazy initialisation, allocator caches, thread pools). What its
     first call returned is kept under "result", so a candidate that computes something (an
-    accuracy) need not run again.
+    accuracy) need not run again. label: the case's name on its progress stage (default: the
+    candidates').
     """
     rounds = max(1, int(rounds))
+    if label is None:
+        names = ", ".join(candidates)
+        label = names if len(names) <= 60 else names[:57] + "..."
+    with case(label, len(candidates) * (rounds + 1), "pass") as stage:
+        summary = _compare(candidates, stage, device, rounds, min_run_time, min_runs, warmup_time, warmup_runs,
+                           cold_cache)
+        stage.close(candidates=len(candidates), rounds=rounds)
+        return summary
+
+
+def _compare(candidates, stage: Stage, device, rounds, min_run_time, min_runs, warmup_time, warmup_runs,
+             cold_cache) -> Dict[str, Dict[str, object]]:
+    """compare's work; each warm-up and each timed pass of a candidate advances the stage."""
     results, estimates = {}, {}
     for name, fn in candidates.items():
+        stage.set_postfix(candidate=name, round="warm-up")
         calls, spent, fastest = 0, 0.0, math.inf
         while calls < max(1, warmup_runs) or spent < warmup_time:
             _synchronize(device)
@@ -430,12 +466,15 @@ def compare(candidates: Dict[str, Callable[[], object]], *, device: str = "cpu",
                 results[name] = value
             calls, spent, fastest = calls + 1, spent + elapsed, min(fastest, elapsed)
         estimates[name] = fastest
+        stage.update(1)
     pooled: Dict[str, List[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in candidates.items():
+            stage.set_postfix(candidate=name, round=f"{r + 1}/{rounds}")
             pooled[name] += time_samples(fn, device=device, min_run_time=min_run_time / rounds,
                                          min_runs=max(1, math.ceil(min_runs / rounds)),
                                          estimate=estimates[name], cold_cache=cold_cache)
+            stage.update(1)
     summary: Dict[str, Dict[str, object]] = {}
     for name, samples in pooled.items():
         summary[name] = dict(summarize(samples), result=results[name])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from robust_fast._modes import modules_in_mode
+from robust_fast._progress import Stage, check_progress
 from robust_fast.attacks import pgd
 
 
@@ -31,8 +32,11 @@ def _predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def transferability(models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor, *, eps: float = 0.1,
                     steps: int = 20, alpha: Optional[float] = None, names: Optional[Sequence[str]] = None,
-                    seed: int = 0, batch_size: int = 500, backend: Optional[str] = None) -> Dict[str, Any]:
-    """The transferability matrices of `models` on (images in [0, 1], labels): see the module."""
+                    seed: int = 0, batch_size: int = 500, backend: Optional[str] = None,
+                    progress=False) -> Dict[str, Any]:
+    """The transferability matrices of `models` on (images in [0, 1], labels): see the module.
+    progress: False (the default) nothing; True a bar over the attacks (source model, batch, time
+    left); None a bar when stderr is a terminal; "log" one line per batch."""
     if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)) or len(models) < 1:
         raise TypeError(f"transferability: models must be a non-empty list of models, got {type(models).__name__}")
     for k, model in enumerate(models):
@@ -52,6 +56,7 @@ def transferability(models: Sequence[nn.Module], images: torch.Tensor, labels: t
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"transferability: images and labels differ in length: {images.shape[0]} != "
                          f"{labels.shape[0]}")
+    progress = check_progress(progress, "transferability")
     alpha = eps / 4 if alpha is None else float(alpha)
     count, n = len(models), images.shape[0]
     device = next(iter(models[0].parameters())).device
@@ -59,6 +64,8 @@ def transferability(models: Sequence[nn.Module], images: torch.Tensor, labels: t
     fools_both = torch.zeros(count, count, dtype=torch.int64)    # i's successes that fool j (j right on clean)
     successes = torch.zeros(count, count, dtype=torch.int64)     # i's successes where j is right on clean
     clean_correct = torch.zeros(count, dtype=torch.int64)
+    stage = Stage(n * count, f"transferability: PGD-{steps} on {count} models", "image", progress,
+                  log_lines=math.ceil(n / batch_size))
     for first in range(0, n, batch_size):
         x = images[first:first + batch_size].to(device)
         y = labels[first:first + batch_size].to(device)
@@ -74,6 +81,8 @@ def transferability(models: Sequence[nn.Module], images: torch.Tensor, labels: t
             eligible = success.unsqueeze(0) & right                                   # (count, b)
             successes[i] += eligible.sum(1).cpu()
             fools_both[i] += (eligible & ~right_adv).sum(1).cpu()
+            stage.update(x.shape[0], source=names[i], batch=f"{first // batch_size + 1}/{math.ceil(n / batch_size)}")
+    stage.close()
     accuracy = (correct_adv.double() / max(n, 1)).tolist()
     rate = [[fools_both[i, j].item() / successes[i, j].item() if successes[i, j] else math.nan
              for j in range(count)] for i in range(count)]
@@ -148,6 +157,8 @@ def add_transferability_parser(commands) -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0, help="seeds the random starts (the same for every model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, one line per batch in a log file)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (default $ROBUST_FAST_DATA or Debian's)")
     p.add_argument("--out", default=None, help="folder for transferability.json / .md / .png (default runs/transferability)")
     p.add_argument("--backend", default=None)
@@ -159,6 +170,7 @@ def run_transferability(args) -> int:
     import os
     import sys
 
+    from robust_fast._progress import command_progress
     from robust_fast.data import load_fashion_mnist
     from robust_fast.train.checkpoint import model_from_checkpoint
 
@@ -178,7 +190,8 @@ def run_transferability(args) -> int:
     images, labels = load_fashion_mnist("test", root=args.data, limit=args.samples)
     try:
         result = transferability(models, images, labels, eps=args.eps, steps=args.steps, names=names, seed=args.seed,
-                                 batch_size=args.batch_size, backend=args.backend)
+                                 batch_size=args.batch_size, backend=args.backend,
+                                 progress=command_progress(not args.no_progress))
     except (TypeError, ValueError) as error:
         print(f"robust-fast transferability: error: {error}", file=sys.stderr)
         return 2

@@ -49,7 +49,15 @@ def test_evaluate_auto_is_a_loop_of_auto_attack_over_batches(checkpoint):
 def test_eval_reports_the_version_that_ran(checkpoint, tmp_path, capsys):
     report = tmp_path / "eval.json"
     assert cli.main(["eval", checkpoint, "--json", str(report)] + AUTO) == 0
-    assert "AutoAttack custom acc (eps 0.3)" in capsys.readouterr().out  # --steps 3: not the standard's 100
+    printed = capsys.readouterr()
+    assert "AutoAttack custom acc (eps 0.3)" in printed.out  # --steps 3: not the standard's 100
+    # stderr is no terminal here: one line per attack that ran and per batch, no carriage return
+    assert "\r" not in printed.err
+    batch_lines = [line for line in printed.err.splitlines() if line.startswith("evaluate: AutoAttack")]
+    assert [line.split(", ")[1] for line in batch_lines] == ["batch 1/2", "batch 2/2"]
+    assert sum(line.startswith("auto_attack ") for line in printed.err.splitlines()) == 2 * 4
+    assert cli.main(["eval", checkpoint, "--no-progress"] + AUTO) == 0
+    assert "auto_attack" not in capsys.readouterr().err
     numbers = json.loads(report.read_text())
     assert numbers["auto_settings"]["steps"] == 3 and numbers["auto_settings"]["n_queries"] == 5000
     assert set(numbers["fooled_by"]) == {"misclassified_clean", "apgd-ce", "apgd-t", "fab-t", "square", "robust"}

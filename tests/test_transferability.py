@@ -91,8 +91,12 @@ def test_cli_writes_table_json_and_heatmap(tmp_path, monkeypatch, capsys):
         paths.append(write_checkpoint(tmp_path / f"{name}.pt", model))
     out = tmp_path / "out"
     assert cli.main(["transferability", *paths, "--samples", "12", "--steps", "2", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "made on \\ accuracy of" in printed and "| a |" in printed and "| b |" in printed
+    # stderr is no terminal here: the run's progress is one plain line (one batch)
+    assert captured.err.startswith("transferability: PGD-2 on 2 models: 24/24 images, source b, batch 1/1, ")
+    assert "\r" not in captured.err and captured.err.count("\n") == 1
     result = json.loads((out / "transferability.json").read_text())
     assert result["names"] == ["a", "b"] and len(result["accuracy"]) == 2 and result["n"] == 12
     assert (out / "transferability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,14 +1,17 @@
-"""What APGD, APGD-T, Square and auto_attack share: the check of their common arguments, and the
-walk over a batch in chunks of at most batch_size samples."""
+"""What APGD, APGD-T, FAB-T, Square and auto_attack share: the check of their common arguments,
+the walk over a batch in chunks of at most batch_size samples, and the count of their steps
+on a progress stage."""
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from robust_fast._checks import check_clip
+from robust_fast._progress import Stage, check_progress
 
 
 def check_attack_arguments(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, caller):
@@ -51,3 +54,54 @@ def chunks(n: int, batch_size: Optional[int]):
 def clean_predictions(model, x: torch.Tensor, batch_size: Optional[int]) -> torch.Tensor:
     return torch.cat([model(x[rows]).argmax(dim=1) for rows in chunks(x.shape[0], batch_size)]) \
         if x.shape[0] else torch.zeros(0, dtype=torch.int64, device=x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+
+@contextmanager
+def attack_stage(progress, desc: str, unit: str, caller: str) -> Iterator[Stage]:
+    """The Stage an attack counts its steps on: the caller's (auto_attack hands each attack one)
+    or its own, made from progress (None, True, False or "log") and closed when it ends."""
+    if isinstance(progress, Stage):
+        yield progress
+        return
+    stage = Stage(0, desc, unit, check_progress(progress, caller))
+    try:
+        yield stage
+    finally:
+        stage.close()
+
+
+class StepCounter:
+    """An attack's steps on a Stage: `chunks` chunks of `runs` runs (targets x restarts) of `steps`
+    steps each. A run or chunk that ends early (every sample fooled) counts the steps it skipped,
+    so the bar's rate and time left stay those of the work still planned."""
+
+    def __init__(self, stage: Stage, steps: int, runs: int, chunks: int):
+        self.stage, self.steps, self.runs = stage, int(steps), int(runs)
+        self.chunk, self.run = 0, 0
+        stage.set_total(self.steps * self.runs * int(chunks))
+
+    def start_run(self, left: int, **where) -> Optional[Callable[[int], None]]:
+        """Before a run on `left` samples: shows where it is; returns the per-step tick (None
+        where nothing is shown, so the loop pays nothing)."""
+        if not self.stage.active:
+            return None
+        self.stage.set_postfix(**where, left=left)
+        return self._tick
+
+    def _tick(self, left: int) -> None:
+        self.stage.update(1, left=left)
+
+    def end_run(self) -> None:
+        self.run += 1
+        self.stage.advance_to((self.chunk * self.runs + self.run) * self.steps)
+
+    def end_chunk(self) -> None:
+        self.chunk, self.run = self.chunk + 1, 0
+        self.stage.advance_to(self.chunk * self.runs * self.steps)
+
+
+def chunk_count(n: int, batch_size: Optional[int]) -> int:
+    return sum(1 for _ in chunks(n, batch_size))

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.attacks._common import check_attack_arguments, chunks, clean_predictions
+from robust_fast.attacks._common import (StepCounter, attack_stage, check_attack_arguments, chunk_count, chunks,
+                                         clean_predictions)
 from robust_fast.ops.apgd import run_apgd_step
 
 LOSSES = ("ce", "dlr")
@@ -154,8 +155,10 @@ def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor, *, eps: float,
              norm: str, steps: int, loss: str, rho: float, early_stop: bool, clip,
-             target: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> _Run:
-    """One APGD run of a batch from x_start (every sample attacked; inputs already checked)."""
+             target: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+             tick: Optional[Callable[[int], None]] = None) -> _Run:
+    """One APGD run of a batch from x_start (every sample attacked; inputs already checked).
+    tick: called after every step with the number of samples still running (progress)."""
     n = x_nat.shape[0]
     low, high = clip
     out_x, out_fooled = x_start.clone(), torch.zeros(n, dtype=torch.bool, device=x_nat.device)
@@ -219,6 +222,8 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
                 target = None if target is None else target[keep]
                 if rows.numel() == 0:
                     break
+        if tick is not None:
+            tick(rows.numel())
     leave(torch.ones_like(fooled))
     return _Run(out_x, out_fooled, out_loss)
 
@@ -235,15 +240,19 @@ def _starts(x, eps, norm, clip, generator, restarts):
 def apgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm: str = "linf",
          steps: int = 100, loss: str = "ce", restarts: int = 1, rho: float = 0.75,
          early_stop: bool = True, generator: Optional[torch.Generator] = None,
-         batch_size: Optional[int] = None, clip=(0.0, 1.0), backend: Optional[str] = None) -> torch.Tensor:
+         batch_size: Optional[int] = None, clip=(0.0, 1.0), backend: Optional[str] = None,
+         progress=False) -> torch.Tensor:
     """APGD (Croce & Hein 2020) with the cross-entropy ("ce") or DLR ("dlr") loss: returns x_adv.
 
     Per sample: the first point that fools the model, else the point of highest loss over all
     restarts. Samples the model already misclassifies are returned unchanged. Each restart
     attacks only the samples no earlier one fooled, from a new random start (drawn from
     `generator`). early_stop: fooled samples stop (on CPU after the step that fooled them, on
-    a GPU at the next checkpoint); the result is the same. batch_size: at most this many samples go through the model at once. The model runs
-    in eval mode; every module's mode and the parameters' .grad are left as they were.
+    a GPU at the next checkpoint); the result is the same. batch_size: at most this many samples
+    go through the model at once. The model runs in eval mode; every module's mode and the
+    parameters' .grad are left as they were. progress: a bar over the steps (restart, samples
+    left, time left) with True (None: when stderr is a terminal), one line when done with "log",
+    nothing with False (the default); it changes no result.
     """
     eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgd")
     if loss not in LOSSES:
@@ -254,10 +263,13 @@ def apgd(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm:
             _check_classes(model, x[:1], 3, "apgd: the DLR loss")
         starts = _starts(x, eps, norm, clip, generator, restarts)
         x_adv = x.clone()
-        for rows in chunks(x.shape[0], batch_size):
-            x_adv[rows] = _apgd_chunk(model, x[rows], y[rows], [s[rows] for s in starts], eps=eps,
-                                      norm=norm, steps=steps, loss=loss, rho=float(rho),
-                                      early_stop=early_stop, clip=clip, backend=backend)
+        with attack_stage(progress, f"apgd-{loss}", "step", "apgd") as stage:
+            counter = StepCounter(stage, steps, restarts, chunk_count(x.shape[0], batch_size))
+            for rows in chunks(x.shape[0], batch_size):
+                x_adv[rows] = _apgd_chunk(model, x[rows], y[rows], [s[rows] for s in starts], eps=eps,
+                                          norm=norm, steps=steps, loss=loss, rho=float(rho),
+                                          early_stop=early_stop, clip=clip, backend=backend, counter=counter)
+                counter.end_chunk()
         return x_adv
 
 
@@ -270,16 +282,18 @@ def _check_classes(model, x_one: torch.Tensor, least: int, what: str) -> int:
     return classes
 
 
-def _apgd_chunk(model, x, y, starts, *, eps, norm, steps, loss, rho, early_stop, clip, backend):
+def _apgd_chunk(model, x, y, starts, *, eps, norm, steps, loss, rho, early_stop, clip, backend, counter):
     result = x.clone()
     attack = clean_predictions(model, x, None) == y  # still robust: the ones to attack
     best_loss = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
-    for start in starts:
+    for r, start in enumerate(starts):
         index = attack.nonzero().squeeze(1)
         if index.numel() == 0:
             break
+        tick = counter.start_run(index.numel(), restart=f"{r + 1}/{len(starts)}")
         run = apgd_run(model, x[index], y[index], start[index], eps=eps, norm=norm, steps=steps,
-                       loss=loss, rho=rho, early_stop=early_stop, clip=clip, backend=backend)
+                       loss=loss, rho=rho, early_stop=early_stop, clip=clip, backend=backend, tick=tick)
+        counter.end_run()
         better = run.fooled | (run.loss > best_loss[index])
         result[index[better]] = run.x[better]
         best_loss[index] = torch.maximum(best_loss[index], run.loss)
@@ -290,13 +304,14 @@ def _apgd_chunk(model, x, y, starts, *, eps, norm, steps, loss, rho, early_stop,
 def apgdt(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm: str = "linf",
           steps: int = 100, n_target_classes: int = 9, restarts: int = 1, rho: float = 0.75,
           early_stop: bool = True, generator: Optional[torch.Generator] = None,
-          batch_size: Optional[int] = None, clip=(0.0, 1.0), backend: Optional[str] = None) -> torch.Tensor:
+          batch_size: Optional[int] = None, clip=(0.0, 1.0), backend: Optional[str] = None,
+          progress=False) -> torch.Tensor:
     """APGD-T: APGD on the targeted DLR loss -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2),
     against each of the n_target_classes classes ranked highest on the clean input after the
     top one in turn, each only on the samples no earlier target fooled. A sample counts as
     fooled when misclassified (any class). Returns x_adv: per sample, the first point that
     fooled the model, else the point of lowest margin z_y - max_{i != y} z_i over the targets.
-    Other arguments as for apgd.
+    Other arguments as for apgd (progress: the bar also shows the target).
     """
     eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgdt")
     if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, numbers.Integral) \
@@ -309,15 +324,18 @@ def apgdt(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm
         # One start per (target, restart) for every sample, drawn up front.
         starts = [_starts(x, eps, norm, clip, generator, restarts) for _ in range(n_targets)]
         x_adv = x.clone()
-        for rows in chunks(x.shape[0], batch_size):
-            x_adv[rows] = _apgdt_chunk(model, x[rows], y[rows], [[s[rows] for s in per_target]
-                                                                 for per_target in starts],
-                                       eps=eps, norm=norm, steps=steps, rho=float(rho),
-                                       early_stop=early_stop, clip=clip, backend=backend)
+        with attack_stage(progress, "apgd-t", "step", "apgdt") as stage:
+            counter = StepCounter(stage, steps, n_targets * restarts, chunk_count(x.shape[0], batch_size))
+            for rows in chunks(x.shape[0], batch_size):
+                x_adv[rows] = _apgdt_chunk(model, x[rows], y[rows], [[s[rows] for s in per_target]
+                                                                     for per_target in starts],
+                                           eps=eps, norm=norm, steps=steps, rho=float(rho),
+                                           early_stop=early_stop, clip=clip, backend=backend, counter=counter)
+                counter.end_chunk()
         return x_adv
 
 
-def _apgdt_chunk(model, x, y, starts, *, eps, norm, steps, rho, early_stop, clip, backend):
+def _apgdt_chunk(model, x, y, starts, *, eps, norm, steps, rho, early_stop, clip, backend, counter):
     result = x.clone()
     clean_logits = model(x)
     attack = clean_logits.argmax(dim=1) == y
@@ -325,13 +343,16 @@ def _apgdt_chunk(model, x, y, starts, *, eps, norm, steps, rho, early_stop, clip
     best_margin = torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
     for k, per_target in enumerate(starts):
         target = ranked[:, k + 1]  # the (k+2)-th most likely class of the clean input
-        for start in per_target:
+        for r, start in enumerate(per_target):
             index = attack.nonzero().squeeze(1)
             if index.numel() == 0:
                 return result
+            tick = counter.start_run(index.numel(), target=f"{k + 1}/{len(starts)}",
+                                     restart=f"{r + 1}/{len(per_target)}")
             run = apgd_run(model, x[index], y[index], start[index], eps=eps, norm=norm,
                            steps=steps, loss="dlr", rho=rho, early_stop=early_stop, clip=clip,
-                           target=target[index], backend=backend)
+                           target=target[index], backend=backend, tick=tick)
+            counter.end_run()
             run_margin = margin(model(run.x), y[index])
             better = run.fooled | (run_margin < best_margin[index])
             result[index[better]] = run.x[better]

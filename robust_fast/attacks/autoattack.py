@@ -17,6 +17,7 @@ import torch
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
+from robust_fast._progress import Stage, check_progress
 from robust_fast.attacks import fab as fab_settings
 from robust_fast.attacks._common import check_attack_arguments, clean_predictions
 from robust_fast.attacks.apgd import apgd, apgdt
@@ -69,7 +70,7 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
                 square_rescale_schedule: Optional[bool] = None, fab_steps: Optional[int] = None,
                 fab_n_target_classes: Optional[int] = None, batch_size: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, clip=(0.0, 1.0),
-                backend: Optional[str] = None) -> AutoAttackResult:
+                backend: Optional[str] = None, progress=False) -> AutoAttackResult:
     """Runs the attacks of `version` ("standard": APGD-CE, APGD-T, FAB-T, Square with the
     reference's settings; "fast": APGD-CE, APGD-T, Square), or `attacks` in the order given
     (names from "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"), each on the samples no
@@ -83,6 +84,12 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
     in "fast"), fab_steps and fab_n_target_classes (FAB-T's, 100 and 9). A run whose attacks or
     settings differ from its version's reports version "custom". norm: "linf" or "l2", for
     every attack.
+
+    progress: one stage per attack ("auto_attack 2/3: apgd-t"): with True (None: when stderr is
+    a terminal) a bar over its steps or queries showing the target, the restart, the samples
+    still robust and the time left; with "log" one line per attack when it ends (samples
+    attacked, fooled, still robust, seconds); with False (the default) nothing. The results do
+    not depend on it.
     """
     if version not in VERSIONS:
         raise ValueError(f"auto_attack: version must be one of {VERSIONS}, got {version!r}")
@@ -96,6 +103,7 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
     if norm == "l2" and eps <= 0 and "square" in attacks:
         raise ValueError(f"auto_attack: eps must be > 0 for square with norm='l2', got {eps!r}")
     attacks = tuple(attacks)
+    progress = check_progress(progress, "auto_attack")
     given = {"steps": steps, "n_target_classes": n_target_classes, "n_queries": n_queries,
              "square_rescale_schedule": square_rescale_schedule, "fab_steps": fab_steps,
              "fab_n_target_classes": fab_n_target_classes}
@@ -114,24 +122,30 @@ def auto_attack(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255
         for k, name in enumerate(attacks, start=1):
             start = time.perf_counter()
             index = robust.nonzero().squeeze(1)
-            if index.numel():
-                xs, ys = x[index], y[index]
-                if name == "apgd-ce":
-                    found = apgd(model, xs, ys, steps=settings["steps"], loss="ce", backend=backend, **common)
-                elif name == "apgd-dlr":
-                    found = apgd(model, xs, ys, steps=settings["steps"], loss="dlr", backend=backend, **common)
-                elif name == "apgd-t":
-                    found = apgdt(model, xs, ys, steps=settings["steps"],
-                                  n_target_classes=settings["n_target_classes"], backend=backend, **common)
-                elif name == "fab-t":
-                    found = fab_t(model, xs, ys, steps=settings["fab_steps"],
-                                  n_target_classes=settings["fab_n_target_classes"], **common)
-                else:
-                    found = square(model, xs, ys, n_queries=settings["n_queries"],
-                                   rescale_schedule=settings["square_rescale_schedule"], **common)
-                fooled = clean_predictions(model, found, batch_size) != ys
-                x_adv[index[fooled]] = found[fooled]
-                fooled_by[index[fooled]] = k
-                robust[index[fooled]] = False
-            seconds[name] = _elapsed(start, x.device)
+            with Stage(0, f"auto_attack {k}/{len(attacks)}: {name}", "query" if name == "square" else "step",
+                       progress) as stage:
+                common["progress"] = stage
+                if index.numel():
+                    xs, ys = x[index], y[index]
+                    if name == "apgd-ce":
+                        found = apgd(model, xs, ys, steps=settings["steps"], loss="ce", backend=backend, **common)
+                    elif name == "apgd-dlr":
+                        found = apgd(model, xs, ys, steps=settings["steps"], loss="dlr", backend=backend, **common)
+                    elif name == "apgd-t":
+                        found = apgdt(model, xs, ys, steps=settings["steps"],
+                                      n_target_classes=settings["n_target_classes"], backend=backend, **common)
+                    elif name == "fab-t":
+                        found = fab_t(model, xs, ys, steps=settings["fab_steps"],
+                                      n_target_classes=settings["fab_n_target_classes"], **common)
+                    else:
+                        found = square(model, xs, ys, n_queries=settings["n_queries"],
+                                       rescale_schedule=settings["square_rescale_schedule"], **common)
+                    fooled = clean_predictions(model, found, batch_size) != ys
+                    x_adv[index[fooled]] = found[fooled]
+                    fooled_by[index[fooled]] = k
+                    robust[index[fooled]] = False
+                seconds[name] = _elapsed(start, x.device)
+                if stage.active:
+                    stage.close(attacked=index.numel(), fooled=int((fooled_by == k).sum()),
+                                robust=f"{int(robust.sum())}/{x.shape[0]}")
         return AutoAttackResult(x_adv, fooled_by, attacks, seconds, label, settings)

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.attacks._common import check_attack_arguments, chunks
+from robust_fast.attacks._common import StepCounter, attack_stage, check_attack_arguments, chunk_count, chunks
 
 # AutoAttack's standard settings for FAB-T.
 STEPS = 100
@@ -154,10 +154,11 @@ def _gap_and_gradient(model, x1, y, target):
 
 def fab_run(model, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor, x_start: torch.Tensor, *,
             eps: float, norm: str, steps: int, alpha_max: float, eta: float, beta: float,
-            clip, early_stop: bool) -> FabRun:
+            clip, early_stop: bool, tick: Optional[Callable[[int], None]] = None) -> FabRun:
     """One FAB-T run of a batch of samples all correctly classified (inputs already checked).
     early_stop: a sample leaves once it has a misclassified point within eps (its outcome in
-    AutoAttack is then decided); without it, every sample takes every step."""
+    AutoAttack is then decided); without it, every sample takes every step. tick: called after
+    every step with the number of samples still running (progress)."""
     n = x0.shape[0]
     low, high = clip
     best_x, best = x0.clone(), torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
@@ -194,6 +195,8 @@ def fab_run(model, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor, x_st
                 keep = best[rows] > eps
                 if not bool(keep.all()):
                     rows, x0, flat0, x1, y, target = rows[keep], x0[keep], flat0[keep], x1[keep], y[keep], target[keep]
+        if tick is not None:
+            tick(rows.numel())
     return FabRun(best_x, best)
 
 
@@ -228,7 +231,7 @@ def fab_t(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm
           steps: int = STEPS, n_target_classes: int = N_TARGET_CLASSES, restarts: int = 1,
           alpha_max: float = ALPHA_MAX, eta: float = ETA, beta: float = BETA, early_stop: bool = True,
           generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None,
-          clip=(0.0, 1.0)) -> torch.Tensor:
+          clip=(0.0, 1.0), progress=False) -> torch.Tensor:
     """FAB-T (norm "linf" or "l2"): returns x_adv.
 
     Against each of the n_target_classes classes ranked highest on the clean input after the
@@ -239,29 +242,40 @@ def fab_t(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm
     search; early_stop=True, the default: the search of a sample ends at its first one, as
     AutoAttack only asks whether there is one), else x itself. Samples the model already
     misclassifies are returned unchanged. The defaults are AutoAttack's standard settings.
+    progress: a bar over the steps (target, restart, samples left, time left) with True (None:
+    when stderr is a terminal), one line when done with "log", nothing with False (the
+    default); it changes no result.
     """
     eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, restarts, 0.5, batch_size, clip, "fab_t")
     _check_fab_settings(n_target_classes, alpha_max, eta, beta)
     x = x.detach()
     with modules_in_mode(model, False), op_range("fab_t"), torch.no_grad():
         x_adv = x.clone()
-        for rows in chunks(x.shape[0], batch_size):
-            x_adv[rows] = _fab_t_chunk(model, x[rows], y[rows], eps=eps, norm=norm, steps=int(steps),
-                                       n_target_classes=int(n_target_classes), restarts=int(restarts),
-                                       alpha_max=float(alpha_max), eta=float(eta), beta=float(beta),
-                                       early_stop=bool(early_stop), generator=generator, clip=clip)
+        with attack_stage(progress, "fab-t", "step", "fab_t") as stage:
+            # The targets per sample need the class count: one image through the model, and only
+            # where the count is shown.
+            targets = min(int(n_target_classes), model(x[:1]).shape[1] - 1) if stage.active and x.shape[0] else 0
+            counter = StepCounter(stage, steps, targets * int(restarts), chunk_count(x.shape[0], batch_size))
+            for rows in chunks(x.shape[0], batch_size):
+                x_adv[rows] = _fab_t_chunk(model, x[rows], y[rows], eps=eps, norm=norm, steps=int(steps),
+                                           n_target_classes=int(n_target_classes), restarts=int(restarts),
+                                           alpha_max=float(alpha_max), eta=float(eta), beta=float(beta),
+                                           early_stop=bool(early_stop), generator=generator, clip=clip,
+                                           counter=counter)
+                counter.end_chunk()
         return x_adv
 
 
 def _fab_t_chunk(model, x, y, *, eps, norm, steps, n_target_classes, restarts, alpha_max, eta, beta,
-                 early_stop, generator, clip):
+                 early_stop, generator, clip, counter):
     result = x.clone()
     if x.shape[0] == 0:
         return result
     clean_logits = model(x)
     attack = clean_logits.argmax(dim=1) == y
     ranked = clean_logits.argsort(dim=1, descending=True)
-    for k in range(min(n_target_classes, clean_logits.shape[1] - 1)):
+    targets = min(n_target_classes, clean_logits.shape[1] - 1)
+    for k in range(targets):
         target = ranked[:, k + 1]  # the (k+2)-th most likely class of the clean input
         for restart in range(restarts):
             index = attack.nonzero().squeeze(1)
@@ -269,8 +283,10 @@ def _fab_t_chunk(model, x, y, *, eps, norm, steps, n_target_classes, restarts, a
                 return result
             xs = x[index]
             start = xs if restart == 0 else _random_start(xs, eps, norm, clip, generator)
+            tick = counter.start_run(index.numel(), target=f"{k + 1}/{targets}", restart=f"{restart + 1}/{restarts}")
             run = fab_run(model, xs, y[index], target[index], start, eps=eps, norm=norm, steps=steps,
-                          alpha_max=alpha_max, eta=eta, beta=beta, clip=clip, early_stop=early_stop)
+                          alpha_max=alpha_max, eta=eta, beta=beta, clip=clip, early_stop=early_stop, tick=tick)
+            counter.end_run()
             fooled = run.distance <= eps
             result[index[fooled]] = run.x[fooled]
             attack[index[fooled]] = False

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from robust_fast._modes import modules_in_mode
 from robust_fast._profiling import op_range
-from robust_fast.attacks._common import check_attack_arguments, chunks
+from robust_fast.attacks._common import StepCounter, attack_stage, check_attack_arguments, chunk_count, chunks
 from robust_fast.attacks.apgd import margin, reads_back_for_free
 
 SQUARE_LOSSES = ("margin", "ce")
@@ -223,8 +223,9 @@ def _l2_candidate(x, x_best, eps, side, clip, generator):
 
 # --- the search --------------------------------------------------------------------------------
 
-def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, clip, generator):
-    """One run over samples all still robust; returns the best point of each."""
+def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, clip, generator, tick=None):
+    """One run over samples all still robust; returns the best point of each. tick: called
+    after every query with the number of samples still queried (progress)."""
     n, c, h, w = x.shape
     low, high = clip
     if norm == "l2":
@@ -236,6 +237,8 @@ def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, cli
             x_best = x_best.clamp(min=low, max=high)
     x_best = x_best.contiguous()
     margin_best, objective_best = _objective(model, x_best, y, loss)
+    if tick is not None:
+        tick(n)
     out = x_best.clone()
     rows = torch.arange(n, device=x.device)
     x_flat = x.reshape(n, c, h * w)
@@ -268,6 +271,8 @@ def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, cli
             restore(better)
         margin_best = torch.where(better, margin_new, margin_best)
         objective_best = torch.where(better, objective_new, objective_best)
+        if tick is not None:
+            tick(rows.numel())
     out[rows] = x_best
     return out
 
@@ -275,7 +280,7 @@ def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, cli
 def square(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm: str = "linf",
            n_queries: int = 5000, p_init: float = 0.8, loss: str = "margin", restarts: int = 1,
            rescale_schedule: bool = True, generator: Optional[torch.Generator] = None,
-           batch_size: Optional[int] = None, clip=(0.0, 1.0)) -> torch.Tensor:
+           batch_size: Optional[int] = None, clip=(0.0, 1.0), progress=False) -> torch.Tensor:
     """The Square attack (norm "linf" or "l2") on images x (B, C, H, W): returns x_adv.
 
     Per sample: the first point found that fools the model, else the point of lowest margin
@@ -284,6 +289,9 @@ def square(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, nor
     n_queries: queries per sample and restart. rescale_schedule: the window schedule stretched
     to n_queries (else that of 10000 queries). generator: every random draw. For x inside the
     clip box every candidate is inside the box and the eps-ball (L-inf or L2) around x.
+    progress: a bar over the queries (restart, samples left, time left) with True (None: when
+    stderr is a terminal), one line when done with "log", nothing with False (the default); it
+    changes no result.
     """
     eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, 0, restarts, 0.5, batch_size, clip, "square")
     if norm == "l2" and eps <= 0:
@@ -301,19 +309,24 @@ def square(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, nor
     x = x.detach()
     with modules_in_mode(model, False), op_range("square"), torch.no_grad():
         x_adv = x.clone()
-        for rows in chunks(x.shape[0], batch_size):
-            xc, yc = x[rows], y[rows]
-            result = xc.clone()
-            robust = model(xc).argmax(dim=1) == yc
-            for _ in range(restarts):
-                index = robust.nonzero().squeeze(1)
-                if index.numel() == 0:
-                    break
-                found = _square_run(model, xc[index], yc[index], eps=eps, norm=norm,
-                                    n_queries=int(n_queries),
-                                    p_init=float(p_init), rescale=bool(rescale_schedule), loss=loss,
-                                    clip=clip, generator=generator)
-                result[index] = found
-                robust[index] = model(found).argmax(dim=1) == yc[index]
-            x_adv[rows] = result
+        with attack_stage(progress, "square", "query", "square") as stage:
+            counter = StepCounter(stage, int(n_queries), restarts, chunk_count(x.shape[0], batch_size))
+            for rows in chunks(x.shape[0], batch_size):
+                xc, yc = x[rows], y[rows]
+                result = xc.clone()
+                robust = model(xc).argmax(dim=1) == yc
+                for r in range(restarts):
+                    index = robust.nonzero().squeeze(1)
+                    if index.numel() == 0:
+                        break
+                    tick = counter.start_run(index.numel(), restart=f"{r + 1}/{restarts}")
+                    found = _square_run(model, xc[index], yc[index], eps=eps, norm=norm,
+                                        n_queries=int(n_queries),
+                                        p_init=float(p_init), rescale=bool(rescale_schedule), loss=loss,
+                                        clip=clip, generator=generator, tick=tick)
+                    counter.end_run()
+                    result[index] = found
+                    robust[index] = model(found).argmax(dim=1) == yc[index]
+                x_adv[rows] = result
+                counter.end_chunk()
         return x_adv

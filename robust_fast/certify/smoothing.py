@@ -37,7 +37,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from robust_fast._progress import progress_bar
+from robust_fast._progress import check_progress, progress_bar
 from robust_fast._checks import check_positive_finite
 from robust_fast._modes import modules_in_mode
 from robust_fast.certify.autobatch import AUTO, choose_batch_size
@@ -154,8 +154,7 @@ def _check_common(caller: str, model, x, sigma, alpha, batch_size, generator, pr
         batch_size = _check_count(caller, "batch_size", batch_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{caller}: generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"{caller}: progress must be a bool or None, got {type(progress).__name__}")
+    check_progress(progress, caller)
     return x, sigma, alpha, batch_size
 
 
@@ -240,7 +239,9 @@ def _class_counts(caller: str, model, x: torch.Tensor, stages: Sequence[Tuple[in
     buffer = torch.empty((min(total, batch_size + block - 1),) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
     ones = torch.ones(min(total, batch_size), dtype=torch.int64, device=device)
     state = {"counts": None}
-    bar = progress_bar(total, f"{caller} ({batch} images)", "sample", progress, unit_scale=True)
+    # In a log: up to 10 lines over the run, each with the image reached and the time left.
+    bar = progress_bar(total, f"{caller} ({batch} images)", "sample", progress, unit_scale=True,
+                       log_lines=min(batch, 10))
 
     def forward(rows: torch.Tensor, pieces: List[Tuple[int, int, int]]) -> None:
         logits = model(rows)
@@ -256,7 +257,7 @@ def _class_counts(caller: str, model, x: torch.Tensor, stages: Sequence[Tuple[in
         for slot, position, size in pieces:
             state["counts"][position, slot].scatter_add_(0, top[offset:offset + size], ones[:size])
             offset += size
-        bar.update(offset)
+        bar.update(offset, image=f"{pieces[-1][0] + 1}/{batch}")
 
     segments: List[List[int]] = []  # what rows [0, filled) of the buffer hold, in order
     filled = 0
@@ -319,7 +320,7 @@ def predict(model, x: torch.Tensor, sigma: float, *, n: int = 100_000, alpha: fl
     The model runs in eval mode (each module's flag restored afterwards) on its own device; x is
     never modified. batch_size: noisy copies per forward pass, or "auto" (measured once per
     model, device and input shape: robust_fast.certify.autobatch); the answer does not depend on
-    it. progress: a tqdm bar (default: when stderr is a terminal). The random draws follow the
+    it. progress: a tqdm bar (default: when stderr is a terminal; "log": a few plain lines). The random draws follow the
     module's contract (indices, generator)."""
     x, sigma, alpha, batch_size = _check_common("predict", model, x, sigma, alpha, batch_size, generator, progress)
     n = _check_count("predict", "n", n)
@@ -349,7 +350,7 @@ def certify(model, x: torch.Tensor, sigma: float, *, n0: int = 100, n: int = 100
     The model runs in eval mode (each module's flag restored afterwards) on its own device; x is
     never modified. batch_size: noisy copies per forward pass, or "auto" (measured once per
     model, device and input shape: robust_fast.certify.autobatch); the certificate does not
-    depend on it. progress: a tqdm bar (default: when stderr is a terminal). The random draws
+    depend on it. progress: a tqdm bar (default: when stderr is a terminal; "log": a few plain lines). The random draws
     follow the module's contract (indices, generator)."""
     x, sigma, alpha, batch_size = _check_common("certify", model, x, sigma, alpha, batch_size, generator, progress)
     n0 = _check_count("certify", "n0", n0)

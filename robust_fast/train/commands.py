@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from robust_fast._progress import command_progress
 from robust_fast._user_errors import writable_folder
 from robust_fast.data import CLASSES as CLASS_NAMES
 from robust_fast.data import TARGET_CLASSES, load_fashion_mnist, load_task, parse_classes
@@ -510,6 +511,8 @@ def add_eval_parser(commands) -> None:
                    help="also write the numbers as JSON to PATH (default: print them only; an existing file "
                         "is replaced, and the command says so)")
     p.add_argument("--backend", default=None)
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: bars on a terminal, one line per stage in a log file)")
 
 
 def format_table(rows: List[Dict[str, Any]], columns) -> str:
@@ -595,7 +598,8 @@ def _eval(args: argparse.Namespace) -> int:
         numbers = evaluate(model, images, labels, eps=eps, steps=args.steps, alpha=args.alpha,
                            restarts=args.restarts, early_stop=not args.no_early_stop, batch_size=args.batch_size,
                            seed=args.seed, robust=not args.no_attack, attack=args.attack, certify=args.certify,
-                           backend=args.backend, norm=args.norm, smoothing=smoothing, auto_version=args.auto_version or "fast")
+                           backend=args.backend, norm=args.norm, smoothing=smoothing, auto_version=args.auto_version or "fast",
+                           progress=command_progress(not args.no_progress))
     except TypeError as error:  # a layer interval bound propagation does not support
         print(f"robust-fast eval: {error}", file=sys.stderr)
         return 2

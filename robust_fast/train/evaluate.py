@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from robust_fast._modes import modules_in_mode
-from robust_fast._progress import progress_bar
+from robust_fast._progress import Stage, check_progress, progress_bar
 from robust_fast.attacks import apgd, auto_attack, pgd
 from robust_fast.attacks.autoattack import VERSIONS
 from robust_fast.certify import certify as ibp_certify
@@ -59,8 +59,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
     evaluate_smoothing's fields: smoothed_clean_acc, certified_acc_by_radius, acr, abstain_rate,
     the settings and certify_time_s. Under a process group (torchrun) every rank passes the same
     images and the certification is split across ranks (the same numbers as one process); the
-    attack runs on every rank alike. progress: a bar over the images (default: when stderr is a
-    terminal).
+    attack runs on every rank alike. progress: a bar over the images (and for "auto" one per
+    attack of each batch, with its steps, targets, samples left and time left) with True or None
+    when stderr is a terminal; "log": one line per batch and (for "auto") per attack, never a
+    carriage return; False: nothing. The numbers do not depend on it.
     """
     if attack not in ATTACKS:
         raise ValueError(f"evaluate: attack must be one of {ATTACKS}, got {attack!r}")
@@ -79,6 +81,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
         raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"evaluate: images and labels differ in length: {images.shape[0]} != {labels.shape[0]}")
+    progress = check_progress(progress, "evaluate")
     if attack == "auto" and robust:
         return _evaluate_auto(model, images, labels, eps=eps, steps=steps, batch_size=batch_size, seed=seed,
                               norm=norm, auto_attacks=auto_attacks, version=auto_version, backend=backend,
@@ -95,7 +98,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
                                       progress=progress)
     stage = ("clean" if not robust else {"pgd": f"PGD-{steps}", "apgd": f"APGD-CE-{steps}",
                                           "auto": "AutoAttack-style"}[attack])
-    bar = progress_bar(images.shape[0], f"evaluate: {stage}", "image", progress)
+    bar = progress_bar(images.shape[0], f"evaluate: {stage}", "image", progress,
+                       log_lines=math.ceil(images.shape[0] / batch_size))
     for first in range(0, images.shape[0], batch_size):
         x = images[first:first + batch_size].to(device)
         y = labels[first:first + batch_size].to(device)
@@ -145,17 +149,27 @@ def _evaluate_auto(model, images, labels, *, eps, steps, batch_size, seed, norm,
     n_batches = math.ceil(n / batch_size)
     mine = _shard(n_batches, dist_util.world_size(), dist_util.rank())
     outcomes: Dict[int, Dict[str, Any]] = {}
+    # Rank 0's batches only: under a process group the others work alike.
+    shown = progress if dist_util.rank() == 0 else False
+    mine_images = sum(min(n, (b + 1) * batch_size) - b * batch_size for b in mine)
+    bar = Stage(mine_images, f"evaluate: AutoAttack {version}", "image", shown, log_lines=len(mine))
+    robust_so_far = 0
     for b in mine:
         x = images[b * batch_size:(b + 1) * batch_size].to(device)
         y = labels[b * batch_size:(b + 1) * batch_size].to(device)
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         outcome = auto_attack(model, x, y, eps=eps, norm=norm, version=version, steps=steps, generator=generator,
-                              backend=backend, **({"attacks": tuple(auto_attacks)} if auto_attacks else {}))
+                              backend=backend, progress=shown,
+                              **({"attacks": tuple(auto_attacks)} if auto_attacks else {}))
+        robust_so_far += int((outcome.fooled_by == -1).sum())
+        bar.update(x.shape[0], batch=f"{b + 1 - mine.start}/{len(mine)}",
+                   robust=f"{robust_so_far / (bar.n + x.shape[0]):.3f}")
         row = {"fooled_by": outcome.fooled_by.cpu(), "version": outcome.version, "attacks": outcome.attacks,
                "settings": outcome.settings}
         if certify == "ibp":
             row["certified"] = ibp_certify(model, x, y, eps, backend=backend).cpu()
         outcomes[b] = row
+    bar.close()
     for part in dist_util.all_gather_objects(outcomes):
         outcomes.update(part)
     rows = [outcomes[b] for b in range(n_batches)]
