@@ -30,7 +30,7 @@ def test_defaults_are_three_seeds_and_each_rrm_students_best_head_option():
     settings = demo_settings(_args())
     assert settings.seeds == 3 and settings.seed == 0
     assert settings.rrm["rrm"] == {"head": "teacher", "robust_head_epochs": 0.25, "kind": "cosine"}
-    assert settings.rrm["rrm_teacher_arch"] == {"head": "teacher", "robust_head_epochs": 0.0,
+    assert settings.rrm["rrm_teacher_arch"] == {"head": "teacher", "robust_head_epochs": 0.25,
                                                 "kind": "l2_normalized"}
     assert settings.epochs["rrm"] == settings.epochs["rrm_teacher_arch"] == 4
     assert DemoSettings.quick().seeds > 1  # --quick runs the seeds' path too
@@ -90,7 +90,7 @@ def test_each_rrm_student_gets_its_own_head_option():
     demo = _recipe("rrm", settings, teacher, "t.pt", seed=2)
     wide = _recipe("rrm_teacher_arch", settings, teacher, "t.pt", seed=2)
     assert (demo.head, demo.robust_head_epochs, demo.kind) == ("teacher", 0.25, "cosine")
-    assert (wide.head, wide.robust_head_epochs, wide.kind) == ("teacher", 0.0, "l2_normalized")
+    assert (wide.head, wide.robust_head_epochs, wide.kind) == ("teacher", 0.25, "l2_normalized")
     assert demo.seed == 2 and demo.lambda_ce == settings.rrm_lambda_ce and demo.noise_std == settings.rrm_noise_std
 
 
@@ -140,7 +140,7 @@ def test_demo_quick_writes_table_json_curves_and_figure(tmp_path, monkeypatch, c
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     for word in ("| standard |", "| PGD-AT |", "| Fast-AT |", "| RRM: teacher's head, cosine, robust head (0.25 pass) |",
-                 "| RRM, teacher's architecture: teacher's head, normalised L2 | wide_cnn | 2 |",
+                 "| RRM, teacher's architecture: teacher's head, normalised L2, robust head (0.25 pass) | wide_cnn | 2 |",
                  "RRM student (resnet_small):", "RRM, teacher's architecture student (wide_cnn):",
                  "AutoAttack-style (APGD-CE + APGD-T", "AutoAttack-style / PGD-AT", "with teacher / PGD-AT", " ± "):
         assert word in printed, word
@@ -184,4 +184,5 @@ def test_table_of_one_seed_has_no_spread():
                                  for base in ("pgd_at", "fast_at")} for name in RRM_STUDENTS}}
     text = table(results)
     assert " ± " not in text and "seed 0" in text and "AutoAttack-style 55.0%" in text
-    assert "| RRM, teacher's architecture: teacher's head, normalised L2 | wide_cnn | 1 | 4 |" in text
+    assert "| RRM, teacher's architecture: teacher's head, normalised L2, robust head (0.25 pass) | wide_cnn | 1 | 4 |" \
+        in text
