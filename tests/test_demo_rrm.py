@@ -186,3 +186,14 @@ def test_table_of_one_seed_has_no_spread():
     assert " ± " not in text and "seed 0" in text and "AutoAttack-style 55.0%" in text
     assert "| RRM, teacher's architecture: teacher's head, normalised L2, robust head (0.25 pass) | wide_cnn | 1 | 4 |" \
         in text
+
+
+def test_restarts_are_evaluated_and_shown_only_when_asked():
+    from robust_fast.demo import _evaluate
+    torch.manual_seed(0)
+    model = build_model("small_cnn").eval()
+    images, labels = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    quiet = DemoSettings(eval_steps=2, auto_steps=2)
+    assert "robust_acc_restarts" not in _evaluate(model, (images, labels), quiet, 0)
+    row = _evaluate(model, (images, labels), DemoSettings(eval_steps=2, auto_steps=2, eval_restarts=2), 0)
+    assert 0 <= row["robust_acc_restarts"] <= row["clean_acc"] and row["eval_time_s"] > 0
