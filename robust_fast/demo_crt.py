@@ -28,7 +28,7 @@ import torch
 
 from robust_fast.certify.smoothing import per_image_radius, plot_certified_accuracy
 from robust_fast.data import load_fashion_mnist
-from robust_fast.demo import _machine, cached_teacher, demo_threads, output_folder, report
+from robust_fast.demo import RRM_OPTIONS, _machine, cached_teacher, demo_threads, output_folder, report
 from robust_fast.models import build_model
 from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
@@ -245,7 +245,6 @@ def add_crt_demo_options(p) -> None:
     crt.add_argument("--certify-teacher", action="store_true", help="certify the teacher's smoothed classifier too")
 
 
-_RRM_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise")
 _CRT_OPTIONS = tuple(f"{name}_epochs" for name in STUDENTS) + (
     "samples", "n", "teacher_epochs", "teacher_steps", "teacher_eps", "teacher_noise_samples", "smoothadv_steps",
     "smoothadv_noise_samples")
@@ -254,7 +253,7 @@ _CRT_OPTIONS = tuple(f"{name}_epochs" for name in STUDENTS) + (
 def demo_usage_error(args) -> Optional[str]:
     """What is wrong with the demo's options: one section's options given to the other."""
     crt = args.section == "crt"
-    given = [o for o in (_RRM_OPTIONS if crt else _CRT_OPTIONS) if getattr(args, o) is not None]
+    given = [o for o in (RRM_OPTIONS if crt else _CRT_OPTIONS) if getattr(args, o) is not None]
     if not crt and args.certify_teacher:
         given.append("certify_teacher")
     if given:

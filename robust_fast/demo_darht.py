@@ -34,7 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from robust_fast.data import load_fashion_mnist
-from robust_fast.demo import _machine, cache_dir, cached_teacher, demo_threads, output_folder, report
+from robust_fast.demo import (RRM_OPTIONS, _machine, cache_dir, cached_teacher, demo_threads, output_folder,
+                              report, summarize)
 from robust_fast.models import TeacherMapStudent, build_model
 from robust_fast.train.config import TrainConfig
 from robust_fast.train.darht import DARHT
@@ -285,19 +286,6 @@ def step_breakdown(student: TeacherMapStudent, recipe: DARHT, x: torch.Tensor, y
     return parts
 
 
-def _summary(rows: List[Dict[str, Any]], keys: Sequence[str]) -> Dict[str, Any]:
-    """Mean and spread (sample standard deviation; 0 for one seed; min and max) of each key."""
-    out: Dict[str, Any] = {}
-    for key in keys:
-        values = [row[key] for row in rows if row.get(key) is not None]
-        if not values:
-            continue
-        out[key] = statistics.fmean(values)
-        out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        out[f"{key}_min"], out[f"{key}_max"] = min(values), max(values)
-    return out
-
-
 METRICS = ("clean_acc", "robust_acc", "robust_acc_auto", "train_time_s", "mean_slices_clean_acc",
            "mean_slices_robust_acc")
 
@@ -355,7 +343,7 @@ def run(settings: DARHTDemoSettings, out: str, log=print, retrain_teachers: bool
     for name in STUDENTS:
         mine = [r for r in runs if r["recipe"] == name]
         rows.append({"recipe": name, "student": LABELS[name], "epochs": settings.epochs[name], "seeds": len(mine),
-                     **_summary(mine, METRICS)})
+                     **summarize(mine, METRICS)})
     by_name = {row["recipe"]: row for row in rows}
     for row in rows:
         row["time_vs_pgd_at"] = row["train_time_s"] / by_name["pgd_at"]["train_time_s"]
@@ -452,7 +440,8 @@ def table(results: Dict[str, Any]) -> str:
 def add_darht_demo_options(p) -> None:
     """`robust-fast demo darht`'s own options, on the demo command's parser."""
     group = p.add_argument_group("demo darht")
-    group.add_argument("--seeds", type=int, default=None, help="darht: seeds per student (default 1)")
+    group.add_argument("--seeds", type=int, default=None,
+                       help="darht and rrm: seeds per student (default 1 for darht, 3 for rrm)")
     group.add_argument("--darht-epochs", type=int, default=None, help="darht: the DARHT students' epochs")
     group.add_argument("--darht-weights", choices=("batch", "sample", "none"), default=None,
                        help="darht: teacher weights per batch (default), per sample, or none")
@@ -465,9 +454,9 @@ def add_darht_demo_options(p) -> None:
 
 
 DARHT_OPTIONS = ("seeds", "darht_epochs", "darht_weights", "darht_head", "adversarial_fraction")
-_OTHER_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise", "gaussian_epochs", "smoothadv_epochs", "crt_epochs", "samples",
-                  "n", "teacher_epochs", "teacher_steps", "teacher_eps", "teacher_noise_samples", "smoothadv_steps",
-                  "smoothadv_noise_samples")
+_OTHER_OPTIONS = RRM_OPTIONS + ("gaussian_epochs", "smoothadv_epochs", "crt_epochs", "samples", "n",
+                                "teacher_epochs", "teacher_steps", "teacher_eps", "teacher_noise_samples",
+                                "smoothadv_steps", "smoothadv_noise_samples")
 
 
 def darht_usage_error(args) -> Optional[str]:
@@ -477,7 +466,8 @@ def darht_usage_error(args) -> Optional[str]:
         if getattr(args, "certify_teacher", False):
             given.append("certify_teacher")
     else:
-        given = [o for o in DARHT_OPTIONS if getattr(args, o, None) is not None]
+        shared = ("seeds",) if args.section == "rrm" else ()  # the RRM section runs seeds too
+        given = [o for o in DARHT_OPTIONS if o not in shared and getattr(args, o, None) is not None]
         if args.section != "transfer" and getattr(args, "test_samples", None) is not None:
             given.append("test_samples")  # the darht and transfer sections' option
     if given:

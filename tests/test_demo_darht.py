@@ -74,7 +74,7 @@ def test_demo_darht_quick_writes_table_json_and_figures(tmp_path, monkeypatch, c
     assert again["transferability"]["accuracy"] == results["transferability"]["accuracy"]
 
 
-@pytest.mark.parametrize("argv", [["demo", "--seeds", "2"], ["demo", "crt", "--darht-epochs", "2"],
+@pytest.mark.parametrize("argv", [["demo", "crt", "--seeds", "2"], ["demo", "crt", "--darht-epochs", "2"],
                                   ["demo", "darht", "--rrm-lambda", "0.01"], ["demo", "darht", "--samples", "9"]])
 def test_sections_refuse_each_others_options(argv, capsys):
     with pytest.raises(SystemExit) as raised:
