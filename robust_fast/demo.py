@@ -40,7 +40,7 @@ from robust_fast.train.checkpoint import load_checkpoint, model_from_checkpoint
 from robust_fast.train.config import TrainConfig
 from robust_fast.train.evaluate import evaluate
 from robust_fast.train.loop import CHECKPOINT_NAME, fit
-from robust_fast.train.recipes import HEADS, PGDAT, RRM, FastAT, Standard
+from robust_fast.train.recipes import HEADS, NOISE_SCALES, PGDAT, RRM, FastAT, Standard
 
 STUDENTS = ("standard", "pgd_at", "fast_at", "rrm", "rrm_teacher_arch")
 RRM_STUDENTS = ("rrm", "rrm_teacher_arch")      # the students that learn from the teacher
@@ -48,7 +48,7 @@ ONE_SEED = ("standard",)                        # the non-robust reference: the 
 LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "fast_at": "Fast-AT", "rrm": "RRM",
           "rrm_teacher_arch": "RRM, teacher's architecture"}
 # the demo's options that set RRM students (refused by the other sections)
-RRM_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise", "rrm_head", "rrm_robust_head")
+RRM_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise", "rrm_noise_scales", "rrm_head", "rrm_robust_head")
 METHODS = ("standard: cross-entropy on clean images. PGD-AT: adversarial training, cross-entropy on PGD "
            "examples. Fast-AT: adversarial training on one FGSM step from a random start. RRM: robust "
            "representation matching, noisy images, a small cross-entropy term minus the cosine (or the "
@@ -82,6 +82,7 @@ class DemoSettings:
     # second in our trials (docs/training.md, "How the RRM settings were chosen").
     rrm_lambda_ce: float = 0.001
     rrm_noise_std: float = 0.2
+    rrm_noise_scales: str = "fixed"     # train rrm --noise-scales: "uniform" draws each image's std in [0, std]
     # Each RRM student's classifier (train rrm --head), passes of the robust head trained last
     # (--robust-head-epochs) and matching distance (--kind): the best by AutoAttack-style accuracy
     # in docs/training.md, "RRM's head and matching points" (3 seeds each): the demo's
@@ -172,7 +173,8 @@ def _recipe(name: str, settings: DemoSettings, teacher, teacher_path: str, seed:
     if name == "fast_at":
         return FastAT(eps=settings.eps)
     options = settings.rrm[name]
-    return RRM(teacher, lambda_ce=settings.rrm_lambda_ce, noise_std=settings.rrm_noise_std, kind=options["kind"],
+    return RRM(teacher, lambda_ce=settings.rrm_lambda_ce, noise_std=settings.rrm_noise_std,
+               noise_scales=settings.rrm_noise_scales, kind=options["kind"],
                teacher_path=teacher_path, head=options["head"], robust_head_epochs=options["robust_head_epochs"],
                eps=settings.eps, seed=seed)
 
@@ -194,7 +196,8 @@ def model_name(name: str, settings: DemoSettings) -> str:
 
 
 def variant(name: str, settings: DemoSettings) -> str:
-    """What sets the student apart, for the table: an RRM student's head and distance."""
+    """What sets the student apart, for the table: an RRM student's head, distance and (when not
+    the one fixed std) noise scales."""
     if name not in RRM_STUDENTS:
         return ""
     o = settings.rrm[name]
@@ -203,6 +206,8 @@ def variant(name: str, settings: DemoSettings) -> str:
              "normalised L2" if o["kind"] == "l2_normalized" else o["kind"]]
     if o["robust_head_epochs"]:
         parts.append(f"robust head ({o['robust_head_epochs']:g} pass)")
+    if settings.rrm_noise_scales == "uniform":
+        parts.append(f"noise std uniform in [0, {settings.rrm_noise_std:g}]")
     return ", ".join(parts)
 
 
@@ -444,6 +449,9 @@ def add_demo_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--rrm-epochs", type=int, default=None, help="both RRM students' epochs (default 4)")
     p.add_argument("--rrm-lambda", type=float, default=None, help="RRM's cross-entropy weight")
     p.add_argument("--rrm-noise", type=float, default=None, help="RRM: match on x + N(0, std^2)")
+    p.add_argument("--rrm-noise-scales", choices=NOISE_SCALES, default=None,
+                   help="RRM: fixed (default): every image's noise std is --rrm-noise's; uniform: each image's "
+                        "drawn uniform in [0, that std] (as train rrm --noise-scales)")
     p.add_argument("--rrm-head", choices=HEADS, default=None,
                    help="both RRM students' classifier (as train rrm --head; default teacher)")
     p.add_argument("--rrm-robust-head", type=float, default=None, metavar="EPOCHS",
@@ -511,6 +519,10 @@ def demo_settings(args: argparse.Namespace) -> DemoSettings:
         settings.rrm_lambda_ce = args.rrm_lambda
     if args.rrm_noise is not None:
         settings.rrm_noise_std = args.rrm_noise
+    if args.rrm_noise_scales is not None:
+        if args.rrm_noise_scales != "fixed" and not settings.rrm_noise_std:
+            raise ValueError(f"--rrm-noise-scales {args.rrm_noise_scales} needs --rrm-noise > 0 (its largest std)")
+        settings.rrm_noise_scales = args.rrm_noise_scales
     for option, key in (("rrm_head", "head"), ("rrm_robust_head", "robust_head_epochs")):
         if getattr(args, option) is not None:
             for name in RRM_STUDENTS:

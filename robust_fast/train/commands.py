@@ -25,7 +25,7 @@ from robust_fast.train.evaluate import ATTACKS, CERTIFIERS, NORMS, VERSIONS, eva
 from robust_fast.train.evaluate_smoothing import SmoothingSettings
 from robust_fast.train.functions import train_transfer
 from robust_fast.train.loop import fit
-from robust_fast.train.recipes import (ARD, CRT, HEADS, IBP, KD, MATCH_POINTS, PGDAT, RECIPES, RRM,
+from robust_fast.train.recipes import (ARD, CRT, HEADS, IBP, KD, MATCH_POINTS, NOISE_SCALES, PGDAT, RECIPES, RRM,
                                        TEACHER_RECIPES, FastAT, Gaussian, SmoothAdv, Standard)
 from robust_fast.train.transfer import MODES, SCALES, LwF
 
@@ -112,6 +112,9 @@ def _rrm(p, recipe) -> None:
                    help="feature distance")
     p.add_argument("--noise-std", type=float, default=_default(recipe, "noise_std"),
                    help="match on x + N(0, std^2) (0: clean images)")
+    p.add_argument("--noise-scales", choices=NOISE_SCALES, default=_default(recipe, "noise_scales"),
+                   help="fixed: every image's noise std is --noise-std; uniform: each image's std drawn anew "
+                        "(per image and batch) uniform in [0, --noise-std]")
     p.add_argument("--head", choices=HEADS, default=_default(recipe, "head"),
                    help="the classifier: the student's own; the teacher's, frozen, on the projected features; "
                         "or the teacher's, fine-tuned by the CE term (folded into the student's last layer)")
@@ -294,7 +297,8 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
                  kappa_end: Optional[float] = None, ramp: Optional[str] = None, sigma: Optional[float] = None,
                  noise_samples: Optional[int] = None, l2_eps: Optional[float] = None, head: Optional[str] = None,
                  robust_head_epochs: Optional[float] = None, head_steps: Optional[int] = None,
-                 match_points: Optional[str] = None, match_steps: Optional[int] = None):
+                 match_points: Optional[str] = None, match_steps: Optional[int] = None,
+                 noise_scales: Optional[str] = None):
     """A recipe from command-line style settings (unused ones are ignored; None: the recipe's default)."""
     if name in TEACHER_RECIPES and teacher is None:
         raise ValueError(f"recipe {name!r} needs a teacher (--teacher CHECKPOINT)")
@@ -315,7 +319,7 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
         return FastAT(eps=eps)
     if name == "rrm":
         given = dict(head=head, robust_head_epochs=robust_head_epochs, head_steps=head_steps,
-                     match_points=match_points, match_steps=match_steps)
+                     match_points=match_points, match_steps=match_steps, noise_scales=noise_scales)
         return RRM(teacher, lambda_ce=lambda_ce, kind=kind, noise_std=noise_std, teacher_path=teacher_path, eps=eps,
                    **{k: v for k, v in given.items() if v is not None})
     if name == "kd":
@@ -331,7 +335,7 @@ def build_recipe(name: str, *, eps: float = 0.1, steps: Optional[int] = None, te
 # The settings build_recipe takes from a recipe's subcommand (those it lacks stay the recipe's).
 RECIPE_SETTINGS = ("eps", "steps", "lambda_ce", "kind", "noise_std", "temperature", "alpha", "warmup_epochs",
                    "ramp_epochs", "kappa_end", "ramp", "sigma", "noise_samples", "l2_eps", "head",
-                   "robust_head_epochs", "head_steps", "match_points", "match_steps")
+                   "robust_head_epochs", "head_steps", "match_points", "match_steps", "noise_scales")
 
 
 def _transfer_usage_error(args: argparse.Namespace) -> Optional[str]:

@@ -167,6 +167,7 @@ class _WithTeacher(Recipe):
 
 HEADS = ("own", "teacher", "teacher_finetune")
 MATCH_POINTS = ("clean", "teacher_pgd")
+NOISE_SCALES = ("fixed", "uniform")
 
 
 def _fold_head(classifier: nn.Linear, projection: Optional[nn.Linear], head: nn.Linear) -> None:
@@ -191,6 +192,9 @@ class RRM(_WithTeacher):
     a trained linear projection maps the student's features to the teacher's width.
 
     noise_std > 0: both match on x + N(0, noise_std²) (clipped to [0, 1]) instead of x.
+    noise_scales="uniform": each image's std is drawn anew, uniform in [0, noise_std] (one per
+    image and batch), so the student matches the teacher from clean images out to noise_std
+    instead of at one distance; "fixed" (default): every image's std is noise_std.
     cache_teacher: on clean inputs the frozen teacher's features of an image never change, so
     prepare() computes them once for the whole training set (in fixed chunks, the same values
     on every run and resume) and each batch looks its rows up: an epoch then costs one student
@@ -221,7 +225,8 @@ class RRM(_WithTeacher):
     def __init__(self, teacher: nn.Module, lambda_ce: float = 0.005, kind: str = "cosine",
                  noise_std: float = 0.0, teacher_path: Optional[str] = None, cache_teacher: bool = True,
                  head: str = "own", robust_head_epochs: float = 0.0, eps: float = 0.1, head_steps: int = 7,
-                 head_lr: float = 1e-3, match_points: str = "clean", match_steps: int = 10, seed: int = 0):
+                 head_lr: float = 1e-3, match_points: str = "clean", match_steps: int = 10, seed: int = 0,
+                 noise_scales: str = "fixed"):
         super().__init__(teacher, teacher_path)
         self.cache_teacher = bool(cache_teacher) and not noise_std
         self._cached: Optional[torch.Tensor] = None
@@ -231,6 +236,10 @@ class RRM(_WithTeacher):
             raise TypeError("RRM: teacher must expose features(x) and feature_dim (robust_fast.models)")
         if not noise_std >= 0:
             raise ValueError(f"RRM: noise_std must be >= 0, got {noise_std!r}")
+        if noise_scales not in NOISE_SCALES:
+            raise ValueError(f"RRM: noise_scales must be one of {NOISE_SCALES}, got {noise_scales!r}")
+        if noise_scales != "fixed" and not noise_std:
+            raise ValueError(f"RRM: noise_scales={noise_scales!r} needs noise_std > 0 (its largest std)")
         if head not in HEADS:
             raise ValueError(f"RRM: head must be one of {HEADS}, got {head!r}")
         if head != "own" and not isinstance(getattr(teacher, "classifier", None), nn.Linear):
@@ -250,12 +259,14 @@ class RRM(_WithTeacher):
         self.eps = _check_eps("RRM", eps)
         self.loss = RRMLoss(lambda_ce=lambda_ce, kind=kind)
         self.lambda_ce, self.kind, self.noise_std = lambda_ce, kind, float(noise_std)
+        self.noise_scales = noise_scales
         self.head, self.robust_head_epochs, self.head_steps = head, float(robust_head_epochs), head_steps
         self.head_lr, self.match_points, self.match_steps, self.seed = float(head_lr), match_points, match_steps, seed
         self._trainable: Optional[WithFeatures] = None
 
     def settings(self):
         return {"lambda_ce": self.lambda_ce, "kind": self.kind, "noise_std": self.noise_std,
+                "noise_scales": self.noise_scales,
                 "cache_teacher": self.cache_teacher, "teacher": self.teacher_path,
                 "teacher_dim": self.teacher.feature_dim, "head": self.head,
                 "robust_head_epochs": self.robust_head_epochs, "eps": self.eps, "head_steps": self.head_steps,
@@ -305,7 +316,7 @@ class RRM(_WithTeacher):
         x = batch.x
         if self.noise_std:
             noise = torch.randn(x.shape, generator=batch.generator, device=x.device, dtype=x.dtype)
-            x = (x + self.noise_std * noise).clamp(0.0, 1.0)
+            x = (x + self.noise_scale(x, batch.generator) * noise).clamp(0.0, 1.0)
         self.loss.backend = batch.backend
         y = batch.y
         if self._cached is not None and batch.index is not None and not self.noise_std:
@@ -321,6 +332,13 @@ class RRM(_WithTeacher):
         features, logits = batch.net(x)
         loss = self.loss(logits, features, teacher_features, y)
         return loss, logits[:batch.x.shape[0]]
+
+    def noise_scale(self, x: torch.Tensor, generator: Optional[torch.Generator]):
+        """The noise's std for the batch x: noise_std, or one draw per image (shaped to broadcast)."""
+        if self.noise_scales == "fixed":
+            return self.noise_std
+        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        return (self.noise_std * u).view(-1, *([1] * (x.dim() - 1)))
 
     def end_epoch(self, model, images, labels, device, last: bool):
         wrapped = self._trainable
