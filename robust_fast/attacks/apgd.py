@@ -93,10 +93,34 @@ def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
     return -(z_y - z_t) / (ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + 1e-12)
 
 
-def _per_sample_loss(name: str, logits: torch.Tensor, y: torch.Tensor,
-                     target: Optional[torch.Tensor]) -> torch.Tensor:
-    if target is not None:
-        return targeted_dlr_loss(logits, y, target)
+def targeted_dlr_loss_and_grad(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor):
+    """targeted_dlr_loss and its gradient with respect to the logits, in closed form.
+
+    With N = z_y - z_t and D = z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12, the loss -N/D has
+    d/dz_y = -1/D, d/dz_t = 1/D, d/dz_pi1 = N/D^2 and d/dz_pi3 = d/dz_pi4 = -N/(2 D^2): five
+    entries per sample (summed where indices coincide). The expressions and the sort that picks
+    pi1, pi3, pi4 are autograd's through targeted_dlr_loss, so the gradient is the same to the
+    bit; it skips autograd's graph of a sort, two gathers and the arithmetic at every step."""
+    return _targeted_dlr_loss_and_grad(logits, torch.stack((y, target), dim=1))
+
+
+def _targeted_dlr_loss_and_grad(logits: torch.Tensor, y_t: torch.Tensor):
+    """targeted_dlr_loss_and_grad with y and target stacked, (B, 2): an APGD-T run stacks them
+    once, not at every step."""
+    ordered, order = logits.sort(dim=1)
+    z_y_t = logits.gather(1, y_t)
+    denominator = ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + 1e-12
+    ratio = (z_y_t[:, 0] - z_y_t[:, 1]).div_(denominator)  # N / D = -loss
+    d_denominator = ratio / denominator                      # N / D^2, rounded as autograd does
+    d_y = denominator.reciprocal().neg_()                    # -1 / D
+    d_low = d_denominator * -0.5
+    # Entries y, t, pi4, pi3, pi2, pi1 (pi2 gets 0: a slice is cheaper than picking three).
+    values = torch.stack((d_y, d_y.neg(), d_low, d_low, torch.zeros_like(d_y), d_denominator), dim=1)
+    grad = torch.zeros_like(logits).scatter_add_(1, torch.cat((y_t, order[:, -4:]), dim=1), values)
+    return ratio.neg_(), grad
+
+
+def _per_sample_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if name == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     return dlr_loss(logits, y)
@@ -109,12 +133,18 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return z_y - others.max(dim=1).values
 
 
-def _loss_logits_grad(model, x, y, target, loss: str):
-    """Per-sample losses, logits and d(sum of losses)/dx: each sample's gradient is its own."""
+def _loss_logits_grad(model, x, y, y_t, loss: str):
+    """Per-sample losses, logits and d(sum of losses)/dx: each sample's gradient is its own.
+    y_t: None, or the (B, 2) stack of y and the target (the targeted DLR loss)."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         logits = model(leaf)
-        losses = _per_sample_loss(loss, logits, y, target)
+        if y_t is not None:
+            # The targeted DLR loss's gradient in closed form, then one backward of the model.
+            losses, grad_logits = _targeted_dlr_loss_and_grad(logits.detach(), y_t)
+            (grad,) = torch.autograd.grad(logits, leaf, grad_outputs=grad_logits)
+            return losses, logits.detach(), grad
+        losses = _per_sample_loss(loss, logits, y)
         (grad,) = torch.autograd.grad(losses.sum(), leaf)
     return losses.detach(), logits.detach(), grad
 
@@ -164,7 +194,8 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
         return _Run(out_x, out_fooled, out_loss)
     rows = torch.arange(n, device=x_nat.device)  # which sample each active row is
     x = x_start.clone()
-    loss_now, logits, grad = _loss_logits_grad(model, x, y, target, loss)
+    y_t = None if target is None else torch.stack((y, target), dim=1)
+    loss_now, logits, grad = _loss_logits_grad(model, x, y, y_t, loss)
     fooled = logits.argmax(dim=1) != y
     x_fool = x.clone()                                       # valid where fooled
     x_best, grad_best, loss_best = x.clone(), grad.clone(), loss_now.clone()
@@ -185,8 +216,8 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
         with op_range("attack_step"):
             run_apgd_step(x, x_prev, grad, x_nat, eta, eps, 1.0 if i == 0 else MOMENTUM,
                           norm, low, high, True, backend)
-            loss_new, logits, grad = _loss_logits_grad(model, x, y, target, loss)
-            increases += (loss_new > loss_now).to(torch.int32)
+            loss_new, logits, grad = _loss_logits_grad(model, x, y, y_t, loss)
+            increases += loss_new > loss_now
             loss_now = loss_new
             improved = loss_new > loss_best
             x_best = _where(improved, x, x_best)
@@ -216,7 +247,7 @@ def apgd_run(model, x_nat: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor,
                 x_fool, x_best, grad_best = x_fool[keep], x_best[keep], grad_best[keep]
                 loss_now, loss_best, loss_best_last = loss_now[keep], loss_best[keep], loss_best_last[keep]
                 eta, increases, halved_last, fooled = eta[keep], increases[keep], halved_last[keep], fooled[keep]
-                target = None if target is None else target[keep]
+                y_t = None if y_t is None else y_t[keep]
                 if rows.numel() == 0:
                     break
     leave(torch.ones_like(fooled))
