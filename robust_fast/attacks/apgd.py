@@ -130,7 +130,7 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """z_y - max_{i != y} z_i: negative exactly when the sample is misclassified."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], -math.inf)
-    return z_y - others.max(dim=1).values
+    return z_y - others.amax(dim=1)
 
 
 def _loss_logits_grad(model, x, y, y_t, loss: str):
