@@ -110,14 +110,15 @@ def _targeted_dlr_loss_and_grad(logits: torch.Tensor, y_t: torch.Tensor):
     ordered, order = logits.sort(dim=1)
     z_y_t = logits.gather(1, y_t)
     denominator = ordered[:, -1] - 0.5 * (ordered[:, -3] + ordered[:, -4]) + 1e-12
-    ratio = (z_y_t[:, 0] - z_y_t[:, 1]).div_(denominator)  # N / D = -loss
-    d_denominator = ratio / denominator                      # N / D^2, rounded as autograd does
-    d_y = denominator.reciprocal().neg_()                    # -1 / D
-    d_low = d_denominator * -0.5
+    # z_t - z_y is -(z_y - z_t) exactly, so the loss and every entry below round as autograd's.
+    loss = (z_y_t[:, 1] - z_y_t[:, 0]).div_(denominator)     # -N / D
+    quotient = loss / denominator                            # -N / D^2
+    inverse = denominator.reciprocal()                       # 1 / D
+    low = quotient * 0.5                                     # d/dz_pi3 = d/dz_pi4
     # Entries y, t, pi4, pi3, pi2, pi1 (pi2 gets 0: a slice is cheaper than picking three).
-    values = torch.stack((d_y, d_y.neg(), d_low, d_low, torch.zeros_like(d_y), d_denominator), dim=1)
+    values = torch.stack((inverse.neg(), inverse, low, low, torch.zeros_like(low), quotient.neg()), dim=1)
     grad = torch.zeros_like(logits).scatter_add_(1, torch.cat((y_t, order[:, -4:]), dim=1), values)
-    return ratio.neg_(), grad
+    return loss, grad
 
 
 def _per_sample_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
