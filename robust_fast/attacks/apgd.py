@@ -346,7 +346,9 @@ def apgdt(model, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, norm
     top one in turn, each only on the samples no earlier target fooled. A sample counts as
     fooled when misclassified (any class). Returns x_adv: per sample, the first point that
     fooled the model, else the point of lowest margin z_y - max_{i != y} z_i over the targets.
-    Other arguments as for apgd.
+    The (target, restart) runs go through the model side by side (the results are those of one
+    run after the other): batch_size caps the rows, samples times runs, of one model call;
+    without it, up to max(samples, TARGET_ROWS) rows. Other arguments as for apgd.
     """
     eps, norm, clip = check_attack_arguments(model, x, y, eps, norm, steps, restarts, rho, batch_size, clip, "apgdt")
     if isinstance(n_target_classes, bool) or not isinstance(n_target_classes, numbers.Integral) \
