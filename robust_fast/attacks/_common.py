@@ -83,19 +83,16 @@ class StepCounter:
         self.chunk, self.run = 0, 0
         stage.set_total(self.steps * self.runs * int(chunks))
 
-    def start_run(self, left: int, **where) -> Optional[Callable[[int], None]]:
-        """Before a run on `left` samples: shows where it is; returns the per-step tick (None
-        where nothing is shown, so the loop pays nothing)."""
+    def start_run(self, left: int, runs: int = 1, **where) -> Optional[Callable[[int], None]]:
+        """Before `runs` runs side by side on `left` rows: shows where they are; returns the
+        per-step tick (None where nothing is shown, so the loop pays nothing)."""
         if not self.stage.active:
             return None
         self.stage.set_postfix(**where, left=left)
-        return self._tick
+        return lambda rows_left: self.stage.update(runs, left=rows_left)
 
-    def _tick(self, left: int) -> None:
-        self.stage.update(1, left=left)
-
-    def end_run(self) -> None:
-        self.run += 1
+    def end_run(self, runs: int = 1) -> None:
+        self.run += runs
         self.stage.advance_to((self.chunk * self.runs + self.run) * self.steps)
 
     def end_chunk(self) -> None:

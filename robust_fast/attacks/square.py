@@ -66,7 +66,7 @@ def window_side(p: float, channels: int, height: int, width: int) -> int:
 
 
 def _objective(model, x, y, loss: str):
-    """(margin, value to minimise) per sample."""
+    """(margin, value to minimise) per sample; with the margin loss both are one tensor."""
     logits = model(x)
     m = margin(logits, y)
     if loss == "margin":
@@ -74,11 +74,30 @@ def _objective(model, x, y, loss: str):
     return m, -F.cross_entropy(logits, y, reduction="none")
 
 
+class _LinfDraws:
+    """What every L-inf query of a run reuses: the signed step (-eps, +eps) that a drawn bit
+    picks (one indexing, instead of turning the bit into a sign and scaling it), and each
+    window side's pixel offsets from the window's top-left pixel (the side changes a few times
+    per run)."""
+
+    def __init__(self, eps: float, width: int, dtype, device):
+        self.steps = torch.tensor([-eps, eps], dtype=dtype, device=device)
+        self.width, self.device = width, device
+        self.reads_back_for_free = reads_back_for_free(device)
+        self._offsets = {}
+
+    def offsets(self, side: int) -> torch.Tensor:
+        if side not in self._offsets:
+            line = torch.arange(side, device=self.device)
+            self._offsets[side] = (line[:, None] * self.width + line[None, :]).reshape(1, 1, side * side)
+        return self._offsets[side]
+
+
 def _random_signs(shape, generator, device, dtype):
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
 
 
-def _linf_query(model, x_flat, x_best, y, eps, side, clip, generator, loss):
+def _linf_query(model, x_flat, x_best, y, draws: _LinfDraws, side, clip, generator, loss):
     """One L-inf query of every sample, in place: a random side x side window of x_best set to
     x +- eps (one random sign per channel) and clipped into the box; the model's margin and
     objective at the candidates; then, where the candidate is not kept (decided by the caller
@@ -89,27 +108,30 @@ def _linf_query(model, x_flat, x_best, y, eps, side, clip, generator, loss):
     device = x_best.device
     top = torch.randint(0, h - side + 1, (n, 1), generator=generator, device=device)
     left = torch.randint(0, w - side + 1, (n, 1), generator=generator, device=device)
-    signs = _random_signs((n, c, 1), generator, device, x_best.dtype)
-    offsets = torch.arange(side, device=device)
-    pixels = ((top + offsets)[:, :, None] * w + (left + offsets)[:, None, :]).reshape(n, 1, side * side)
-    index = pixels.expand(n, c, side * side)
+    steps = draws.steps.take(torch.randint(0, 2, (n, c, 1), generator=generator, device=device))  # +-eps
+    corner = top * w + left                                                       # (n, 1)
+    index = (corner[:, :, None] + draws.offsets(side)).expand(n, c, side * side)
     best_flat = x_best.view(n, c, h * w)
     old = best_flat.gather(2, index)
-    new = x_flat.gather(2, index).add_(signs, alpha=eps)
+    new = x_flat.gather(2, index).add_(steps)
     low, high = clip
     if low is not None or high is not None:
         new.clamp_(min=low, max=high)
     best_flat.scatter_(2, index, new)
     changed = (new != old).flatten(1).any(dim=1)
-    if reads_back_for_free(device) and not bool(changed.all()):
+    if draws.reads_back_for_free and not bool(changed.all()):
         # A window already at those values leaves its candidate equal to the best point: its
         # objective is known and the candidate cannot be kept, so it is not queried (on CPU,
         # where the model's time grows with the rows; the outcome is the same).
         margin_new = torch.full((n,), math.inf, dtype=x_best.dtype, device=device)
-        objective_new = torch.full((n,), math.inf, dtype=x_best.dtype, device=device)
+        objective_new = margin_new if loss == "margin" else torch.full_like(margin_new, math.inf)
         queried = changed.nonzero().squeeze(1)
         if queried.numel():
-            margin_new[queried], objective_new[queried] = _objective(model, x_best[queried], y[queried], loss)
+            margin_queried, objective_queried = _objective(model, x_best.index_select(0, queried),
+                                                           y.index_select(0, queried), loss)
+            margin_new.index_copy_(0, queried, margin_queried)
+            if objective_new is not margin_new:
+                objective_new.index_copy_(0, queried, objective_queried)
     else:
         margin_new, objective_new = _objective(model, x_best, y, loss)
 
@@ -245,6 +267,7 @@ def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, cli
     # Fooled samples leave after every query where reading back costs nothing (CPU), else
     # every COMPACT_EVERY queries.
     every = 1 if reads_back_for_free(x.device) else COMPACT_EVERY
+    draws = _LinfDraws(eps, w, x.dtype, x.device) if norm == "linf" else None
     for query in range(1, n_queries):
         if query % every == 0:
             robust = margin_best > 0
@@ -252,7 +275,8 @@ def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, cli
                 out[rows] = x_best
                 rows, x, y, x_best = rows[robust], x[robust], y[robust], x_best[robust]
                 x_flat = x.reshape(x.shape[0], c, h * w)
-                margin_best, objective_best = margin_best[robust], objective_best[robust]
+                margin_best = margin_best[robust]
+                objective_best = margin_best if loss == "margin" else objective_best[robust]
                 if rows.numel() == 0:
                     return out
         side = window_side(p_selection(p_init, query, n_queries, rescale), c, h, w)
@@ -260,17 +284,22 @@ def _square_run(model, x, y, *, eps, norm, n_queries, p_init, rescale, loss, cli
             candidate = _l2_candidate(x, x_best, eps, side, clip, generator)
             margin_new, objective_new = _objective(model, candidate, y, loss)
         else:
-            margin_new, objective_new, restore = _linf_query(model, x_flat, x_best, y, eps, side, clip,
+            margin_new, objective_new, restore = _linf_query(model, x_flat, x_best, y, draws, side, clip,
                                                               generator, loss)
         # Kept where the objective improves or the candidate fools the model; fooled samples
         # stay where they are until they are dropped.
-        better = ((objective_new < objective_best) | (margin_new <= 0)) & (margin_best > 0)
+        if every == 1 and loss == "margin":
+            # Every row is still robust (margin_best > 0: the fooled ones were just dropped), so
+            # a candidate that fools the model (margin <= 0) also lowers the margin.
+            better = margin_new < margin_best
+        else:
+            better = ((objective_new < objective_best) | (margin_new <= 0)) & (margin_best > 0)
         if norm == "l2":
             x_best = torch.where(better[:, None, None, None], candidate, x_best)
         else:
             restore(better)
         margin_best = torch.where(better, margin_new, margin_best)
-        objective_best = torch.where(better, objective_new, objective_best)
+        objective_best = margin_best if loss == "margin" else torch.where(better, objective_new, objective_best)
         if tick is not None:
             tick(rows.numel())
     out[rows] = x_best
