@@ -53,7 +53,9 @@ def extension():
     # -fopenmp: at::parallel_for is inline and runs serially without it. Only the compile
     # step gets it: the GOMP symbols then bind to the OpenMP runtime torch itself loaded,
     # never a second one.
-    cxx_flags = ["-O3", "-fopenmp"] + cpu_vector_flags()  # cpp_extension picks the C++ standard
+    # -fno-math-errno: no kernel reads errno, and without it sqrt cannot become a vector
+    # instruction (gaussian_copies' Box-Muller).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"] + cpu_vector_flags()  # cpp_extension picks the C++ standard
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if build_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))

@@ -257,7 +257,8 @@ def _class_counts(caller: str, model, x: torch.Tensor, stages: Sequence[Tuple[in
         for slot, position, size in pieces:
             state["counts"][position, slot].scatter_add_(0, top[offset:offset + size], ones[:size])
             offset += size
-        bar.update(offset, image=f"{pieces[-1][0] + 1}/{batch}")
+        if bar.active:  # the display's fields cost a little each batch: only when shown
+            bar.update(offset, image=f"{pieces[-1][0] + 1}/{batch}")
 
     segments: List[List[int]] = []  # what rows [0, filled) of the buffer hold, in order
     filled = 0

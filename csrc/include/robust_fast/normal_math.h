@@ -8,6 +8,7 @@
 // arrays of counters, which the compiler vectorizes.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -92,15 +93,15 @@ RF_HOST_DEVICE float minus_two_log(float u) {
   return bits_float(float_bits(-2.0f * log_u) & (0u - static_cast<uint32_t>(log_u < 0.0f)));
 }
 
-// sqrt(y) for y in [0, 34] as y * rsqrt(y): the reciprocal square root's bit-level first guess
-// (relative error < 3.5e-3) and three Newton steps (relative error < 2e-7 in float). Plain
-// arithmetic, where sqrtf's errno would keep a CPU compiler from vectorizing; 0 gives 0.
+// sqrt(y), y >= 0: IEEE-rounded on both sides (CUDA's sqrtf under nvcc's default -prec-sqrt=true;
+// the CPU's square-root instruction, which the compiler vectorizes because setup.py builds with
+// -fno-math-errno), so the CPU and CUDA kernels agree on it to the bit.
 RF_HOST_DEVICE float sqrt_nonnegative(float y) {
-  float r = bits_float(0x5F3759DFu - (float_bits(y) >> 1));
-  r = r * (1.5f - 0.5f * y * r * r);
-  r = r * (1.5f - 0.5f * y * r * r);
-  r = r * (1.5f - 0.5f * y * r * r);
-  return y * r;
+#if defined(__CUDA_ARCH__)
+  return sqrtf(y);
+#else
+  return std::sqrt(y);
+#endif
 }
 
 struct SinCos {
@@ -131,8 +132,9 @@ RF_HOST_DEVICE SinCos sincos_turns(float v) {
 // each from the top 24 bits of its word.
 RF_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
   constexpr float kUnit = 5.9604644775390625e-8f;  // 2^-24
-  const float u1 = static_cast<float>((a >> 8) + 1u) * kUnit;
-  const float u2 = static_cast<float>(b >> 8) * kUnit;
+  // through int32 (exact: below 2^25), whose conversion to float AVX2 has and uint32's lacks
+  const float u1 = static_cast<float>(static_cast<int32_t>((a >> 8) + 1u)) * kUnit;
+  const float u2 = static_cast<float>(static_cast<int32_t>(b >> 8)) * kUnit;
   const float r = sqrt_nonnegative(minus_two_log(u1));
   const SinCos t = sincos_turns(u2);
   z0 = r * t.c;
