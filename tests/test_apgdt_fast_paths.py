@@ -65,16 +65,21 @@ def previous_loss_logits_grad(model, x, y, y_t, loss):
     return losses.detach(), logits.detach(), grad
 
 
-@pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
-@pytest.mark.parametrize("early_stop", [True, False])
-def test_apgdt_results_are_those_of_autograds_gradient(monkeypatch, norm, eps, early_stop):
+def small_cnn_and_its_labels(n, seed):
+    """A small random CNN, n random 16x16 images and the model's own labels for them."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(24, 1, 16, 16, generator=g)
+    x = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         y = model(x).argmax(1)
+    return model, x, y
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_apgdt_results_are_those_of_autograds_gradient(monkeypatch, norm, eps, early_stop):
+    model, x, y = small_cnn_and_its_labels(24, seed=1)
 
     def run():
         return attacks.apgdt(model, x, y, eps=eps, norm=norm, steps=12, n_target_classes=3,
@@ -92,13 +97,7 @@ def test_apgdt_results_are_those_of_autograds_gradient(monkeypatch, norm, eps, e
 @pytest.mark.parametrize("early_stop, restarts", [(True, 1), (True, 2), (False, 2)])
 def test_apgdt_runs_side_by_side_give_the_results_of_one_run_after_the_other(monkeypatch, norm, eps,
                                                                                early_stop, restarts):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(20, 1, 16, 16, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    model, x, y = small_cnn_and_its_labels(20, seed=2)
     y[:3] = (y[:3] + 1) % 10  # three misclassified already: returned as they are
 
     def run(batch_size=None):
