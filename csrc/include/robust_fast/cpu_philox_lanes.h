@@ -76,6 +76,7 @@ inline Lanes xor3(Lanes a, Lanes b, Lanes c) { return _mm256_xor_si256(_mm256_xo
 // together so that one's multiplies overlap another's, instead of waiting on one chain.
 inline void philox_lanes(uint64_t first_group, uint64_t seed, LaneWords& out) {
   constexpr int kInterleaved = 4;
+  static_assert(kRegisters % kInterleaved == 0, "the registers go through the rounds in groups of kInterleaved");
   constexpr int width = kLanes / kRegisters;
   alignas(64) uint32_t low[kLanes], high[kLanes];
   counter_halves(first_group, low, high);
