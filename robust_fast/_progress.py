@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Union
 
 LOG = "log"
 Progress = Union[None, bool, str]

@@ -11,10 +11,10 @@ from typing import List, Optional
 
 from robust_fast._user_errors import USER_ERRORS, debug_requested
 from robust_fast._allocator import tune_cpu_allocator
-from robust_fast.demo import add_demo_parser, run_demo
-from robust_fast.demo_crt import add_crt_demo_options, demo_usage_error, run_crt_demo
-from robust_fast.demo_darht import add_darht_demo_options, darht_usage_error, run_darht_demo
-from robust_fast.demo_transfer import add_transfer_demo_options, run_transfer_demo, transfer_usage_error
+from robust_fast.demo import RRM_SECTION_OPTIONS, add_demo_parser, run_demo, usage_error
+from robust_fast.demo_crt import CRT_SECTION_OPTIONS, add_crt_demo_options, run_crt_demo
+from robust_fast.demo_darht import DARHT_SECTION_OPTIONS, add_darht_demo_options, run_darht_demo
+from robust_fast.demo_transfer import TRANSFER_SECTION_OPTIONS, add_transfer_demo_options, run_transfer_demo
 from robust_fast.info import info_lines
 from robust_fast.train.commands import add_eval_parser, add_train_parser, run_eval, run_train
 from robust_fast.transferability import add_transferability_parser, run_transferability
@@ -37,6 +37,12 @@ def _run_benchmark(name: str, argv: List[str]) -> int:
         return 2
     module = importlib.import_module(f"robust_fast.benchmarks.bench_{stem}")
     return harness.main(module.run, argv)
+
+
+def demo_usage_error(args) -> Optional[str]:
+    """Options given to `demo <section>` that only other sections take, as one line, or None."""
+    return usage_error(args, RRM_SECTION_OPTIONS, CRT_SECTION_OPTIONS, DARHT_SECTION_OPTIONS,
+                       TRANSFER_SECTION_OPTIONS)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -86,8 +92,7 @@ def _main(argv: List[str]) -> int:
     if args.command in ("demo", "train", "eval"):
         tune_cpu_allocator()  # freed memory kept for the next tensor: no page faults (_allocator.py)
     if args.command == "demo":
-        problem = (darht_usage_error(args) or transfer_usage_error(args)
-                   or (None if args.section == "darht" else demo_usage_error(args)))
+        problem = demo_usage_error(args)
         if problem:
             parser.error(problem)
         if args.section == "darht":

@@ -49,6 +49,9 @@ LABELS = {"standard": "standard", "pgd_at": "PGD-AT", "fast_at": "Fast-AT", "rrm
           "rrm_teacher_arch": "RRM, teacher's architecture"}
 # the demo's options that set RRM students (refused by the other sections)
 RRM_OPTIONS = ("rrm_epochs", "rrm_lambda", "rrm_noise", "rrm_noise_scales", "rrm_head", "rrm_robust_head")
+# Options that only some sections take: argparse dest -> those sections. Each section's module
+# declares its own; usage_error refuses any of them given to another section.
+RRM_SECTION_OPTIONS = {option: ("rrm",) for option in RRM_OPTIONS}
 METHODS = ("standard: cross-entropy on clean images. PGD-AT: adversarial training, cross-entropy on PGD "
            "examples. Fast-AT: adversarial training on one FGSM step from a random start. RRM: robust "
            "representation matching, noisy images, a small cross-entropy term minus the cosine (or the "
@@ -318,6 +321,17 @@ def plot(rows: List[Dict[str, Any]], curves: Dict[Tuple[str, int], List[Dict[str
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def usage_error(args, *section_options: Dict[str, Tuple[str, ...]]) -> Optional[str]:
+    """The options given to `demo <section>` that only other sections take (section_options:
+    dest -> sections), as one line; None when there are none. A flag counts when set."""
+    given = [option for options in section_options for option, sections in options.items()
+             if args.section not in sections and getattr(args, option, None) is not None
+             and getattr(args, option) is not False]
+    if not given:
+        return None
+    return f"{', '.join('--' + o.replace('_', '-') for o in given)}: not an option of `demo {args.section}`"
 
 
 def run(settings: DemoSettings, out: str, log=print, retrain_teacher: bool = False,

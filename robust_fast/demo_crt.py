@@ -28,7 +28,7 @@ import torch
 
 from robust_fast.certify.smoothing import per_image_radius, plot_certified_accuracy
 from robust_fast.data import load_fashion_mnist
-from robust_fast.demo import RRM_OPTIONS, _machine, cached_teacher, demo_threads, output_folder, report
+from robust_fast.demo import _machine, cached_teacher, demo_threads, output_folder, report
 from robust_fast.models import build_model
 from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
@@ -250,16 +250,7 @@ _CRT_OPTIONS = tuple(f"{name}_epochs" for name in STUDENTS) + (
     "smoothadv_noise_samples")
 
 
-def demo_usage_error(args) -> Optional[str]:
-    """What is wrong with the demo's options: one section's options given to the other."""
-    crt = args.section == "crt"
-    given = [o for o in (RRM_OPTIONS if crt else _CRT_OPTIONS) if getattr(args, o) is not None]
-    if not crt and args.certify_teacher:
-        given.append("certify_teacher")
-    if given:
-        flags = ", ".join("--" + o.replace("_", "-") for o in given)
-        return f"{flags}: not an option of `demo {args.section}`"
-    return None
+CRT_SECTION_OPTIONS = {option: ("crt",) for option in _CRT_OPTIONS + ("certify_teacher",)}
 
 
 def run_crt_demo(args) -> int:

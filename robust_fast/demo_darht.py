@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from robust_fast.data import load_fashion_mnist
-from robust_fast.demo import (RRM_OPTIONS, _machine, cache_dir, cached_teacher, demo_threads, output_folder,
+from robust_fast.demo import (_machine, cache_dir, cached_teacher, demo_threads, output_folder,
                               report, summarize)
 from robust_fast.models import TeacherMapStudent, build_model
 from robust_fast.train.config import TrainConfig
@@ -453,26 +453,10 @@ def add_darht_demo_options(p) -> None:
                        help="darht and transfer: test images (default 1000)")
 
 
-DARHT_OPTIONS = ("seeds", "darht_epochs", "darht_weights", "darht_head", "adversarial_fraction")
-_OTHER_OPTIONS = RRM_OPTIONS + ("gaussian_epochs", "smoothadv_epochs", "crt_epochs", "samples", "n",
-                                "teacher_epochs", "teacher_steps", "teacher_eps", "teacher_noise_samples",
-                                "smoothadv_steps", "smoothadv_noise_samples")
-
-
-def darht_usage_error(args) -> Optional[str]:
-    """darht's options given to another section, or another section's to darht."""
-    if args.section == "darht":
-        given = [o for o in _OTHER_OPTIONS if getattr(args, o, None) is not None]
-        if getattr(args, "certify_teacher", False):
-            given.append("certify_teacher")
-    else:
-        shared = ("seeds",) if args.section == "rrm" else ()  # the RRM section runs seeds too
-        given = [o for o in DARHT_OPTIONS if o not in shared and getattr(args, o, None) is not None]
-        if args.section != "transfer" and getattr(args, "test_samples", None) is not None:
-            given.append("test_samples")  # the darht and transfer sections' option
-    if given:
-        return f"{', '.join('--' + o.replace('_', '-') for o in given)}: not an option of `demo {args.section}`"
-    return None
+# --seeds is the RRM section's too; --test-samples the transfer section's (its target test images)
+DARHT_SECTION_OPTIONS = {"seeds": ("rrm", "darht"), "test_samples": ("darht", "transfer"),
+                         **{option: ("darht",) for option in ("darht_epochs", "darht_weights", "darht_head",
+                                                              "adversarial_fraction")}}
 
 
 def run_darht_demo(args) -> int:

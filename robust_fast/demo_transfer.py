@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from robust_fast.data import SOURCE_CLASSES, TARGET_CLASSES, load_task
-from robust_fast.demo import RRM_OPTIONS, _machine, cached_teacher, demo_threads, output_folder, report
+from robust_fast.demo import _machine, cached_teacher, demo_threads, output_folder, report
 from robust_fast.models import build_model
 from robust_fast.train.commands import format_table
 from robust_fast.train.config import TrainConfig
@@ -290,20 +290,8 @@ def add_transfer_demo_options(p) -> None:
 
 
 # --test-samples (added by demo_darht) is also this section's: the target test images (default 1000)
-TRANSFER_OPTIONS = ("source_classes", "target_classes", "per_class", "lwf_lambda", "source_epochs")
-
-
-def transfer_usage_error(args) -> Optional[str]:
-    """`demo transfer`'s options given to another section, or the RRM section's given to it (the
-    CRT section's options are refused by demo_crt.demo_usage_error)."""
-    if args.section == "transfer":
-        given = [o for o in RRM_OPTIONS if getattr(args, o) is not None]
-    else:
-        given = [o for o in TRANSFER_OPTIONS if getattr(args, o) is not None] + (
-            ["naive_head"] if args.naive_head else [])
-    if given:
-        return f"{', '.join('--' + o.replace('_', '-') for o in given)}: not an option of `demo {args.section}`"
-    return None
+TRANSFER_SECTION_OPTIONS = {option: ("transfer",) for option in ("source_classes", "target_classes", "per_class",
+                                                                 "lwf_lambda", "source_epochs", "naive_head")}
 
 
 def run_transfer_demo(args) -> int:

@@ -10,7 +10,7 @@ import torch
 from robust_fast import cli, data
 from robust_fast.demo import (RRM_STUDENTS, DemoSettings, _recipe, add_ratios, demo_settings, initial_student,
                               student_rows, table)
-from robust_fast.demo_darht import darht_usage_error
+from robust_fast.cli import demo_usage_error
 from robust_fast.models import build_model
 
 needs_data = pytest.mark.skipif(not data.available(), reason="Fashion-MNIST is not installed "
@@ -65,8 +65,8 @@ def test_other_sections_refuse_the_rrm_sections_options(section, option, capsys)
 
 
 def test_the_rrm_section_takes_seeds():
-    assert darht_usage_error(_args("rrm", "--seeds", "2")) is None
-    assert darht_usage_error(_args("--seeds", "2")) is None
+    assert demo_usage_error(_args("rrm", "--seeds", "2")) is None
+    assert demo_usage_error(_args("--seeds", "2")) is None
 
 
 def test_students_start_from_one_seeds_weights_and_not_from_the_teachers():
